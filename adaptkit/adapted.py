@@ -1,0 +1,281 @@
+"""Applying a stack of strategies to a model, and saving, loading and merging the result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Union
+
+from pydantic import ValidationError
+
+from adaptkit.errors import CheckpointError, ConfigError, StrategyError
+from adaptkit.strategy import Strategy, TrainState
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from adaptkit.plugins import PluginHost
+
+MANIFEST = "adaptkit.json"
+FORMAT_VERSION = 1
+
+#: A strategy as users write it: ``"lora"``, ``{"name": "lora", "r": 8}`` or ``("lora", {"r": 8})``.
+StrategySpec = Union[str, dict, tuple]
+
+
+def build_strategies(host: PluginHost, specs: Iterable[StrategySpec], path: str = "strategies") -> list[Strategy]:
+    """Validate each spec with its plugin's config class and check the stack as a whole.
+
+    Every problem is collected into one ConfigError, each with its dotted path
+    (``strategies[1].r``).
+    """
+    problems: list[tuple[str, str]] = []
+    stack: list[Strategy] = []
+    for i, spec in enumerate(specs):
+        name, options = _split(spec)
+        where = f"{path}[{i}]"
+        try:
+            entry = host.strategy(name)
+        except StrategyError as exc:
+            problems.append((f"{where}.name", str(exc)))
+            continue
+        try:
+            config = entry.extra["config_class"](**options)
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                problems.append((f"{where}.{loc}" if loc else where, _describe(err)))
+            continue
+        stack.append(entry.obj(config, name=name))
+    if problems:
+        raise ConfigError(problems)
+    check_stack(stack)
+    return stack
+
+
+def _describe(err: dict) -> str:
+    msg = err["msg"]
+    if err["type"] != "missing" and "input" in err:
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def _split(spec: StrategySpec) -> tuple[str, dict]:
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, tuple) and len(spec) == 2:
+        return spec[0], dict(spec[1])
+    if isinstance(spec, dict) and "name" in spec:
+        options = dict(spec)
+        return options.pop("name"), options
+    raise ConfigError(f"a strategy is a name, a (name, options) pair or a mapping with 'name'; got {spec!r}")
+
+
+def check_stack(stack: list[Strategy]) -> None:
+    """Refuse combinations that cannot work, before anything touches the model."""
+    names = [s.name for s in stack]
+    if not stack:
+        raise StrategyError("no strategy given")
+    for name in set(names):
+        if names.count(name) > 1:
+            raise StrategyError(f"strategy '{name}' appears twice in the stack; configure it once")
+    for s in stack:
+        if s.exclusive and len(stack) > 1:
+            raise StrategyError(f"strategy '{s.name}' trains the whole model and cannot be combined with {[n for n in names if n != s.name]}")
+    peft_users = [s.name for s in stack if s.wraps_with_peft]
+    if len(peft_users) > 1:
+        raise StrategyError(f"strategies {peft_users} each wrap the model with peft; use only one of them")
+    for i, s in enumerate(stack):
+        s.check(stack, i)
+
+
+class Adapted:
+    """A model with a stack of strategies applied, and everything needed to train, save and merge it."""
+
+    def __init__(self, model: nn.Module, strategies: list[Strategy], base_fingerprint: str):
+        self.model = model
+        self.strategies = strategies
+        self.base_fingerprint = base_fingerprint
+
+    # -- training support --------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters that train now (shared ones once)."""
+        return [p for p in _unique(self.model.parameters()) if p.requires_grad]
+
+    def num_trainable(self) -> int:
+        """Number of trainable parameter elements."""
+        from adaptkit.anatomy import count_parameters
+
+        return count_parameters(self.model, trainable_only=True)
+
+    def num_total(self) -> int:
+        """Number of parameter elements in the whole model (4-bit weights counted unpacked)."""
+        from adaptkit.anatomy import count_parameters
+
+        return count_parameters(self.model)
+
+    def pending_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters some strategy will unfreeze later (kept out of updates until then)."""
+        pending = {id(p): p for s in self.strategies for p in s.pending_parameters(self.model)}
+        return [p for p in pending.values() if not p.requires_grad]
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer groups covering every parameter that trains now or later.
+
+        Later strategies in the stack override earlier ones for the same parameter. Biases and
+        one-dimensional parameters (norms) get no weight decay, as in transformers' Trainer.
+        """
+        assigned: dict[int, tuple[torch.nn.Parameter, str, float]] = {}
+        candidates = self.trainable_parameters() + self.pending_parameters()
+        for p in candidates:
+            assigned[id(p)] = (p, "default", lr)
+        for s in self.strategies:
+            for group in s.param_groups(self.model, lr) or []:
+                for p in group["params"]:
+                    if id(p) in assigned:
+                        assigned[id(p)] = (p, f"{s.name}:{group.get('name', '')}", group.get("lr", lr))
+        groups: dict[tuple[str, float, bool], list] = {}
+        for p, name, group_lr in assigned.values():
+            decays = p.ndim > 1
+            groups.setdefault((name, group_lr, decays), []).append(p)
+        return [
+            {"params": ps, "lr": group_lr, "weight_decay": weight_decay if decays else 0.0, "name": name}
+            for (name, group_lr, decays), ps in groups.items()
+        ]
+
+    def on_event(self, event: str, state: TrainState) -> bool:
+        """Pass a training event to every strategy; True if the trainable set changed."""
+        changed = False
+        for s in self.strategies:
+            changed = s.on_event(self.model, event, state) or changed
+        return changed
+
+    # -- saving, loading, merging ------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        """Save what the strategies changed, atomically: a temporary directory, then a rename.
+
+        ``directory/adaptkit.json`` names the stack and the base model's fingerprint; each
+        strategy writes into ``directory/<strategy name>/`` (LoRA in peft's own format).
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+        try:
+            for s in self.strategies:
+                (tmp / s.name).mkdir()
+                s.save(self.model, tmp / s.name)
+            manifest = {
+                "format": FORMAT_VERSION,
+                "strategies": [{"name": s.name, "config": s.config.model_dump(mode="json")} for s in self.strategies],
+                "base_fingerprint": self.base_fingerprint,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                directory.rename(old)
+                tmp.rename(directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, base: nn.Module, directory: str | Path, host: PluginHost | None = None, check_base: bool = True) -> Adapted:
+        """Re-apply a saved stack to a freshly loaded ``base`` and load the saved weights.
+
+        With ``check_base``, a base whose weights differ from the one trained on is refused:
+        an adapter on the wrong base gives wrong outputs without any other sign.
+        """
+        directory = Path(directory)
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{directory}: no readable {MANIFEST} ({exc})") from None
+        specs = [{"name": s["name"], **s["config"]} for s in manifest["strategies"]]
+        fingerprint = fingerprint_model(base)
+        if check_base and fingerprint != manifest["base_fingerprint"]:
+            raise CheckpointError(
+                f"{directory} was trained on a different base model (fingerprint {manifest['base_fingerprint'][:12]}, "
+                f"this base {fingerprint[:12]}); load the same base, or pass check_base=False"
+            )
+        adapted = apply(base, specs, host=host)
+        for s in adapted.strategies:
+            adapted.model = s.load(adapted.model, directory / s.name)
+        return adapted
+
+    def merge(self) -> nn.Module:
+        """Fold every strategy into a plain model (outermost first) and return it.
+
+        Raises ``NotMergeableError`` naming the strategy that cannot be merged.
+        """
+        model = self.model
+        for s in reversed(self.strategies):
+            model = s.merge(model)
+        return model
+
+
+def _unique(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    seen: dict[int, torch.nn.Parameter] = {}
+    for p in params:
+        seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """A short hash of a model's architecture and a few of its weights.
+
+    Cheap (three tensors), yet it tells apart two bases with the same architecture but
+    different weights.
+    """
+    h = hashlib.sha256()
+    named = list(model.named_parameters())
+    h.update(type(model).__name__.encode())
+    for name, p in named:
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    for _, p in [named[0], named[len(named) // 2], named[-1]] if named else []:
+        h.update(p.detach().to("cpu").contiguous().view(-1)[:4096].float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def apply(model: nn.Module, strategies: StrategySpec | list[StrategySpec], host: PluginHost | None = None, **options: Any) -> Adapted:
+    """Apply one strategy or a stack of strategies to ``model``.
+
+    ``apply(model, "lora", r=8)`` applies one strategy with options;
+    ``apply(model, ["freeze", {"name": "lora", "r": 8}])`` applies a stack in order.
+    Returns an ``Adapted`` holding the model (possibly a new wrapper object) and the strategies.
+    """
+    if isinstance(strategies, (str, dict, tuple)):
+        strategies = [(strategies, options) if isinstance(strategies, str) else strategies]
+    elif options:
+        raise ConfigError("keyword options apply to a single strategy; give a stack as a list of mappings")
+    host = host or _default_host()
+    stack = build_strategies(host, strategies)
+    fingerprint = fingerprint_model(model)
+    was_training = model.training
+    for s in stack:
+        model = s.apply(model)
+    # peft creates its dropout modules in training mode even on a model in eval mode.
+    model.train(was_training)
+    return Adapted(model, stack, fingerprint)
+
+
+_HOST: PluginHost | None = None
+
+
+def _default_host() -> PluginHost:
+    global _HOST
+    if _HOST is None:
+        from adaptkit.plugins import get_plugin_host
+
+        _HOST = get_plugin_host()
+    return _HOST

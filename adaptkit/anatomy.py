@@ -1,0 +1,105 @@
+"""Finding the parts of a model that strategies act on: blocks, head, embeddings, norms, ties.
+
+These helpers work on plain transformers models and on models already wrapped by an earlier
+strategy (peft's ``PeftModel``), so strategies compose. Every name they return is a name in the
+model they are given.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from adaptkit.errors import StrategyError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def unwrap(model: nn.Module) -> tuple[str, nn.Module]:
+    """The innermost transformers model and its name prefix inside ``model`` ("" if none)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if inner is model:
+        return "", model
+    for name, module in model.named_modules():
+        if module is inner:
+            return name + ".", inner
+    return "", model
+
+
+def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, list[nn.Module]]:
+    """The transformer blocks, bottom to top, and the dotted path of their container.
+
+    Without ``path``, picks the ``nn.ModuleList`` of same-class modules that holds the most
+    parameters (``bert.encoder.layer``, ``transformer.h``, ``model.layers``, ...).
+    """
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    if path is not None:
+        found = modules.get(path)
+        if found is None:
+            # allow a path relative to the unwrapped model
+            prefix, _ = unwrap(model)
+            found = modules.get(prefix + path)
+            path = prefix + path
+        if not isinstance(found, (nn.ModuleList, nn.Sequential)):
+            raise StrategyError(f"blocks: '{path}' is not a ModuleList in {type(model).__name__}")
+        return path, list(found)
+    best, best_size = None, 0
+    for name, module in modules.items():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(child) for child in module}
+            size = sum(p.numel() for p in module.parameters())
+            if len(kinds) == 1 and size > best_size:
+                best, best_size = name, size
+    if best is None:
+        raise StrategyError(f"cannot find the transformer blocks of {type(model).__name__}; name them with 'blocks'")
+    return best, list(modules[best])
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters outside the pretrained backbone (the task head).
+
+    Uses transformers' ``base_model_prefix``: in ``BertForSequenceClassification`` the backbone is
+    ``bert`` and the head is ``classifier``. A bare backbone has no head.
+    """
+    prefix, inner = unwrap(model)
+    backbone_attr = getattr(inner, "base_model_prefix", None)
+    backbone = getattr(inner, backbone_attr, None) if backbone_attr else None
+    if backbone is None or backbone is inner:
+        if backbone_attr is None:
+            raise StrategyError(f"cannot tell the head from the backbone of {type(inner).__name__}")
+        return []
+    backbone_prefix = prefix + backbone_attr + "."
+    names = model.named_parameters(remove_duplicate=False)  # a tied head is listed under its own name too
+    return [n for n, _ in names if n.startswith(prefix) and not n.startswith(backbone_prefix)]
+
+
+def is_norm(module: nn.Module) -> bool:
+    """True for normalisation layers (LayerNorm, RMSNorm and their model-specific variants)."""
+    from torch import nn
+
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)) or "norm" in type(module).__name__.lower()
+
+
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """Groups of names that refer to one shared parameter (tied input and output embeddings)."""
+    by_id: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of distinct parameter elements (shared parameters counted once).
+
+    4-bit bitsandbytes weights are stored packed, two values a byte; they are counted as the
+    number of values they hold, so the total matches the unquantized model.
+    """
+    total = 0
+    for param in model.parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)
+        total += int(shape.numel()) if shape is not None else param.numel()
+    return total

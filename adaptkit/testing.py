@@ -1,0 +1,90 @@
+"""Helpers for testing adaptkit and its plugins: tiny models built from configs, and inputs.
+
+No download happens here: every model is randomly initialised from a small config, so a test
+runs in seconds on a CPU. Plugin authors can use these in their own test suites.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adaptkit.plugins import PluginHost, get_plugin_host
+
+FAMILIES = ("bert", "gpt2", "llama", "vit")
+VOCAB = 128
+
+
+def tiny_config(family: str, **overrides: Any):
+    """A small transformers config: 2 to 4 blocks, hidden size 32."""
+    import transformers as tf
+
+    if family == "bert":
+        cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64)
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=2, n_positions=64)
+        cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 0, VOCAB - 1, VOCAB - 1
+    elif family == "llama":
+        cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                             tie_word_embeddings=False, pad_token_id=0)
+    elif family == "vit":
+        cfg = tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=3,
+                           num_attention_heads=2, intermediate_size=64)
+    else:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def tiny_model(family: str, task: str = "classification", seed: int = 0, num_labels: int = 3, **overrides: Any):
+    """A randomly initialised tiny model, in eval mode, float32.
+
+    ``task`` is ``classification`` (sequence or image classification), ``causal_lm`` (gpt2,
+    llama) or ``base`` (the bare backbone).
+    """
+    import torch
+    import transformers as tf
+
+    cfg = tiny_config(family, **overrides)
+    if task == "classification":
+        cfg.num_labels = num_labels
+        auto = tf.AutoModelForImageClassification if family == "vit" else tf.AutoModelForSequenceClassification
+    elif task == "causal_lm":
+        auto = tf.AutoModelForCausalLM
+    elif task == "base":
+        auto = tf.AutoModel
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    torch.manual_seed(seed)
+    return auto.from_config(cfg).eval()
+
+
+def tiny_inputs(model, batch_size: int = 4, seq_len: int = 8, seed: int = 0) -> dict:
+    """A batch the model accepts, with labels, and some padding where the model reads text."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    if getattr(cfg, "model_type", "") == "vit":
+        x = {"pixel_values": torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g)}
+    else:
+        ids = torch.randint(1, cfg.vocab_size, (batch_size, seq_len), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0  # right padding on one row
+        ids[0, -2:] = 0
+        x = {"input_ids": ids, "attention_mask": mask}
+    name = type(model).__name__
+    if "CausalLM" in name or "LMHead" in name:
+        labels = x["input_ids"].clone()
+        labels[x["attention_mask"] == 0] = -100
+        x["labels"] = labels
+    elif "Classification" in name:
+        x["labels"] = torch.randint(0, cfg.num_labels, (batch_size,), generator=g)
+    return x
+
+
+def plugin_host(*plugins: str, builtins: bool = True) -> PluginHost:
+    """A fresh plugin host with entry-point autoload off, plus the given ``-p`` style plugins."""
+    return get_plugin_host(plugins, autoload=False, builtins=builtins)
