@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv and installs adaptkit with its test extras. CPU-only torch where no NVIDIA GPU is
-# present (the CUDA build is several GB); the example third-party plugin is installed too, so the
-# tests can check entry-point discovery for real.
+# Creates .venv and installs adaptkit with its test extras and the example third-party plugin
+# (so the tests check entry-point discovery for real). Where no NVIDIA GPU is present, torch is
+# pinned first to a release that this project's machines keep as a CPU build; set TORCH_SPEC to
+# choose another (for example a CPU wheel from your own index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,7 +10,6 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 if ! command -v nvidia-smi >/dev/null 2>&1 && ! python -c "import torch" 2>/dev/null; then
-  python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
-    || python -m pip install -q "torch==2.13.0"
+  python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 python -m pip install -q -e ".[dev]" -e examples/adaptkit-example-plugin
