@@ -36,8 +36,12 @@ def build_strategies(host: PluginHost, specs: Iterable[StrategySpec], path: str 
     problems: list[tuple[str, str]] = []
     stack: list[Strategy] = []
     for i, spec in enumerate(specs):
-        name, options = _split(spec)
         where = f"{path}[{i}]"
+        try:
+            name, options = _split(spec)
+        except ConfigError as exc:  # name the item, and go on to collect the other items' problems
+            problems.extend((where, msg) for _, msg in exc.problems)
+            continue
         try:
             entry = host.strategy(name)
         except StrategyError as exc:
@@ -131,7 +135,11 @@ class Adapted:
         one-dimensional parameters (norms) get no weight decay, as in transformers' Trainer.
         """
         assigned: dict[int, tuple[torch.nn.Parameter, str, float]] = {}
-        candidates = self.trainable_parameters() + self.pending_parameters()
+        # In model order, whatever is frozen right now: a run resumed at a later unfreezing stage
+        # must build the same groups in the same order, or the saved optimizer state lands on the
+        # wrong parameters.
+        pending = {id(p) for p in self.pending_parameters()}
+        candidates = [p for p in _unique(self.model.parameters()) if p.requires_grad or id(p) in pending]
         for p in candidates:
             assigned[id(p)] = (p, "default", lr)
         for s in self.strategies:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from typing import Any, Callable
 
 from adaptkit.errors import AdaptkitError
@@ -38,6 +39,113 @@ def _plugins_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=cmd_plugins)
 
 
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="override recipe values (typed by the schema)")
+
+
+@command("validate", "check a recipe (schema, strategies, task) without running it")
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    _recipe_args(p)
+    p.set_defaults(run=cmd_validate)
+
+
+@command("train", "run (or resume) the fine-tuning a recipe describes")
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _recipe_args(p)
+    p.add_argument("--fresh", action="store_true", help="delete the run directory first instead of resuming")
+    p.set_defaults(run=cmd_train)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate a recipe and print its resolved form."""
+    from adaptkit.recipe import load_recipe
+
+    import yaml
+
+    recipe = load_recipe(args.recipe, args.overrides, host=_host(args))
+    print(yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False).rstrip())
+    print(f"adaptkit: {args.recipe} is valid", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train, printing the run directory and final metrics."""
+    from adaptkit.recipe import load_recipe
+    from adaptkit.training import train
+
+    host = _host(args)
+    recipe = load_recipe(args.recipe, args.overrides, host=host)
+    summary = train(recipe, host, fresh=args.fresh)
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in summary["final_metrics"].items() if isinstance(v, float))
+    print(f"adaptkit: {summary['steps']} steps, {metrics}; run directory {recipe.run_dir}", file=sys.stderr)
+    return 0
+
+
+@command("eval", "evaluate a finished run on its validation data, or on --data FILE")
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory written by adaptkit train")
+    p.add_argument("--data", help="evaluate on this data file or directory instead")
+    p.set_defaults(run=cmd_eval)
+
+
+@command("predict", "classify texts with a finished classification run")
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory written by adaptkit train")
+    p.add_argument("texts", nargs="+", help="texts to classify")
+    p.set_defaults(run=cmd_predict)
+
+
+@command("generate", "generate a response with a finished causal-LM run")
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory written by adaptkit train")
+    p.add_argument("prompt", help="the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    p.set_defaults(run=cmd_generate)
+
+
+@command("export", "write a finished run as a plain transformers model (--merge) or as its peft adapter")
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory written by adaptkit train")
+    p.add_argument("out", help="directory to write")
+    p.add_argument("--merge", action="store_true", help="fold the strategies into the weights (AutoModel...from_pretrained loads it)")
+    p.set_defaults(run=cmd_export)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Print the evaluation metrics of a run as JSON."""
+    from adaptkit.runs import evaluate_run, open_run
+
+    print(json.dumps(evaluate_run(open_run(args.run_dir, _host(args), data=args.data)), indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Print one JSON line per text: label and probability."""
+    from adaptkit.runs import open_run, predict
+
+    for row in predict(open_run(args.run_dir, _host(args)), args.texts):
+        print(json.dumps(row))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Print the generated response."""
+    from adaptkit.runs import generate, open_run
+
+    print(generate(open_run(args.run_dir, _host(args)), args.prompt, args.max_new_tokens))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export and print where it went."""
+    from adaptkit.runs import export, open_run
+
+    out = export(open_run(args.run_dir, _host(args)), args.out, args.merge)
+    print(f"adaptkit: wrote {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(
@@ -58,7 +166,9 @@ def _field_rows(config_cls: Any) -> list[dict[str, str]]:
     rows = []
     for name, field in config_cls.model_fields.items():
         annotation = field.annotation
-        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        plain = isinstance(annotation, type) and not typing.get_args(annotation)
+        # list[str] and Literal[...] keep their parameters: "list" alone would hide what is allowed
+        type_name = annotation.__name__ if plain else str(annotation).replace("typing.", "")
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
         rows.append({"name": name, "type": type_name, "default": default, "description": field.description or ""})
     return rows

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from adaptkit.models import LoadedModel, ModelSpec
+    from adaptkit.loaders import LoadedModel
+    from adaptkit.recipe import ModelSpec
+    from adaptkit.tasks import Task
 
 hookspec = pluggy.HookspecMarker("adaptkit")
 hookimpl = pluggy.HookimplMarker("adaptkit")
@@ -86,11 +88,13 @@ def adaptkit_register_transforms(register: Callable[..., None]) -> None:
 
 
 @hookspec(firstresult=True)
-def adaptkit_load_model(spec: ModelSpec) -> LoadedModel | None:
+def adaptkit_load_model(spec: ModelSpec, task: Task) -> LoadedModel | None:
     """Load the model a recipe names; the first non-None result wins.
 
-    ``spec`` is the recipe's validated ``model`` section (source, task, dtype, quantization,
-    ``trust_remote_code``, ...). Return an ``adaptkit.models.LoadedModel`` if this plugin
+    ``spec`` is the recipe's validated ``model`` section (source, dtype, ``trust_remote_code``,
+    ...); ``task`` is the task instance, whose ``auto_model`` names the transformers auto class
+    and whose ``model_kwargs()`` gives head options (``num_labels``, label names). Return an
+    ``adaptkit.loaders.LoadedModel`` if this plugin
     recognises ``spec.source``, otherwise ``None``. The built-in transformers loader runs last
     (``trylast``), so any plugin can take over a source before it.
     """

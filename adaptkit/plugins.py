@@ -34,6 +34,9 @@ DISABLE_AUTOLOAD_ENV = "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD"
 
 #: Built-in plugins as (name, module). They can be blocked with ``-p no:NAME`` like any other.
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("loaders", "adaptkit.loaders"),
+    ("tasks", "adaptkit.tasks"),
+    ("metrics", "adaptkit.metrics"),
     ("full", "adaptkit_plugins.full"),
     ("freeze", "adaptkit_plugins.freeze"),
     ("lora", "adaptkit_plugins.lora"),
@@ -44,6 +47,8 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
 
 #: The registries filled by ``adaptkit_register_*`` hooks: hook suffix -> what one entry is.
 REGISTRIES = ("strategies", "tasks", "data_sources", "metrics", "transforms")
+#: How messages name one entry of each registry.
+SINGULAR = {"strategies": "strategy", "tasks": "task", "data_sources": "data source", "metrics": "metric", "transforms": "transform"}
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -105,9 +110,13 @@ class PluginHost:
         Returns False (and records the reason in ``info.error``) when the plugin is refused;
         nothing of a refused plugin stays registered.
         """
+        if self.pm.is_registered(plugin):
+            # the same module named twice (an entry point and ``-p``): it is loaded already
+            return True
         self.plugins.append(info)
-        if self.pm.get_plugin(info.name) is not None or self.pm.is_blocked(info.name):
-            return self._refuse(info, None, f"the plugin name '{info.name}' is already taken")
+        taken = self.name_taken(info.name)
+        if taken:
+            return self._refuse(info, None, taken)
         problem = _check_api_version(plugin) or _check_hook_names(plugin, self.pm)
         if problem:
             return self._refuse(info, None, problem)
@@ -115,7 +124,11 @@ class PluginHost:
             self.pm.register(plugin, name=info.name)
         except pluggy.PluginValidationError as exc:
             return self._refuse(info, plugin, f"invalid hook implementation: {exc}")
-        info.hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
+        callers = self.pm.get_hookcallers(plugin) or []
+        unknown = sorted(c.name for c in callers if not c.has_spec())
+        if unknown:  # a hookimpl under another name, or with specname=, that is no hook
+            return self._refuse(info, plugin, f"{unknown} {'is not an adaptkit hook' if len(unknown) == 1 else 'are not adaptkit hooks'} (known hooks: see adaptkit.hookspecs)")
+        info.hooks = sorted(c.name for c in callers)
         staged, problem = self._collect(plugin, info)
         if problem:
             return self._refuse(info, plugin, problem)
@@ -123,8 +136,18 @@ class PluginHost:
             self.registries[kind].update(entries)
         return True
 
+    def name_taken(self, name: str) -> str | None:
+        """Why ``name`` cannot be used for a new plugin, or None if it is free."""
+        if self.pm.is_blocked(name):
+            return f"the plugin name '{name}' is blocked"
+        if self.pm.get_plugin(name) is not None:
+            owner = next((p for p in self.plugins if p.name == name and not p.error), None)
+            by = f" by {owner.origin}" if owner else ""
+            return f"the plugin name '{name}' is already taken{by}"
+        return None
+
     def _refuse(self, info: PluginInfo, plugin: Any, reason: str) -> bool:
-        info.error = reason
+        info.error = one_line(reason)
         # pluggy keeps a plugin's name even when its validation fails; undo all of it.
         if plugin is not None and self.pm.is_registered(plugin):
             self.pm.unregister(plugin)
@@ -140,8 +163,9 @@ class PluginHost:
             for impl in hook.get_hookimpls():
                 if impl.plugin is not plugin:
                     continue
+                args = {"register": _registrar(kind, staged[kind], self.registries[kind], info)}
                 try:
-                    impl.function(register=_registrar(kind, staged[kind], self.registries[kind], info))
+                    impl.function(**{arg: args[arg] for arg in impl.argnames})
                 except _DuplicateName as exc:
                     return staged, str(exc)
                 except Exception as exc:  # a bug in the plugin: name it, keep the host alive
@@ -164,7 +188,7 @@ class PluginHost:
         registry = self.registries[kind]
         if name not in registry:
             known = ", ".join(sorted(registry)) or "none"
-            what = kind[:-1] if kind != "data_sources" else "data source"
+            what = SINGULAR[kind]
             hint = ""
             for info in self.broken:
                 hint += f"\n  note: {info.origin} failed to load: {info.error}"
@@ -181,7 +205,9 @@ class PluginHost:
             try:
                 impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
             except Exception as exc:
-                errors.append(PluginError(f"plugin '{impl.plugin_name}' failed in {hook_name}: {type(exc).__name__}: {exc}"))
+                info = next((p for p in self.plugins if p.name == impl.plugin_name and not p.error), None)
+                who = info.origin if info else f"plugin '{impl.plugin_name}'"
+                errors.append(PluginError(f"{who} failed in {hook_name}: {type(exc).__name__}: {one_line(str(exc))}"))
         return errors
 
     def call_strict(self, hook_name: str, **kwargs: Any) -> None:
@@ -195,13 +221,18 @@ class _DuplicateName(Exception):
     pass
 
 
+def one_line(text: str) -> str:
+    """Collapse a multi-line message (pluggy's validation errors) into one line."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def _registrar(kind: str, staged: dict, existing: dict, info: PluginInfo) -> Callable[..., None]:
     def register(name: str, obj: Any, *extra: Any) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"{kind} name {name!r} must match [a-z][a-z0-9_]*")
         if name in existing or name in staged:
             other = (existing.get(name) or staged[name]).plugin
-            what = kind[:-1] if kind != "data_sources" else "data source"
+            what = SINGULAR[kind]
             raise _DuplicateName(f"{what} '{name}' is registered by both {other.origin} and {info.origin}")
         details: dict[str, Any] = {}
         if kind == "strategies":
@@ -285,11 +316,16 @@ def get_plugin_host(
     def load(info: PluginInfo, loader: Callable[[], Any]) -> None:
         if info.name in blocked:
             return
+        taken = host.name_taken(info.name)
+        if taken and info.source == "entry point":  # refuse a shadowing plugin before running its code
+            host.plugins.append(info)
+            info.error = taken
+            return
         try:
             plugin = loader()
         except Exception as exc:
             host.plugins.append(info)
-            info.error = f"import failed: {type(exc).__name__}: {exc}"
+            info.error = one_line(f"import failed: {type(exc).__name__}: {exc}")
             return
         host.add(plugin, info)
 

@@ -88,3 +88,52 @@ def tiny_inputs(model, batch_size: int = 4, seq_len: int = 8, seed: int = 0) -> 
 def plugin_host(*plugins: str, builtins: bool = True) -> PluginHost:
     """A fresh plugin host with entry-point autoload off, plus the given ``-p`` style plugins."""
     return get_plugin_host(plugins, autoload=False, builtins=builtins)
+
+
+WORDS = (
+    "the a an and or but not no very quite really so too is was are be it this that movie film story "
+    "plot actor acting scene good great fine nice fun best love wonderful bad awful boring worst dull "
+    "poor hate mess weak i you we they he she of to in on with for at by from as what why how yes "
+    "question answer add plus minus equals one two three four five six seven eight nine ten zero"
+).split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}{% if m['role'] == 'assistant' %} </s>{% endif %} "
+    "{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def tiny_tokenizer(family: str = "bert", chat: bool = False):
+    """A word-level tokenizer over a fixed small vocabulary (no download): lower-cased, split on whitespace."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    extra = ["<user>", "<assistant>", "<system>"] if chat else []
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + extra + list(dict.fromkeys(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if family == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", eos_token="</s>", model_max_length=64,
+    )
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_pretrained(path, family: str = "bert", task: str = "classification", seed: int = 0, chat: bool = False, **overrides):
+    """Save a tiny model and its tokenizer as a transformers directory a recipe can name as ``model.source``."""
+    tokenizer = tiny_tokenizer(family, chat=chat)
+    overrides.setdefault("pad_token_id", 0)
+    if family in ("gpt2", "llama"):
+        overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
+        overrides.setdefault("bos_token_id", tokenizer.eos_token_id)
+    model = tiny_model(family, "base" if task == "classification" else task, seed=seed, **overrides)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

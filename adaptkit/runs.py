@@ -1,0 +1,125 @@
+"""Using a finished run: evaluate, predict, generate and export from its run directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adaptkit.adapted import Adapted
+from adaptkit.errors import AdaptkitError, ConfigError, NotMergeableError
+from adaptkit.plugins import PluginHost
+from adaptkit.recipe import Recipe, validate
+from adaptkit.yaml_loader import load_yaml
+
+
+@dataclass
+class OpenRun:
+    """A run directory loaded back: its recipe, task, processor and the adapted model."""
+
+    recipe: Recipe
+    task: Any
+    processor: Any
+    adapted: Adapted
+    splits: Any
+    files: dict[str, str]
+
+
+def open_run(run_dir: str | Path, host: PluginHost, data: str | None = None) -> OpenRun:
+    """Rebuild the base model named in the run's recipe and load the final strategy state onto it."""
+    from adaptkit.data import load_data
+    from adaptkit.training import quiet_libraries
+
+    quiet_libraries()
+    run_dir = Path(run_dir)
+    if not (run_dir / "final").is_dir():
+        raise AdaptkitError(f"{run_dir}: not a finished run directory (no final/); train it first")
+    raw = load_yaml((run_dir / "recipe.yaml").read_text(), source=str(run_dir / "recipe.yaml"))
+    if data:
+        raw["data"]["source"] = data
+    recipe = validate(raw, host=host, source=str(run_dir / "recipe.yaml"))
+    splits, files = load_data(recipe.data, host, recipe.train.seed)
+    task = host.lookup("tasks", recipe.model.task).obj(recipe.data)
+    task.setup(splits, files)
+    loaded = host.pm.hook.adaptkit_load_model(spec=recipe.model, task=task)
+    task.prepare_model(loaded.model, loaded.processor)
+    adapted = Adapted.load(loaded.model, run_dir / "final", host=host)
+    adapted.model.eval()
+    return OpenRun(recipe, task, loaded.processor, adapted, splits, files)
+
+
+def evaluate_run(run: OpenRun, split: str = "validation") -> dict[str, float]:
+    """Evaluate the run's model on one split of its (or the given) data."""
+    import torch
+    from accelerate import Accelerator
+
+    from adaptkit.training import Run, evaluate
+
+    ds = run.task.encode(run.splits[split], run.processor, run.files[split])
+    loader = torch.utils.data.DataLoader(ds, batch_size=run.recipe.train.micro_batch_size if isinstance(run.recipe.train.micro_batch_size, int) else 8,
+                                         collate_fn=run.task.collate(run.processor))
+    acc = Accelerator()
+    ctx = Run(recipe=run.recipe, host=None, run_dir=Path("."), accelerator=acc, task=run.task)
+    model, loader = acc.prepare(run.adapted.model, loader)
+    return evaluate(ctx, model, loader)
+
+
+def predict(run: OpenRun, texts: list[str]) -> list[dict[str, Any]]:
+    """Classify texts: the predicted label and its probability for each."""
+    import torch
+
+    enc = run.processor(texts, truncation=True, max_length=run.recipe.data.max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = run.adapted.model(**enc).logits.softmax(-1)
+    names = run.task.names
+    return [{"text": t, "label": names[int(p.argmax())], "score": float(p.max())} for t, p in zip(texts, probs)]
+
+
+def generate(run: OpenRun, prompt: str, max_new_tokens: int = 64) -> str:
+    """Generate a response to ``prompt`` (through the chat template when the tokenizer has one)."""
+    import torch
+
+    tok = run.processor
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        input_ids = ids["input_ids"]
+    else:
+        input_ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = run.adapted.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return tok.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def export(run: OpenRun, out: str | Path, merge: bool) -> Path:
+    """Write a plain transformers directory (``merge``) or the peft adapter of the run."""
+    out = Path(out)
+    if merge:
+        try:
+            model = run.adapted.merge()
+        except NotMergeableError as exc:
+            raise AdaptkitError(f"{exc}; export without --merge to get the strategy state") from None
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        run.processor.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return out
+    peft_strategies = [s for s in run.adapted.strategies if s.wraps_with_peft]
+    if not peft_strategies or len(run.adapted.strategies) > 1:
+        raise ConfigError(
+            f"only a single peft strategy exports as an adapter (this run has {[s.name for s in run.adapted.strategies]}); use --merge"
+        )
+    src = Path(run.adapted.strategies[0].name)
+    run.adapted.save(out.with_name(f".{out.name}.stack"))
+    stack_dir = out.with_name(f".{out.name}.stack")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.move(str(stack_dir / src), out)
+    shutil.rmtree(stack_dir, ignore_errors=True)
+    (out / "adaptkit_recipe.json").write_text(json.dumps(run.recipe.model_dump(mode="json"), indent=2))
+    return out

@@ -1,0 +1,459 @@
+"""The training run: one loop on Hugging Face Accelerate, shaped like accelerate's nlp_example.
+
+``train(recipe)`` loads model and data, applies the strategy stack, trains with mixed precision,
+gradient accumulation, clipping and evaluation, writes checkpoints it can resume from, and
+leaves a run directory with the final strategy state, metrics and a summary. It runs unchanged
+under ``accelerate launch`` on several processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adaptkit.adapted import Adapted, apply
+from adaptkit.checkpoint import (
+    finalize,
+    latest_valid,
+    load_optimizer_state,
+    optimizer_state,
+    read_json,
+    read_part,
+    rng_state,
+    rotate,
+    save_parts,
+    set_rng_state,
+    write_json,
+)
+from adaptkit.data import apply_transforms, load_data
+from adaptkit.errors import AdaptkitError, ConfigError
+from adaptkit.plugins import PluginHost
+from adaptkit.recipe import Recipe
+from adaptkit.strategy import TrainState
+
+
+class TrainingError(AdaptkitError):
+    """Training cannot go on (a NaN loss, say); the last good checkpoint is kept."""
+
+
+@dataclass
+class Run:
+    """Everything about a run that hooks and helpers need."""
+
+    recipe: Recipe
+    host: PluginHost
+    run_dir: Path
+    accelerator: Any = None
+    adapted: Adapted | None = None
+    task: Any = None
+    processor: Any = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def log(self, message: str) -> None:
+        """Print a message once (on the main process)."""
+        if self.accelerator is None or self.accelerator.is_main_process:
+            print(message, file=sys.stderr, flush=True)
+
+
+class EpochSampler:
+    """A fresh permutation each epoch, drawn from ``seed + epoch`` alone.
+
+    The order therefore depends only on the epoch number, so a resumed run sees exactly the
+    batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def recipe_id(recipe: Recipe) -> str:
+    """A hash of what makes checkpoints interchangeable: model, data and strategies."""
+    import hashlib
+
+    key = recipe.model_dump(mode="json", include={"model", "data", "strategies"})
+    key["seed"] = recipe.train.seed
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_optimizer(groups: list[dict], spec: Any):
+    """AdamW (torch), bitsandbytes 8-bit or paged AdamW, or SGD, over the strategy's groups."""
+    import torch
+
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=spec.lr)
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=0.9)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
+    return cls[spec.optimizer](groups, lr=spec.lr)
+
+
+def build_scheduler(optimizer: Any, spec: Any, total_steps: int):
+    """Linear, cosine or constant schedule with warmup, stepped once per optimizer step."""
+    from transformers import get_scheduler
+
+    warmup = int(spec.warmup_ratio * total_steps)
+    name = "constant_with_warmup" if spec.scheduler == "constant" else spec.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def prepare_model_and_data(run: Run, loaded_model: Any = None):
+    """Load data and model, apply the strategies; returns (adapted, encoded train, encoded eval)."""
+    recipe, host = run.recipe, run.host
+    splits, files = load_data(recipe.data, host, recipe.train.seed)
+    task = host.lookup("tasks", recipe.model.task).obj(recipe.data)
+    task.setup(splits, files)
+    loaded = loaded_model or host.pm.hook.adaptkit_load_model(spec=recipe.model, task=task)
+    if loaded is None:
+        raise ConfigError(f"model.source: no loader recognised '{recipe.model.source}'")
+    task.prepare_model(loaded.model, loaded.processor)
+    adapted = apply(loaded.model, recipe.strategies, host=host)
+    train_ds = task.encode(apply_transforms(splits["train"], recipe.data, host), loaded.processor, files["train"])
+    eval_ds = task.encode(splits["validation"], loaded.processor, files["validation"])
+    run.task, run.processor, run.adapted = task, loaded.processor, adapted
+    return adapted, train_ds, eval_ds
+
+
+def evaluate(run: Run, model: Any, loader: Any) -> dict[str, float]:
+    """Loss and task metrics over the evaluation set (gathered across processes)."""
+    import torch
+
+    acc, task = run.accelerator, run.task
+    was_training = model.training
+    model.eval()
+    total_loss, total_n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    preds, refs = [], []
+    with torch.no_grad():
+        for batch in loader:
+            out = model(**batch)
+            n = batch["labels"].shape[0]
+            total_loss += out.loss.double().cpu() * n
+            total_n += n
+            pr = task.predictions(out, batch)
+            if pr is not None:
+                p, r = acc.gather_for_metrics(pr)
+                preds.append(p.cpu())
+                refs.append(r.cpu())
+    model.train(was_training)
+    loss_sum = acc.reduce(total_loss.to(acc.device), "sum").item()
+    count = acc.reduce(total_n.to(acc.device), "sum").item()
+    metrics = {"eval_loss": loss_sum / max(count, 1)}
+    metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    if preds:
+        metrics.update(task.metrics(torch.cat(preds), torch.cat(refs)))
+    return metrics
+
+
+def peak_memory_mb(device: Any) -> float:
+    """Peak memory of this process: GPU max allocated, or the CPU's peak resident set."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def param_digest(model: Any) -> str:
+    """sha256 of every parameter, in name order: equal digests mean identical weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def quiet_libraries() -> None:
+    """Silence progress bars and load reports of datasets and transformers: adaptkit reports progress itself."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide a run's numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("adaptkit", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: Any = None) -> dict[str, Any]:
+    """Run (or resume) the training a recipe describes and return its summary."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    quiet_libraries()
+    spec = recipe.train
+    run = Run(recipe=recipe, host=host, run_dir=recipe.run_dir)
+    # cpu=True on machines without an accelerator: only then does Accelerate treat a launch of
+    # several processes (accelerate launch --multi_gpu, torchrun) as MULTI_CPU on gloo.
+    acc = Accelerator(mixed_precision=spec.mixed_precision, gradient_accumulation_steps=spec.gradient_accumulation,
+                      cpu=not torch.accelerator.is_available())
+    run.accelerator = acc
+    if fresh and acc.is_main_process and run.run_dir.exists():
+        shutil.rmtree(run.run_dir)
+    acc.wait_for_everyone()
+    set_seed(spec.seed)
+
+    adapted, train_ds, eval_ds = prepare_model_and_data(run, loaded_model)
+    model = adapted.model
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    upcast = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if upcast:  # GradScaler and optimizers need float32 master weights: never train fp16 weights
+        run.log(f"adaptkit: upcasting {len(upcast)} trainable tensors to float32 (e.g. {upcast[0]})")
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+    batch_size = spec.micro_batch_size if isinstance(spec.micro_batch_size, int) else 8
+    sampler = EpochSampler(len(train_ds), spec.seed)
+    collate = run.task.collate(run.processor)
+    # Own generators: a DataLoader without one draws a seed from the global RNG each time it is
+    # iterated, which would shift dropout masks between a resumed and an uninterrupted run.
+    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                           generator=torch.Generator().manual_seed(spec.seed))
+    eval_dl = torch.utils.data.DataLoader(eval_ds, batch_size=batch_size, collate_fn=collate,
+                                          generator=torch.Generator().manual_seed(spec.seed))
+
+    # Parameters a strategy unfreezes later must be known to DDP when it wraps the model: they
+    # require grad from the start, and their gradients are dropped until they are unfrozen.
+    distributed = acc.num_processes > 1
+    if distributed:
+        for p in adapted.pending_parameters():
+            p.requires_grad_(True)
+    optimizer = build_optimizer(adapted.param_groups(spec.lr, spec.weight_decay), spec)
+    wrapped, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
+
+    steps_per_epoch = max(1, math.ceil(len(train_dl) / spec.gradient_accumulation))
+    total_steps = spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch))
+    # Not passed to prepare(): accelerate would step it once per process (C16).
+    scheduler = build_scheduler(optimizer, spec, total_steps)
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "bad_evals": 0, "samples": 0, "tokens": 0}
+    ckpt_root = run.run_dir / "checkpoints"
+    rid = recipe_id(recipe)
+    found = latest_valid(ckpt_root, rid, log=run.log)
+    if found:
+        path, _ = found
+        adapted_state_load(adapted, path / "model")
+        load_optimizer_state(optimizer.optimizer, read_part(path, "optimizer"), read_json(path, "optimizer"))
+        scheduler.load_state_dict(read_json(path, "scheduler"))
+        state.update(read_json(path, "trainer_state"))
+        set_rng_state(read_part(path, f"rng-{acc.process_index}"), read_json(path, f"rng-{acc.process_index}"))
+        run.history = read_json(path, "history")
+        run.log(f"adaptkit: resuming from {path} (step {state['step']})")
+
+    if acc.is_main_process:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.run_dir / "versions.json", library_versions())
+        (run.run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    metrics_file = run.run_dir / "metrics.jsonl"
+
+    def log_metrics(entry: dict[str, Any]) -> None:
+        run.history.append(entry)
+        if acc.is_main_process:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def train_state() -> TrainState:
+        return TrainState(step=state["step"], epoch=state["epoch"], steps_per_epoch=steps_per_epoch,
+                          total_steps=total_steps, num_processes=acc.num_processes)
+
+    def save_checkpoint() -> None:
+        step = state["step"]
+        tmp = ckpt_root / f".tmp-step-{step:08d}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        rng_t, rng_j = rng_state()
+        save_parts(tmp, {f"rng-{acc.process_index}": rng_t}, {f"rng-{acc.process_index}": rng_j})
+        if acc.is_main_process:
+            adapted.save(tmp / "model")
+            opt_t, opt_j = optimizer_state(optimizer.optimizer)
+            save_parts(tmp, {"optimizer": opt_t}, {"optimizer": opt_j, "scheduler": scheduler.state_dict(),
+                                                   "trainer_state": state, "history": run.history})
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            final = finalize(tmp, ckpt_root / f"step-{step:08d}", {"run_id": rid, "step": step})
+            rotate(ckpt_root, spec.keep_checkpoints)
+            for err in host.notify("adaptkit_on_checkpoint", run=run, step=step, path=str(final)):
+                run.log(f"adaptkit: {err}")
+        acc.wait_for_everyone()
+
+    def run_eval() -> bool:
+        """Evaluate, log, track the best; True when early stopping says stop."""
+        metrics = evaluate(run, wrapped, eval_dl)
+        log_metrics({"step": state["step"], "epoch": state["epoch"], **metrics})
+        for err in host.notify("adaptkit_on_evaluate", run=run, step=state["step"], metrics=metrics):
+            run.log(f"adaptkit: {err}")
+        key = spec.metric or run.task.metric
+        if key not in metrics:
+            key = "eval_loss"
+        value = metrics[key]
+        better = run.task.greater_is_better if key == run.task.metric else key != "eval_loss"
+        if state["best"] is None or (value > state["best"] if better else value < state["best"]):
+            state.update(best=value, best_step=state["step"], best_metrics=metrics, bad_evals=0)
+        else:
+            state["bad_evals"] += 1
+        return spec.early_stopping_patience is not None and state["bad_evals"] >= spec.early_stopping_patience
+
+    def fire(event: str) -> set[int]:
+        """Pass an event to the strategies; return the ids of parameters whose gradients to drop."""
+        adapted.on_event(event, train_state())
+        pending = adapted.pending_parameters()
+        if distributed:  # strategies may have frozen them again; DDP expects every wrapped grad
+            for p in pending:
+                p.requires_grad_(True)
+        return {id(p) for p in pending}
+
+    host.call_strict("adaptkit_on_train_start", run=run)
+    gated = fire("train_start")
+    wrapped.train()
+    start = time.perf_counter()
+    stop = state["step"] >= total_steps
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=state["step"], desc=recipe.name or "train", disable=not acc.is_main_process, leave=False)
+    running_loss, running_n = 0.0, 0
+    while not stop:
+        sampler.set_epoch(state["epoch"])
+        gated = fire("epoch_start")
+        skip = state["batch_in_epoch"]
+        loader = acc.skip_first_batches(train_dl, skip) if skip else train_dl
+        for batch in loader:
+            if state["batch_in_epoch"] % spec.gradient_accumulation == 0:
+                gated = fire("step_start")
+            with acc.accumulate(wrapped):
+                out = wrapped(**batch)
+                loss = out.loss
+                if not torch.isfinite(loss.detach()).all():
+                    raise TrainingError(
+                        f"the loss is {loss.item()} at step {state['step'] + 1} (epoch {state['epoch']}); "
+                        f"training stopped, the last good checkpoint is kept in {ckpt_root}"
+                    )
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    if gated:
+                        for p in wrapped.parameters():
+                            if id(p) in gated:
+                                p.grad = None
+                    if spec.max_grad_norm:
+                        acc.clip_grad_norm_([p for p in wrapped.parameters() if p.grad is not None], spec.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state["batch_in_epoch"] += 1
+            state["samples"] += batch["labels"].shape[0] * acc.num_processes
+            state["tokens"] += int(batch["attention_mask"].sum()) * acc.num_processes if "attention_mask" in batch else 0
+            running_loss += loss.item()
+            running_n += 1
+            if not acc.sync_gradients:
+                continue
+            scheduler.step()
+            state["step"] += 1
+            bar.update(1)
+            logs = {"loss": running_loss / running_n, "lr": scheduler.get_last_lr()[0]}
+            if state["step"] % spec.log_every == 0 or state["step"] == total_steps:
+                log_metrics({"step": state["step"], "epoch": state["epoch"], **logs})
+            running_loss, running_n = 0.0, 0
+            for err in host.notify("adaptkit_on_step_end", run=run, step=state["step"], logs=logs):
+                run.log(f"adaptkit: {err}")
+            if spec.eval_every and state["step"] % spec.eval_every == 0 and run_eval():
+                stop = True
+            if state["step"] >= total_steps:
+                stop = True
+            if spec.save_every and (state["step"] % spec.save_every == 0 or stop):
+                save_checkpoint()
+            if stop:
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            if not spec.eval_every and run_eval():
+                stop = True
+    bar.close()
+    wall = time.perf_counter() - start
+
+    if not run.history or "eval_loss" not in run.history[-1]:
+        run_eval()
+    final_metrics = next(h for h in reversed(run.history) if "eval_loss" in h)
+    digest = param_digest(acc.unwrap_model(wrapped))
+    digests = acc.gather_for_metrics([digest], use_gather_object=True) if distributed else [digest]
+    train_losses = [h["loss"] for h in run.history if "loss" in h]
+    summary = {
+        "name": recipe.name,
+        "steps": state["step"],
+        "epochs_completed": state["epoch"],
+        "total_steps": total_steps,
+        "strategies": [s.name for s in adapted.strategies],
+        # in multi-process runs, pending parameters require grad only for DDP's sake
+        "trainable_parameters": adapted.num_trainable() - sum(p.numel() for p in adapted.pending_parameters() if p.requires_grad),
+        "total_parameters": adapted.num_total(),
+        "final_metrics": final_metrics,
+        "best_metric": state["best"],
+        "best_step": state.get("best_step"),
+        "best_metrics": state.get("best_metrics"),
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "wall_time_s": wall,
+        "samples_per_s": state["samples"] / wall if wall > 0 else None,
+        "tokens_per_s": state["tokens"] / wall if wall > 0 else None,
+        "peak_memory_mb": peak_memory_mb(acc.device),
+        "num_processes": acc.num_processes,
+        "mixed_precision": spec.mixed_precision,
+        "micro_batch_size": batch_size,
+        "gradient_accumulation": spec.gradient_accumulation,
+        "param_digest": digest,
+        "ranks_in_sync": len(set(digests)) == 1,
+        "run_id": rid,
+    }
+    if acc.is_main_process:
+        adapted.save(run.run_dir / "final")
+        write_json(run.run_dir / "summary.json", summary)
+    acc.wait_for_everyone()
+    for err in host.notify("adaptkit_on_train_end", run=run, summary=summary):
+        run.log(f"adaptkit: {err}")
+    acc.end_training()
+    return summary
+
+
+def adapted_state_load(adapted: Adapted, directory: Path) -> None:
+    """Load saved strategy weights into an already adapted model (for resuming)."""
+    for s in adapted.strategies:
+        adapted.model = s.load(adapted.model, directory / s.name)
+

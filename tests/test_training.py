@@ -1,0 +1,193 @@
+"""The training run end to end on tiny models: what trains, what is saved, resume, DDP on 2 CPUs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from adaptkit.recipe import load_recipe
+from adaptkit.testing import save_tiny_pretrained
+
+ADAPTKIT = [sys.executable, "-m", "adaptkit"]
+POS = "good great fine nice fun best love wonderful".split()
+NEG = "bad awful boring worst dull poor hate mess weak".split()
+
+
+def write_sentiment(path: Path, n: int, seed: int) -> Path:
+    """A separable two-class task over the tiny tokenizer's vocabulary."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = [rng.choice(POS if label else NEG) for _ in range(3)]
+            f.write(json.dumps({"text": f"the movie was {words[0]} and {words[1]} {words[2]}", "label": ["neg", "pos"][label]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    save_tiny_pretrained(d / "bert", "bert")
+    write_sentiment(d / "train.jsonl", 160, seed=0)
+    return d
+
+
+def recipe_file(workdir: Path, name: str, strategies: str, train: str, extra: str = "") -> Path:
+    path = workdir / f"{name}.yaml"
+    path.write_text(
+        f"model: {{source: {workdir / 'bert'}, task: classification}}\n"
+        f"data: {{source: {workdir / 'train.jsonl'}, max_length: 16}}\n"
+        f"strategies: {strategies}\n"
+        f"train: {{{train}}}\n"
+        f"output: {workdir / 'runs'}/{{name}}\n{extra}"
+    )
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*ADAPTKIT, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", **(env or {})})
+
+
+def base_weights(workdir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(workdir / "bert" / "model.safetensors"))
+
+
+def test_freeze_trains_only_what_it_should_and_learns(workdir, host):
+    """Frozen weights bitwise unchanged, trained ones changed; the task is learned; final state reloads."""
+    import torch
+
+    from adaptkit.runs import evaluate_run, open_run
+    from adaptkit.training import train
+
+    path = recipe_file(workdir, "probe", "[{name: freeze, trainable_top_blocks: 1}]",
+                       "epochs: 4, lr: 1.0e-2, micro_batch_size: 16, weight_decay: 0.1, seed: 0")
+    summary = train(load_recipe(path, host=host), host, fresh=True)
+    run_dir = workdir / "runs" / "probe"
+    assert summary["final_metrics"]["accuracy"] >= 0.8, summary["final_metrics"]
+    assert summary["steps"] == 4 * 9  # 144 training rows (10% held out), 16 a batch
+    for f in ("summary.json", "metrics.jsonl", "recipe.yaml", "versions.json", "final/adaptkit.json"):
+        assert (run_dir / f).is_file(), f
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert len(evals) == 4 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+    opened = open_run(run_dir, host)
+    trained = dict(opened.adapted.model.named_parameters())
+    base = base_weights(workdir)
+    for name, before in base.items():
+        key = "bert." + name if "bert." + name in trained else name
+        if key not in trained:
+            continue
+        if ".layer.2." in key:  # the top block; the pooler belongs to the frozen backbone
+            assert not torch.equal(trained[key], before), f"{key} should have trained"
+        else:
+            assert torch.equal(trained[key], before), f"{key} is frozen but changed"
+    # the saved final state reproduces the run's own final metrics
+    again = evaluate_run(opened)
+    assert again["accuracy"] == pytest.approx(summary["final_metrics"]["accuracy"])
+    assert again["eval_loss"] == pytest.approx(summary["final_metrics"]["eval_loss"], rel=1e-5)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(workdir):
+    """Kill -9 mid-run, resume: same final weights (dropout RNG, data order, optimizer, scheduler restored)."""
+    train = "max_steps: 12, lr: 1.0e-3, micro_batch_size: 8, save_every: 3, keep_checkpoints: 2, seed: 1, warmup_ratio: 0.2"
+    straight = recipe_file(workdir, "straight", "[full]", train)
+    res = run_cli("train", str(straight), "--fresh")
+    assert res.returncode == 0, res.stderr[-3000:]
+    expected = json.loads((workdir / "runs" / "straight" / "summary.json").read_text())
+
+    killed = recipe_file(workdir, "killed", "[full]", train)
+    shutil.rmtree(workdir / "runs" / "killed", ignore_errors=True)
+    env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    proc = subprocess.Popen([*ADAPTKIT, "train", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = workdir / "runs" / "killed" / "checkpoints" / "step-00000006"
+    deadline = time.time() + 240
+    while not (ckpt / "manifest.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "runs" / "killed" / "summary.json").exists(), "the run finished before it was killed"
+
+    res = run_cli("train", str(killed))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stderr
+    resumed = json.loads((workdir / "runs" / "killed" / "summary.json").read_text())
+    assert resumed["param_digest"] == expected["param_digest"]
+    assert resumed["final_metrics"] == pytest.approx(expected["final_metrics"])
+    losses = lambda d: [h["loss"] for h in map(json.loads, (workdir / "runs" / d / "metrics.jsonl").read_text().splitlines()) if "loss" in h]
+    assert losses("killed")[-1] == pytest.approx(losses("straight")[-1])
+
+
+def test_corrupted_checkpoint_is_skipped_and_rotation_keeps_newest(workdir, host):
+    from adaptkit.checkpoint import checkpoint_dirs, verify
+    from adaptkit.errors import CheckpointError
+    from adaptkit.training import train
+
+    path = recipe_file(workdir, "ckpt", "[{name: freeze}]", "max_steps: 6, lr: 1.0e-3, micro_batch_size: 8, save_every: 2, keep_checkpoints: 2")
+    first = train(load_recipe(path, host=host), host, fresh=True)
+    root = workdir / "runs" / "ckpt" / "checkpoints"
+    assert [p.name for p in checkpoint_dirs(root)] == ["step-00000004", "step-00000006"]
+    newest = root / "step-00000006"
+    opt = newest / "optimizer.safetensors"
+    opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        verify(newest)
+    # resuming ignores the corrupted step 6, goes back to step 4 and ends where the first run did
+    (workdir / "runs" / "ckpt" / "summary.json").unlink()
+    second = train(load_recipe(path, host=host), host)
+    assert second["param_digest"] == first["param_digest"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategies", ["[lora]", "[{name: gradual_unfreeze, every: 3, unit: step}]"])
+def test_two_processes_end_in_sync(workdir, strategies):
+    """accelerate launch on 2 CPU processes (gloo): trained weights identical on both ranks,
+    including blocks gradual unfreezing thaws after DDP wrapped the model."""
+    name = "ddp_lora" if "lora" in strategies else "ddp_gradual"
+    path = recipe_file(workdir, name, strategies, "max_steps: 8, lr: 1.0e-3, micro_batch_size: 8, weight_decay: 0.1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "adaptkit", "train", str(path), "--fresh"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.loads((workdir / "runs" / name / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    assert summary["ranks_in_sync"] is True
+    if "gradual" in strategies:
+        import torch
+        from safetensors.torch import load_file
+
+        saved = load_file(str(workdir / "runs" / name / "final" / "gradual_unfreeze" / "weights.safetensors"))
+        base = base_weights(workdir)
+        # stage 3 from step 6 on: head, then blocks 2 and 1 thawed after DDP wrapped the model; block 0 never
+        assert not torch.equal(saved["bert.encoder.layer.1.output.dense.weight"], base["encoder.layer.1.output.dense.weight"])
+        assert torch.equal(saved["bert.encoder.layer.0.output.dense.weight"], base["encoder.layer.0.output.dense.weight"])
+
+
+def test_nan_loss_stops_with_a_message(workdir, tmp_path, monkeypatch):
+    """A plugin poisons the weights after step 2: the run stops at step 3, exit 2, checkpoint kept."""
+    (tmp_path / "poison_plugin.py").write_text(
+        "import torch\nfrom adaptkit import hookimpl\n\n"
+        "@hookimpl\ndef adaptkit_on_step_end(run, step, logs):\n"
+        "    if step == 2:\n"
+        "        with torch.no_grad():\n"
+        "            for p in run.adapted.model.parameters():\n"
+        "                if p.requires_grad:\n"
+        "                    p.fill_(float('nan'))\n"
+    )
+    path = recipe_file(workdir, "nan", "[full]", "max_steps: 6, lr: 1.0e-3, micro_batch_size: 8, save_every: 1")
+    res = run_cli("-p", "poison_plugin", "train", str(path), "--fresh", env={"PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "loss is nan at step 3" in res.stderr and "Traceback" not in res.stderr
+    assert (workdir / "runs" / "nan" / "checkpoints" / "step-00000002" / "manifest.json").is_file()
