@@ -35,6 +35,7 @@ DISABLE_AUTOLOAD_ENV = "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD"
 #: Built-in plugins as (name, module). They can be blocked with ``-p no:NAME`` like any other.
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("loaders", "adaptkit.loaders"),
+    ("packaged", "adaptkit.packaged"),
     ("tasks", "adaptkit.tasks"),
     ("metrics", "adaptkit.metrics"),
     ("full", "adaptkit_plugins.full"),

@@ -350,7 +350,7 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     stop = state["step"] >= total_steps
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc=recipe.name or "train", disable=not acc.is_main_process, leave=False)
+    bar = tqdm(total=total_steps, initial=state["step"], desc=recipe.name or "train", disable=None if acc.is_main_process else True, leave=False)  # None: only on a terminal
     running_loss, running_n = 0.0, 0
     while not stop:
         sampler.set_epoch(state["epoch"])

@@ -214,6 +214,12 @@ def quantize_linear_layers(model: nn.Module, names: list[str], config: LoraConfi
         if has_bias:
             new.bias = torch.nn.Parameter(old.bias.detach().clone(), requires_grad=False)
         new = new.to(device)  # moving the bitsandbytes parameter is what quantizes it
+        if hasattr(new, "support_avx512bf16_for_cpu"):
+            # bitsandbytes' CPU inference fast path repacks the weight in place the first time
+            # it runs under no_grad (scales rounded to bf16, and it fails on layers narrower
+            # than a quantization block); outputs would then depend on whether eval ran first,
+            # and merge could no longer dequantize the weight.
+            new.support_avx512bf16_for_cpu = False
         new.train(old.training)
         setattr(parent, child, new)
     if config.quantize == "4bit":
