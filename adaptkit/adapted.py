@@ -240,13 +240,19 @@ def _unique(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
 
 
 def fingerprint_model(model: nn.Module) -> str:
-    """A short hash of a model's architecture and a few of its weights.
+    """A short hash of a model's architecture and a few of its backbone weights.
 
     Cheap (three tensors), yet it tells apart two bases with the same architecture but
-    different weights.
+    different pretrained weights; the task head is left out, since it is new on every load.
     """
+    from adaptkit.anatomy import head_parameter_names
+
+    try:  # a new task head is random on every load: only the pretrained backbone identifies the base
+        head = set(head_parameter_names(model))
+    except StrategyError:
+        head = set()
     h = hashlib.sha256()
-    named = list(model.named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if n not in head]
     h.update(type(model).__name__.encode())
     for name, p in named:
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())

@@ -103,14 +103,9 @@ class Lora(PeftStrategy):
         if self.config.quantize is None:
             return model
         saved = lambda n: any(n == m or n.startswith(m + ".") for m in modules_to_save)  # noqa: E731
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        # Layers trained in full (modules_to_save: the head, an earlier strategy's top blocks)
+        # stay in full precision; everything else linear in the blocks is frozen and quantized.
         names = [n for n in block_linear_names(model, self.config.blocks) if not saved(n)]
-        # A weight that trains cannot be stored in 4 bits; modules_to_save already excluded the
-        # ones an earlier strategy chose, so this only guards against strategies that keep
-        # parameters trainable without saying so.
-        wrong = [n for n in names if f"{n}.weight" in trainable and self._after_others]
-        if wrong:
-            raise StrategyError(f"{self.name}: quantize: {wrong[:3]} are trainable and cannot be quantized")
         self._conv1d = {n for n in names if type(model.get_submodule(n)).__name__ == "Conv1D"}
         quantize_linear_layers(model, names, self.config)
         return model

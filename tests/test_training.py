@@ -191,3 +191,27 @@ def test_nan_loss_stops_with_a_message(workdir, tmp_path, monkeypatch):
     assert res.returncode == 2, res.stderr[-2000:]
     assert "loss is nan at step 3" in res.stderr and "Traceback" not in res.stderr
     assert (workdir / "runs" / "nan" / "checkpoints" / "step-00000002" / "manifest.json").is_file()
+
+
+def test_reload_of_a_classifier_with_a_new_random_head_is_accepted(tmp_path, host):
+    """from_pretrained gives a new random head each time; the base check must look at the backbone only."""
+    import torch
+    import transformers
+
+    import adaptkit
+    from adaptkit.errors import CheckpointError
+    from adaptkit.testing import save_tiny_pretrained
+
+    save_tiny_pretrained(tmp_path / "base", "bert")
+    torch.manual_seed(1)
+    first = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2)
+    adapted = adaptkit.apply(first, "freeze", host=host)
+    adapted.save(tmp_path / "saved")
+    torch.manual_seed(2)
+    second = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2)
+    assert not torch.equal(second.classifier.weight, first.classifier.weight)
+    adaptkit.Adapted.load(second, tmp_path / "saved", host=host)  # no CheckpointError
+    save_tiny_pretrained(tmp_path / "other", "bert", seed=5)
+    third = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "other", num_labels=2)
+    with pytest.raises(CheckpointError, match="different base model"):
+        adaptkit.Adapted.load(third, tmp_path / "saved", host=host)
