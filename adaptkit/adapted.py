@@ -224,7 +224,8 @@ class Adapted:
     def merge(self) -> nn.Module:
         """Fold every strategy into a plain model (outermost first) and return it.
 
-        Raises ``NotMergeableError`` naming the strategy that cannot be merged.
+        Raises ``NotMergeableError`` naming the strategy that cannot be merged. Merging works in
+        place (peft folds LoRA into the base weights): use this ``Adapted`` for nothing else after.
         """
         model = self.model
         for s in reversed(self.strategies):

@@ -103,3 +103,39 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
         shape = getattr(getattr(param, "quant_state", None), "shape", None)
         total += int(shape.numel()) if shape is not None else param.numel()
     return total
+
+
+def untie_output_embeddings(model: nn.Module) -> None:
+    """Give the output embeddings (``lm_head``) their own copy of a weight tied to the input embeddings."""
+    import torch
+
+    _, inner = unwrap(model)
+    out = inner.get_output_embeddings()
+    out.weight = torch.nn.Parameter(out.weight.detach().clone())
+    inner.config.tie_word_embeddings = False
+    if hasattr(inner.config, "get_text_config"):
+        inner.config.get_text_config().tie_word_embeddings = False
+
+
+def resolve_ties(model: nn.Module, names: set[str], mode: str, owner: str, hint: str = "") -> None:
+    """Make a strategy's choice of trainable ``names`` explicit where a parameter is tied.
+
+    A tied weight is one Parameter: training it under one name trains it under all. ``mode``
+    ``share`` adds every tied name to ``names``; ``untie`` gives the output embeddings their own
+    copy; ``error`` raises ``SharedParameterError`` naming the option ``<owner>.tied_head``.
+    """
+    from adaptkit.errors import SharedParameterError
+
+    for group in tied_groups(model):
+        inside = [n for n in group if n in names]
+        if not inside or len(inside) == len(group):
+            continue
+        if mode == "share":
+            names.update(group)
+        elif mode == "untie":
+            untie_output_embeddings(model)
+        else:
+            raise SharedParameterError(
+                f"{owner}: {inside} would train, but it is the same parameter as frozen {sorted(set(group) - set(inside))} "
+                f"(tied embeddings); set {owner}.tied_head to 'untie' (train a separate copy) or 'share' (train both){hint}"
+            )

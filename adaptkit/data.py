@@ -72,8 +72,7 @@ def load_data(spec: DataSpec, host: PluginHost, seed: int) -> tuple[DatasetDict,
         loaded = datasets.DatasetDict({split: _read_file(f) for split, f in files_by_split.items()})
         files = {split: str(f) for split, f in files_by_split.items()}
     else:
-        known = ", ".join(sorted(host.registries["data_sources"])) or "none registered"
-        raise DataError(f"data.source: '{source}' is neither an existing file or directory nor a data source ({known})")
+        loaded, files = _load_hub(source, host)
     if "validation" not in loaded:
         if len(loaded["train"]) < 2:
             raise DataError(f"{files['train']}: at least 2 rows are needed to hold out a validation split")
@@ -85,6 +84,21 @@ def load_data(spec: DataSpec, host: PluginHost, seed: int) -> tuple[DatasetDict,
     if spec.max_eval_examples:
         loaded["validation"] = loaded["validation"].select(range(min(spec.max_eval_examples, len(loaded["validation"]))))
     return loaded, files
+
+
+def _load_hub(name: str, host: PluginHost):
+    """A dataset from the Hugging Face hub by name (where a network exists)."""
+    import datasets
+
+    known = ", ".join(sorted(host.registries["data_sources"])) or "none registered"
+    try:
+        loaded = datasets.load_dataset(name)
+    except Exception as exc:  # offline, unknown name, gated: all end here
+        raise DataError(
+            f"data.source: '{name}' is not an existing file or directory, not a registered data source ({known}), "
+            f"and could not be loaded from the hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    return loaded, {split: f"{name} ({split})" for split in loaded}
 
 
 def require_columns(dataset, columns: list[str], file: str) -> None:

@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from adaptkit import Strategy, StrategyConfig, StrategyError, hookimpl
-from adaptkit.anatomy import find_blocks, head_parameter_names, is_norm, tied_groups, unwrap
-from adaptkit.errors import NotMergeableError, SharedParameterError
+from adaptkit.anatomy import find_blocks, head_parameter_names, is_norm, resolve_ties, unwrap
+from adaptkit.errors import NotMergeableError
 
 #: Where the attention sub-layer's output projection lives, relative to a block; first match wins.
 ATTENTION_OUTPUTS: tuple[str, ...] = (
@@ -123,7 +123,7 @@ class Adapters(Strategy):
             for mod_name, mod in model.named_modules():
                 if is_norm(mod):
                     names |= {f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters(recurse=False)}
-        self._handle_ties(model, names)
+        resolve_ties(model, names, self.config.tied_head, self.name, hint=f", or {self.name}.train_head to false")
 
         kept = {id(p) for s in self._earlier for p in s.owned.values()}
         for p in model.parameters():
@@ -194,22 +194,6 @@ class Adapters(Strategy):
             raise StrategyError(f"{self.name}: attention_output and ffn_output name the same module; name two different ones")
         return targets
 
-    def _handle_ties(self, model, names: set[str]) -> None:
-        """A tied weight is one Parameter: training it under one name trains it under all."""
-        for group in tied_groups(model):
-            inside = [n for n in group if n in names]
-            if not inside or len(inside) == len(group):
-                continue
-            if self.config.tied_head == "share":
-                names.update(group)
-            elif self.config.tied_head == "untie":
-                _untie_output_embeddings(model)
-            else:
-                raise SharedParameterError(
-                    f"{self.name}: {inside} would train, but it is the same parameter as frozen {sorted(set(group) - set(inside))} "
-                    f"(tied embeddings); set {self.name}.tied_head to 'untie' (train a separate copy) or 'share' "
-                    f"(train both), or {self.name}.train_head to false"
-                )
 
 
 def _output_dim(module, model, name: str) -> int:
@@ -243,16 +227,6 @@ def _set_submodule(model, name: str, module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-def _untie_output_embeddings(model) -> None:
-    import torch
-
-    out = model.get_output_embeddings()
-    out.weight = torch.nn.Parameter(out.weight.detach().clone())
-    model.config.tie_word_embeddings = False
-    if hasattr(model.config, "get_text_config"):
-        model.config.get_text_config().tie_word_embeddings = False
 
 
 @hookimpl

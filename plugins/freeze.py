@@ -8,8 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from adaptkit import Strategy, StrategyConfig, StrategyError, hookimpl
-from adaptkit.anatomy import find_blocks, head_parameter_names, is_norm, tied_groups
-from adaptkit.errors import SharedParameterError
+from adaptkit.anatomy import find_blocks, head_parameter_names, is_norm, resolve_ties
 
 
 class FreezeConfig(StrategyConfig):
@@ -58,7 +57,7 @@ class Freeze(Strategy):
             for m in matched:
                 names |= {f"{m}.{n}" for n, _ in modules[m].named_parameters()}
 
-        self._handle_ties(model, names)
+        resolve_ties(model, names, cfg.tied_head, self.name)
         all_params = dict(model.named_parameters(remove_duplicate=False))
         for p in model.parameters():
             p.requires_grad_(False)
@@ -70,32 +69,6 @@ class Freeze(Strategy):
                 owned[name] = param
         self.owned = owned
         return model
-
-    def _handle_ties(self, model, names: set[str]) -> None:
-        """A tied weight is one Parameter: training it under one name trains it under all."""
-        for group in tied_groups(model):
-            inside = [n for n in group if n in names]
-            if not inside or len(inside) == len(group):
-                continue
-            if self.config.tied_head == "share":
-                names.update(group)
-            elif self.config.tied_head == "untie":
-                _untie_output_embeddings(model)
-            else:
-                raise SharedParameterError(
-                    f"freeze: {inside} would train, but it is the same parameter as frozen {sorted(set(group) - set(inside))} "
-                    "(tied embeddings); set freeze.tied_head to 'untie' (train a separate copy) or 'share' (train both)"
-                )
-
-
-def _untie_output_embeddings(model) -> None:
-    import torch
-
-    out = model.get_output_embeddings()
-    out.weight = torch.nn.Parameter(out.weight.detach().clone())
-    model.config.tie_word_embeddings = False
-    if hasattr(model.config, "get_text_config"):
-        model.config.get_text_config().tie_word_embeddings = False
 
 
 @hookimpl

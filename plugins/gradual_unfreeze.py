@@ -39,7 +39,7 @@ from typing import Literal
 from pydantic import Field
 
 from adaptkit import Strategy, StrategyConfig, StrategyError, hookimpl
-from adaptkit.anatomy import find_blocks, head_parameter_names, tied_groups, unwrap
+from adaptkit.anatomy import find_blocks, head_parameter_names, tied_groups, untie_output_embeddings, unwrap
 from adaptkit.errors import SharedParameterError
 
 EVENTS = ("train_start", "epoch_start", "step_start")
@@ -175,7 +175,7 @@ class GradualUnfreeze(Strategy):
                     "its own copy) or 'share' (the shared weight trains from the start)"
                 )
             if self.config.tied_head == "untie":
-                _untie_output_embeddings(model)
+                untie_output_embeddings(model)
             else:  # share: the weight belongs to the earliest group it appears in, the head's
                 for n in tied:
                     if group_of[n] != id(top):
@@ -237,18 +237,6 @@ def _peft_bookkeeping(model) -> set[str]:
             head = f"{mod_name}.original_module." if mod_name else "original_module."
             names |= {head + n for n, _ in original.named_parameters(remove_duplicate=False)}
     return names
-
-
-def _untie_output_embeddings(model) -> None:
-    """Give the output embeddings their own copy of the tied weight."""
-    import torch
-
-    _, inner = unwrap(model)
-    out = inner.get_output_embeddings()
-    out.weight = torch.nn.Parameter(out.weight.detach().clone())
-    inner.config.tie_word_embeddings = False
-    if hasattr(inner.config, "get_text_config"):
-        inner.config.get_text_config().tie_word_embeddings = False
 
 
 @hookimpl

@@ -215,3 +215,38 @@ def test_reload_of_a_classifier_with_a_new_random_head_is_accepted(tmp_path, hos
     third = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "other", num_labels=2)
     with pytest.raises(CheckpointError, match="different base model"):
         adaptkit.Adapted.load(third, tmp_path / "saved", host=host)
+
+
+@pytest.mark.parametrize("strategies", ["[{name: freeze, trainable_top_blocks: 1}]", "[lora]"])
+def test_export_merged_reproduces_the_run_and_predict_works(workdir, host, tmp_path, strategies):
+    """`adaptkit export --merge` writes a plain transformers directory with the fine-tuned outputs."""
+    import torch
+    import transformers
+
+    from adaptkit.runs import export, open_run, predict
+    from adaptkit.training import train
+
+    name = "exp_lora" if "lora" in strategies else "exp_freeze"
+    path = recipe_file(workdir, name, strategies, "max_steps: 6, lr: 1.0e-2, micro_batch_size: 16")
+    train(load_recipe(path, host=host), host, fresh=True)
+    opened = open_run(workdir / "runs" / name, host)
+    batch = opened.processor(["the movie was great", "awful and dull"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = opened.adapted.model(**batch).logits
+    out = export(opened, tmp_path / "merged", merge=True)
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = plain(**batch).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    rows = predict(open_run(workdir / "runs" / name, host), ["the movie was great"])
+    assert rows[0]["label"] in ("neg", "pos") and 0.5 <= rows[0]["score"] <= 1.0
+    if "lora" in strategies:  # without --merge: the adapter in peft's own format
+        import peft
+
+        # merging folded the adapter into the weights of `opened`: export from a fresh open
+        adapter = export(open_run(workdir / "runs" / name, host), tmp_path / "adapter", merge=False)
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(
+            workdir / "bert", num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+        reloaded = peft.PeftModel.from_pretrained(base, adapter).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
