@@ -107,7 +107,7 @@ def test_validate_a_bad_recipe(tmp_path, text, words):
 def test_several_problems_in_one_message(tmp_path):
     text = GOOD.replace("lr: 2e-5", "lr: 0\n  epochs: 0\n  micro_batch_size: 0").replace("name: freeze", "name: nope")
     proc = adaptkit("validate", str(recipe(tmp_path, text)), cwd=tmp_path)
-    err = assert_user_error(proc, "4 problems", "train.lr", "train.epochs", "train.micro_batch_size", "strategies[0].name")
+    assert_user_error(proc, "4 problems", "train.lr", "train.epochs", "train.micro_batch_size", "strategies[0].name")
 
 
 @pytest.mark.parametrize("override, words", [
