@@ -250,3 +250,16 @@ def test_export_merged_reproduces_the_run_and_predict_works(workdir, host, tmp_p
         reloaded = peft.PeftModel.from_pretrained(base, adapter).eval()
         with torch.no_grad():
             torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_early_stopping_ends_the_run_after_patience_evaluations(workdir, host):
+    """With a learning rate too small to change accuracy, no evaluation improves on the first one."""
+    from adaptkit.training import train
+
+    path = recipe_file(workdir, "early", "[freeze]",
+                       "max_steps: 20, lr: 1.0e-12, micro_batch_size: 8, eval_every: 1, early_stopping_patience: 2")
+    summary = train(load_recipe(path, host=host), host, fresh=True)
+    assert summary["steps"] == 3  # best at step 1, then two evaluations without improvement
+    assert summary["best_step"] == 1
+    evals = [json.loads(x) for x in (workdir / "runs" / "early" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    assert [e["step"] for e in evals] == [1, 2, 3]
