@@ -217,9 +217,13 @@ class Adapted:
                 f"this base {fingerprint[:12]}); load the same base, or pass check_base=False"
             )
         adapted = apply(base, specs, host=host)
-        for s in adapted.strategies:
-            adapted.model = s.load(adapted.model, directory / s.name)
+        adapted.load_state(directory)
         return adapted
+
+    def load_state(self, directory: str | Path) -> None:
+        """Load what ``save`` wrote into this already adapted model (a fresh apply, or a resume)."""
+        for s in self.strategies:
+            self.model = s.load(self.model, Path(directory) / s.name)
 
     def merge(self) -> nn.Module:
         """Fold every strategy into a plain model (outermost first) and return it.

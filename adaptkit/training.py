@@ -270,7 +270,7 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     found = latest_valid(ckpt_root, rid, log=run.log)
     if found:
         path, _ = found
-        adapted_state_load(adapted, path / "model")
+        adapted.load_state(path / "model")
         load_optimizer_state(optimizer.optimizer, read_part(path, "optimizer"), read_json(path, "optimizer"))
         scheduler.load_state_dict(read_json(path, "scheduler"))
         state.update(read_json(path, "trainer_state"))
@@ -450,9 +450,4 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     acc.end_training()
     return summary
 
-
-def adapted_state_load(adapted: Adapted, directory: Path) -> None:
-    """Load saved strategy weights into an already adapted model (for resuming)."""
-    for s in adapted.strategies:
-        adapted.model = s.load(adapted.model, directory / s.name)
 
