@@ -47,12 +47,16 @@ def build_strategies(host: PluginHost, specs: Iterable[StrategySpec], path: str 
         except StrategyError as exc:
             problems.append((f"{where}.name", str(exc)))
             continue
+        config_class = entry.extra["config_class"]
         try:
-            config = entry.extra["config_class"](**options)
+            config = config_class(**options)
         except ValidationError as exc:
             for err in exc.errors():
                 loc = ".".join(str(p) for p in err["loc"])
-                problems.append((f"{where}.{loc}" if loc else where, _describe(err)))
+                message = _describe(err)
+                if err["type"] == "extra_forbidden":
+                    message = f"unknown option of '{name}'; its options are {', '.join(config_class.model_fields)}"
+                problems.append((f"{where}.{loc}" if loc else where, message))
             continue
         stack.append(entry.obj(config, name=name))
     if problems:

@@ -14,8 +14,9 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from adaptkit.errors import CheckpointError
 from adaptkit.weights import atomic_write_bytes, load_tensors, save_tensors
@@ -46,12 +47,20 @@ def optimizer_state(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
+
+    def split(prefix: str, state: dict) -> None:
+        # bitsandbytes' 8-bit optimizers nest their quantised state one level down
+        # ("__bnb_optimizer_quant_state__": {"state1": ..., "absmax1": ...}): keys are paths "0.a/b"
         for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{key}"] = value
+            if isinstance(value, dict):
+                split(f"{prefix}{key}/", value)
+            elif isinstance(value, torch.Tensor):
+                tensors[f"{prefix}{key}"] = value
             else:
-                scalars[f"{idx}.{key}"] = value
+                scalars[f"{prefix}{key}"] = value
+
+    for idx, state in sd["state"].items():
+        split(f"{idx}.", state)
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
@@ -59,8 +68,12 @@ def load_optimizer_state(optimizer: Any, tensors: dict[str, Any], meta: dict[str
     """Rebuild the state dict split by ``optimizer_state`` and load it."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        idx, path = key.split(".", 1)
+        *parents, name = path.split("/")
+        node = state.setdefault(int(idx), {})
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
@@ -122,7 +135,7 @@ def finalize(tmp: Path, final: Path, extra: dict[str, Any]) -> Path:
 
 
 def verify(path: Path) -> dict[str, Any]:
-    """Check every file against the manifest; a CheckpointError names the first bad file."""
+    """Check every file against the manifest; a CheckpointError names the first bad, missing or extra file."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST})")
@@ -130,13 +143,52 @@ def verify(path: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except ValueError:
         raise CheckpointError(f"{path}: {MANIFEST} is not valid JSON") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path}: {MANIFEST} has no 'files' mapping of file names to sha256 digests")
     for name, digest in manifest["files"].items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
         if _sha256(f) != digest:
             raise CheckpointError(f"{path}: {name} is corrupted (its checksum does not match the manifest)")
+    # a file the manifest does not list was put there later: nothing unverified is ever read
+    extra = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()
+                   and p != manifest_path and str(p.relative_to(path)) not in manifest["files"])
+    if extra:
+        raise CheckpointError(f"{path}: {extra[0]} is not listed in {MANIFEST} (added after the checkpoint was written)")
     return manifest
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """Why a write failed (a full disk, a file-size limit, ...), or None when ``exc`` is not a failed write."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    # safetensors' own writer (peft saves adapters with it) reports an io::Error as a SafetensorError
+    if type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):
+        return str(exc).split("I/O error: ", 1)[1]
+    return None
+
+
+@contextmanager
+def write_failures_reported(target: Path, root: Path, partial: Path | None = None) -> Iterator[None]:
+    """Turn a failed write of ``target`` (ENOSPC, EFBIG, EACCES, ...) into a CheckpointError.
+
+    ``partial`` (a temporary directory) is removed; the message names the newest complete
+    checkpoint under ``root``, which a finalized checkpoint never shares files with, so it is intact.
+    """
+    try:
+        yield
+    except Exception as exc:
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        kept = checkpoint_dirs(root)
+        where = (f"the previous checkpoint {kept[-1]} is kept; free some space and run the same command again to resume from it"
+                 if kept else "there is no earlier checkpoint to resume from")
+        removed = "the partial checkpoint was removed and " if partial is not None else ""
+        raise CheckpointError(f"cannot write {target}: {reason}; {removed}{where}") from None
 
 
 def latest_valid(root: Path, run_id: str | None = None, log: Any = print) -> tuple[Path, dict] | None:

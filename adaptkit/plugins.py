@@ -38,12 +38,15 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("packaged", "adaptkit.packaged"),
     ("tasks", "adaptkit.tasks"),
     ("metrics", "adaptkit.metrics"),
+    ("transforms", "adaptkit.transforms"),
     ("full", "adaptkit_plugins.full"),
     ("freeze", "adaptkit_plugins.freeze"),
     ("lora", "adaptkit_plugins.lora"),
     ("adapters", "adaptkit_plugins.adapters"),
     ("gradual_unfreeze", "adaptkit_plugins.gradual_unfreeze"),
     ("peft", "adaptkit_plugins.peft_methods"),
+    ("reasoning_gym", "adaptkit_plugins.reasoning_gym"),
+    ("baselines", "adaptkit_plugins.baselines"),
 )
 
 #: The registries filled by ``adaptkit_register_*`` hooks: hook suffix -> what one entry is.

@@ -33,6 +33,8 @@ class ModelSpec(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the frozen weights")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off unless you trust it)")
+    allow_bin: bool = Field(False, description="also load pickled PyTorch weights (pytorch_model.bin) when a model has no "
+                                               "safetensors; unpickling can run code, so only for files you trust")
     revision: Optional[str] = Field(None, description="hub revision; a 40-hex commit is required with trust_remote_code")
     dropout: Optional[float] = Field(None, ge=0, lt=1, description="override the model's dropout probabilities")
 
@@ -71,8 +73,20 @@ class TrainSpec(Section):
 
     epochs: float = Field(1, gt=0, description="passes over the training data (ignored when max_steps is set)")
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
-    micro_batch_size: Union[int, Literal["auto"]] = Field(8, description="examples per forward pass, or auto")
-    gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_tokens: Optional[int] = Field(None, ge=1, description="stop once this many training tokens were seen (a budget matched across a comparison)")
+    max_time: Optional[float] = Field(None, gt=0, description="stop after this many seconds of training (a wall-time budget)")
+    micro_batch_size: Union[int, Literal["auto"]] = Field(
+        8, description="examples per forward pass, or auto: the largest divisor of effective_batch_size that fits in memory"
+    )
+    gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step (with auto: chosen)")
+    effective_batch_size: Optional[int] = Field(
+        None, ge=1, description="examples per optimizer step with micro_batch_size auto (default 8 x gradient_accumulation)"
+    )
+    preflight: bool = Field(True, description="estimate memory before loading the model and refuse a run that will not fit")
+    memory_limit_mb: Optional[float] = Field(
+        None, gt=0, description="memory (MiB) the run may add to the process, for the pre-flight check and micro_batch_size auto "
+        "(default: what the device has free)"
+    )
     lr: float = Field(5e-5, gt=0, le=10, description="peak learning rate")
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate schedule after warmup")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps spent warming up")
@@ -87,6 +101,18 @@ class TrainSpec(Section):
     save_every: Optional[int] = Field(None, ge=1, description="write a checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
     log_every: int = Field(10, ge=1, description="log training loss every N steps")
+    report_to: list[Literal["tensorboard"]] = Field(
+        default_factory=list,
+        description="experiment trackers that also get the metrics, through Accelerate: [tensorboard] writes to "
+        "<run dir>/tracking (needs the tensorboard package); default: none, metrics.jsonl only",
+    )
+
+    @model_validator(mode="after")
+    def _effective_batch_needs_auto(self) -> "TrainSpec":
+        # with a fixed micro-batch the effective batch is micro x accumulation; a second number could contradict it
+        if self.effective_batch_size is not None and self.micro_batch_size != "auto":
+            raise ValueError("effective_batch_size is for micro_batch_size: auto; with a fixed micro-batch set gradient_accumulation")
+        return self
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -100,6 +126,19 @@ class TrainSpec(Section):
     def _false_means_no(cls, v):
         return "no" if v is False else v
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class ForgettingSpec(Section):
+    """``forgetting``: measure how far training moved the model on general text (see adaptkit.forgetting)."""
+
+    source: str = Field("pydoc", description="'pydoc' (Python's documentation topics, always available) or a .txt/.jsonl/.csv file with a text column")
+    max_texts: int = Field(16, ge=1, description="paragraphs to measure on")
+    max_length: int = Field(64, ge=8, description="tokens per paragraph")
+
 
 class Recipe(Section):
     """A whole recipe."""
@@ -110,6 +149,7 @@ class Recipe(Section):
     data: DataSpec
     strategies: list[Union[str, dict[str, Any]]] = Field(min_length=1, description="strategies applied in order")
     train: TrainSpec = Field(default_factory=TrainSpec)
+    forgetting: Optional[ForgettingSpec] = Field(None, description="measure forgetting on general text (comparisons turn it on)")
     output: str = Field("runs/{name}", description="run directory; {name} is replaced by the run name")
 
     @property
@@ -202,8 +242,10 @@ def validate(raw: dict, host: Any = None, source: str | None = None) -> Recipe:
             loc = _error_path(err["loc"], raw)
             # the branches of a union fail together: one problem per field, not one per branch
             merged[loc] = f"{merged[loc]}; or {_describe(err)}" if loc in merged else _describe(err)
+            if err["type"] == "extra_forbidden":
+                merged[loc] += _allowed_keys(err["loc"][:-1])
         problems.extend(merged.items())
-    if host is not None and isinstance(raw.get("strategies"), list):
+    if host is not None and isinstance(raw.get("strategies"), list) and raw["strategies"]:  # [] is the schema's problem
         try:
             build_strategies(host, raw["strategies"])
         except ConfigError as exc:
@@ -234,6 +276,16 @@ def _error_path(loc: tuple, raw: Any) -> str:
         elif isinstance(node, list) and isinstance(part, int):
             path, node = f"{path}[{part}]", node[part] if part < len(node) else None
     return path
+
+
+def _allowed_keys(section: tuple) -> str:
+    """``; the keys of train are: epochs, ...`` for the section an unknown key was found in."""
+    sections = {(): Recipe, ("model",): ModelSpec, ("data",): DataSpec, ("train",): TrainSpec, ("forgetting",): ForgettingSpec}
+    cls = sections.get(tuple(section))
+    if cls is None:
+        return ""
+    where = f"of {section[0]} " if section else "of a recipe "
+    return f"; the keys {where}are {', '.join(cls.model_fields)}"
 
 
 def _describe(err: dict) -> str:

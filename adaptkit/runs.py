@@ -87,6 +87,12 @@ def generate(run: OpenRun, prompt: str, max_new_tokens: int = 64) -> str:
         input_ids = ids["input_ids"]
     else:
         input_ids = tok(prompt, return_tensors="pt")["input_ids"]
+    # a model with learned positions (GPT-2) fails with an IndexError past its context: stop there
+    context = getattr(run.adapted.model.config, "max_position_embeddings", None)
+    if context:
+        if input_ids.shape[1] >= context:
+            raise AdaptkitError(f"the prompt has {input_ids.shape[1]} tokens; this model reads at most {context}")
+        max_new_tokens = min(max_new_tokens, context - input_ids.shape[1])
     with torch.no_grad():
         out = run.adapted.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)

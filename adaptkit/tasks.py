@@ -6,7 +6,8 @@ and how to score predictions. Plugins add tasks through ``adaptkit_register_task
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 from adaptkit.data import require_columns
 from adaptkit.errors import DataError
@@ -57,6 +58,14 @@ class Task:
         """The function that pads a list of encoded rows into a batch of tensors."""
         raise NotImplementedError
 
+    def loss_items(self, batch: dict) -> Any:
+        """How many items the model's loss is a mean over in ``batch``: here one per example.
+
+        The training loop weights each micro-batch by this count, so that gradient accumulation
+        gives the mean over the whole accumulated batch (C18).
+        """
+        return batch["labels"].shape[0]
+
     def predictions(self, outputs: Any, batch: dict) -> tuple[Any, Any] | None:
         """Predictions and references of one evaluation batch (tensors), or None for loss-only tasks."""
         return None
@@ -64,6 +73,69 @@ class Task:
     def metrics(self, predictions: Any, references: Any) -> dict[str, float]:
         """Task metrics from all evaluation predictions."""
         return {}
+
+    def generation_metrics(self, model: Any, processor: Any, split: Any, metrics: Mapping[str, Callable]) -> dict[str, float]:
+        """Metrics that need the model to generate (evaluation by generation); ``{}`` by default.
+
+        Called by the training loop after each evaluation with the plain model (unwrapped from
+        DDP; possibly a peft model; leave its train/eval mode as it was), the processor, the raw
+        validation rows (a ``datasets.Dataset``, before ``encode``) and the host's registered
+        metric functions by name. An override returns extra metrics to log next to ``eval_loss``
+        (``CausalLM`` returns ``answer_accuracy`` when the rows name a ``scorer``); to make one of
+        them decide the best evaluation, set ``self.metric`` and ``self.greater_is_better`` in
+        ``setup``.
+        """
+        return {}
+
+
+SCORER_COLUMN, REFERENCE_COLUMN, MAX_NEW_TOKENS_COLUMN = "scorer", "reference", "max_new_tokens"
+#: Tokens generated per answer when the rows do not say (``max_new_tokens`` column).
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+def extract_answer(text: str) -> str:
+    """The answer in a generated text: its first non-empty line, stripped."""
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def generate_texts(model: Any, processor: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of token-id prompts, batched with left padding, each ending at EOS.
+
+    Returns the decoded new text of each prompt (special tokens removed). Works on plain and
+    peft-wrapped models; the model's mode is restored afterwards.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    pad_id = processor.pad_token_id if processor.pad_token_id is not None else processor.eos_token_id
+    # a config of its own: greedy, whatever sampling defaults the checkpoint ships with
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=pad_id, eos_token_id=processor.eos_token_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    texts: list[str] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start:start + batch_size]
+                width = max(len(p) for p in chunk)
+                ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                texts += processor.batch_decode(out[:, width:], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return texts
+
+
+def _chat_ids(processor: Any, messages: list[dict], generation_prompt: bool) -> list[int]:
+    """Token ids of a conversation through the processor's chat template."""
+    out = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
 def _pad(rows: list[list[int]], value: int) -> Any:
@@ -73,18 +145,19 @@ def _pad(rows: list[list[int]], value: int) -> Any:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-class Classification(Task):
-    """Text or text-pair classification; labels by name or by id; a new head sized to the labels."""
+class LabelledTask(Task):
+    """Base of the classification tasks: label names, labels by name or id, accuracy and macro-F1.
 
-    auto_model = "AutoModelForSequenceClassification"
+    The names come from ``data.labels``, else from the training split: ids ``0..max`` when every
+    value is an integer, otherwise the sorted distinct values. A new head is sized to them.
+    """
+
     metric = "accuracy"
     greater_is_better = True
 
-    def setup(self, splits, files):
-        cols = [self.data.text, self.data.label] + ([self.data.text_pair] if self.data.text_pair else [])
-        for name, split in splits.items():
-            require_columns(split, cols, files[name])
-        values = splits["train"].unique(self.data.label)
+    def setup_labels(self, train: Any) -> None:
+        """Fix ``self.names`` (label names in id order) and ``self.ids`` from the recipe or ``train``."""
+        values = train.unique(self.data.label)
         if self.data.labels:
             self.names = list(self.data.labels)
         elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -106,6 +179,27 @@ class Classification(Task):
         if str(value) in self.ids:
             return self.ids[str(value)]
         raise DataError(f"{file}: row {row + 1}, column '{self.data.label}': unknown label {value!r}; the labels are {self.names}")
+
+    def predictions(self, outputs, batch):
+        return outputs.logits.argmax(-1), batch["labels"]
+
+    def metrics(self, predictions, references):
+        from adaptkit.metrics import accuracy, macro_f1
+
+        p, r = predictions.tolist(), references.tolist()
+        return {"accuracy": accuracy(p, r), "macro_f1": macro_f1(p, r)}
+
+
+class Classification(LabelledTask):
+    """Text or text-pair classification; labels by name or by id; a new head sized to the labels."""
+
+    auto_model = "AutoModelForSequenceClassification"
+
+    def setup(self, splits, files):
+        cols = [self.data.text, self.data.label] + ([self.data.text_pair] if self.data.text_pair else [])
+        for name, split in splits.items():
+            require_columns(split, cols, files[name])
+        self.setup_labels(splits["train"])
 
     def encode(self, split, processor, file):
         d = self.data
@@ -138,15 +232,6 @@ class Classification(Task):
 
         return collate
 
-    def predictions(self, outputs, batch):
-        return outputs.logits.argmax(-1), batch["labels"]
-
-    def metrics(self, predictions, references):
-        from adaptkit.metrics import accuracy, macro_f1
-
-        p, r = predictions.tolist(), references.tolist()
-        return {"accuracy": accuracy(p, r), "macro_f1": macro_f1(p, r)}
-
 
 class CausalLM(Task):
     """Supervised fine-tuning of a causal LM: loss on response tokens only, EOS learned.
@@ -162,6 +247,14 @@ class CausalLM(Task):
         cols = [self.data.messages] if self.data.messages else [self.data.prompt, self.data.response]
         for name, split in splits.items():
             require_columns(split, cols, files[name])
+        if "validation" in splits and SCORER_COLUMN in splits["validation"].column_names:
+            require_columns(splits["validation"], [REFERENCE_COLUMN], files["validation"])
+            # judged by generation: the verifier's accuracy, not the loss, picks the best evaluation
+            self.metric, self.greater_is_better = "answer_accuracy", True
+
+    def loss_items(self, batch):
+        # transformers' causal-LM loss shifts labels left by one: the first label is never predicted
+        return (batch["labels"][..., 1:] != IGNORE).sum()
 
     def _messages(self, row: dict) -> list[dict]:
         if self.data.messages:
@@ -180,8 +273,7 @@ class CausalLM(Task):
 
     def _encode_chat(self, messages: list[dict], processor: Any) -> tuple[list[int], list[int]]:
         def ids(msgs, generation_prompt):
-            out = processor.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt)
-            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+            return _chat_ids(processor, msgs, generation_prompt)
 
         full = ids(messages, False)
         labels = [IGNORE] * len(full)
@@ -191,6 +283,43 @@ class CausalLM(Task):
             start, end = len(ids(messages[:i], True)), len(ids(messages[: i + 1], False))
             labels[start:end] = full[start:end]
         return full, labels
+
+    def prompt_ids(self, row: dict, processor: Any) -> list[int]:
+        """The token ids a model continues to answer ``row``: everything before its last assistant turn.
+
+        The same ids ``encode_row`` gives the prompt in training (the chat template's
+        generation prompt included), so the model answers where it learned to.
+        """
+        if getattr(processor, "chat_template", None):
+            messages = list(self._messages(row))
+            while messages and messages[-1]["role"] == "assistant":
+                messages.pop()
+            return _chat_ids(processor, messages, True)
+        if self.data.messages:
+            raise DataError("data.messages needs a tokenizer with a chat template; use prompt/response columns instead")
+        return processor(row[self.data.prompt], add_special_tokens=True)["input_ids"]
+
+    def generation_metrics(self, model, processor, split, metrics):
+        """``answer_accuracy``: greedy answers to the rows' prompts, scored by the metric the rows name.
+
+        Rows that carry a ``scorer`` column (a registered metric, the same for every row) and a
+        ``reference`` column are answered by greedy generation (at most ``max_new_tokens`` tokens,
+        a column too, else 32); the first line of each answer and the references go to
+        ``metrics[scorer](answers, references)``. Without a ``scorer`` column: ``{}``.
+        """
+        if split is None or len(split) == 0 or SCORER_COLUMN not in split.column_names:
+            return {}
+        names = sorted(set(split[SCORER_COLUMN]))
+        if len(names) != 1:
+            raise DataError(f"validation split: column '{SCORER_COLUMN}' must name one metric for every row, found {names}")
+        if names[0] not in metrics:
+            raise DataError(f"validation split: column '{SCORER_COLUMN}' names '{names[0]}', which is no registered metric; "
+                            f"the metrics are {', '.join(sorted(metrics))}")
+        cols = split.column_names
+        max_new = max(split[MAX_NEW_TOKENS_COLUMN]) if MAX_NEW_TOKENS_COLUMN in cols else DEFAULT_MAX_NEW_TOKENS
+        prompts = [self.prompt_ids(row, processor) for row in split]
+        answers = [extract_answer(t) for t in generate_texts(model, processor, prompts, max_new)]
+        return {"answer_accuracy": float(metrics[names[0]](answers, list(split[REFERENCE_COLUMN])))}
 
     def encode(self, split, processor, file):
         max_len = self.data.max_length
@@ -236,8 +365,112 @@ class LanguageModeling(CausalLM):
         return ids, list(ids)
 
 
+#: The column that carries each row's position, for error messages raised while training reads it.
+_ROW = "__adaptkit_row__"
+
+
+class ImageClassification(LabelledTask):
+    """Image classification: an image column (a file path, image bytes or an image) and a label.
+
+    Relative paths are resolved against the data file's folder. The image processor comes with the
+    model. Every image is checked when the data is encoded; pixels are decoded batch by batch as
+    training reads them, so a large image set never sits in memory as tensors.
+    """
+
+    auto_model = "AutoModelForImageClassification"
+
+    def setup(self, splits, files):
+        for name, split in splits.items():
+            require_columns(split, [self.data.image, self.data.label], files[name])
+        self.setup_labels(splits["train"])
+        # a held-out validation split or a registered source has no file of its own: use the train file's folder
+        train = Path(files["train"])
+        fallback = train.parent if train.is_file() else Path.cwd()
+        self.folders = {f: Path(f).parent if Path(f).is_file() else fallback for f in files.values()}
+        self.mode = "RGB"
+
+    def model_kwargs(self):
+        # a checkpoint with a head for other classes (ImageNet's 1000) gets a new one sized to the labels
+        return {**super().model_kwargs(), "ignore_mismatched_sizes": True}
+
+    def load_processor(self, path, common):
+        import transformers
+        from transformers.utils import is_torchvision_available
+
+        options = dict(common)
+        if not is_torchvision_available():
+            # the fast processors need torchvision: ask for the PIL-based one (transformers 5: backend=, before: use_fast=)
+            legacy = int(transformers.__version__.split(".")[0]) < 5
+            options.update({"use_fast": False} if legacy else {"backend": "pil"})
+        return transformers.AutoImageProcessor.from_pretrained(path, **options)
+
+    def prepare_model(self, model, processor):
+        self.mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"
+
+    def open_image(self, value: Any, row: int, file: str, decode: bool = True) -> Any:
+        """The image of one row in the model's colour mode (``decode=False``: only read its header).
+
+        A missing or unreadable image is a DataError naming the file, row and column.
+        """
+        import io
+
+        from PIL import Image
+
+        where = f"{file}: row {row + 1}, column '{self.data.image}'"
+        if isinstance(value, dict):  # datasets' undecoded Image feature: {"bytes": ..., "path": ...}
+            value = value.get("bytes") or value.get("path")
+        try:
+            if isinstance(value, Image.Image):
+                image = value
+            elif isinstance(value, (bytes, bytearray)):
+                image = Image.open(io.BytesIO(value))
+            elif isinstance(value, str) and value:
+                image = Image.open(self.folders.get(file, Path.cwd()) / value)
+            else:
+                raise DataError(f"{where}: expected an image file path, image bytes or an image, got {type(value).__name__} {str(value)[:60]!r}")
+            if not decode:
+                return image
+            image.load()
+            return image.convert(self.mode)
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for missing, truncated or non-image files
+            raise DataError(f"{where}: cannot read the image: {type(exc).__name__}: {exc}") from None
+
+    def encode(self, split, processor, file):
+        import datasets
+
+        col, label = self.data.image, self.data.label
+        if isinstance(split.features.get(col), datasets.Image):
+            split = split.cast_column(col, datasets.Image(decode=False))  # decoded below, a batch at a time
+        split = split.select_columns([col, label]).add_column(_ROW, list(range(len(split))))
+        for row, (value, name) in enumerate(zip(split[col], split[label])):  # fail before training, naming the row
+            self._label_id(name, row, file)
+            self.open_image(value, row, file, decode=False)
+
+        def transform(batch):
+            rows = batch[_ROW]
+            images = [self.open_image(v, r, file) for v, r in zip(batch[col], rows)]
+            return {
+                "pixel_values": processor(images, return_tensors="pt")["pixel_values"],
+                "labels": [self._label_id(v, r, file) for v, r in zip(batch[label], rows)],
+            }
+
+        return split.with_transform(transform)
+
+    def collate(self, processor):
+        def collate(rows):
+            import torch
+
+            return {
+                "pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+                "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long),
+            }
+
+        return collate
+
+
 @hookimpl
 def adaptkit_register_tasks(register):
     register("classification", Classification)
     register("causal_lm", CausalLM)
     register("language_modeling", LanguageModeling)
+    register("image_classification", ImageClassification)

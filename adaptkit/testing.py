@@ -127,7 +127,20 @@ def tiny_tokenizer(family: str = "bert", chat: bool = False):
 
 
 def save_tiny_pretrained(path, family: str = "bert", task: str = "classification", seed: int = 0, chat: bool = False, **overrides):
-    """Save a tiny model and its tokenizer as a transformers directory a recipe can name as ``model.source``."""
+    """Save a tiny model and its tokenizer as a transformers directory a recipe can name as ``model.source``.
+
+    ``vit`` gets an image processor (resize to the model's image size, normalise) instead of a tokenizer.
+    """
+    if family == "vit":
+        import transformers
+
+        model = tiny_model(family, "base" if task == "classification" else task, seed=seed, **overrides)
+        model.save_pretrained(path)
+        size = model.config.image_size
+        # the PIL-based processor (transformers 5 names it ...Pil; before, it was the default): no torchvision
+        processor = getattr(transformers, "ViTImageProcessorPil", transformers.ViTImageProcessor)
+        processor(size={"height": size, "width": size}).save_pretrained(path)
+        return path
     tokenizer = tiny_tokenizer(family, chat=chat)
     overrides.setdefault("pad_token_id", 0)
     if family in ("gpt2", "llama"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import resource
 import shutil
@@ -18,8 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from adaptkit.adapted import Adapted, apply
 from adaptkit.checkpoint import (
@@ -33,13 +32,19 @@ from adaptkit.checkpoint import (
     rotate,
     save_parts,
     set_rng_state,
+    write_failures_reported,
     write_json,
 )
 from adaptkit.data import apply_transforms, load_data
 from adaptkit.errors import AdaptkitError, ConfigError
+from adaptkit.estimate import plan_memory, release_freed_memory, write_memory_plan
+from adaptkit.forgetting import compare as compare_forgetting
+from adaptkit.forgetting import general_texts, measure
 from adaptkit.plugins import PluginHost
 from adaptkit.recipe import Recipe
 from adaptkit.strategy import TrainState
+from adaptkit.weights import atomic_write_bytes
+from adaptkit.yaml_loader import dump_yaml
 
 
 class TrainingError(AdaptkitError):
@@ -57,7 +62,10 @@ class Run:
     adapted: Adapted | None = None
     task: Any = None
     processor: Any = None
+    eval_rows: Any = None  # the raw validation split, for evaluation by generation
     history: list[dict[str, Any]] = field(default_factory=list)
+    forgetting_texts: list[str] = field(default_factory=list)
+    forgetting_base: dict[str, Any] | None = None
 
     def log(self, message: str) -> None:
         """Print a message once (on the main process)."""
@@ -97,18 +105,38 @@ def recipe_id(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def selection_metric(spec: Any, task: Any) -> tuple[str, bool]:
+    """The metric that decides the best evaluation (``train.metric`` or the task's), and whether larger is better."""
+    key = spec.metric or task.metric
+    return key, task.greater_is_better if key == task.metric else key != "eval_loss" and "loss" not in key and "perplexity" not in key
+
+
 def build_optimizer(groups: list[dict], spec: Any):
     """AdamW (torch), bitsandbytes 8-bit or paged AdamW, or SGD, over the strategy's groups."""
     import torch
 
     if spec.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=spec.lr)
+        # torch's default on the CPU is a loop of ~12 small ops per tensor, each a round trip through
+        # the thread pool (seconds a step for SmolLM2's 420 LoRA tensors on a busy 2-core machine);
+        # foreach does the same arithmetic on all tensors at once, with a bitwise identical result
+        return torch.optim.AdamW(groups, lr=spec.lr, foreach=True)
     if spec.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=0.9)
     import bitsandbytes as bnb
 
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
     return cls[spec.optimizer](groups, lr=spec.lr)
+
+
+def trackers(spec: Any) -> list[str]:
+    """The Accelerate trackers ``train.report_to`` names; a ConfigError when one is not installed."""
+    from accelerate.utils import is_tensorboard_available
+
+    installed = {"tensorboard": is_tensorboard_available}
+    for name in spec.report_to:
+        if not installed[name]():
+            raise ConfigError([("train.report_to", f"'{name}' is not installed; pip install {name}, or leave it out")])
+    return list(spec.report_to)
 
 
 def build_scheduler(optimizer: Any, spec: Any, total_steps: int):
@@ -130,10 +158,15 @@ def prepare_model_and_data(run: Run, loaded_model: Any = None):
     if loaded is None:
         raise ConfigError(f"model.source: no loader recognised '{recipe.model.source}'")
     task.prepare_model(loaded.model, loaded.processor)
+    if recipe.forgetting:  # the reference: the pretrained model before any strategy touches it
+        run.forgetting_texts = general_texts(recipe.forgetting.source, recipe.forgetting.max_texts)
+        run.forgetting_base = measure(loaded.model, loaded.processor, run.forgetting_texts, recipe.forgetting.max_length,
+                                      causal=task.auto_model == "AutoModelForCausalLM")
     adapted = apply(loaded.model, recipe.strategies, host=host)
     train_ds = task.encode(apply_transforms(splits["train"], recipe.data, host), loaded.processor, files["train"])
     eval_ds = task.encode(splits["validation"], loaded.processor, files["validation"])
     run.task, run.processor, run.adapted = task, loaded.processor, adapted
+    run.eval_rows = splits["validation"]
     return adapted, train_ds, eval_ds
 
 
@@ -164,6 +197,12 @@ def evaluate(run: Run, model: Any, loader: Any) -> dict[str, float]:
     metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     if preds:
         metrics.update(task.metrics(torch.cat(preds), torch.cat(refs)))
+    if run.eval_rows is not None and run.host is not None:
+        # Generation runs on the plain model (DDP's wrapper has no generate; peft's does). Every
+        # process answers all rows with the same greedy decoding, so all get the same metrics
+        # without a gather; FSDP-sharded weights are not supported here.
+        registered = {name: reg.obj for name, reg in run.host.registries["metrics"].items()}
+        metrics.update(task.generation_metrics(acc.unwrap_model(model), run.processor, run.eval_rows, registered))
     return metrics
 
 
@@ -189,9 +228,14 @@ def param_digest(model: Any) -> str:
 
 def quiet_libraries() -> None:
     """Silence progress bars and load reports of datasets and transformers: adaptkit reports progress itself."""
+    import logging
+
     import datasets
     import transformers
 
+    # bitsandbytes warns on every CPU import that an optional hub-downloaded kernel is missing;
+    # its own fallback kernel is used, so the warning only alarms users.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -221,13 +265,21 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     run = Run(recipe=recipe, host=host, run_dir=recipe.run_dir)
     # cpu=True on machines without an accelerator: only then does Accelerate treat a launch of
     # several processes (accelerate launch --multi_gpu, torchrun) as MULTI_CPU on gloo.
+    report_to = trackers(spec)  # checked before anything is loaded
+    if spec.mixed_precision == "fp16" and not torch.accelerator.is_available():
+        # Accelerate runs no fp16 autocast on the CPU: the run would train in float32 while its
+        # summary said fp16
+        raise ConfigError([("train.mixed_precision", "fp16 needs a GPU (Accelerate has no fp16 autocast on the CPU); "
+                                                     "on the CPU use bf16 or no")])
     acc = Accelerator(mixed_precision=spec.mixed_precision, gradient_accumulation_steps=spec.gradient_accumulation,
-                      cpu=not torch.accelerator.is_available())
+                      cpu=not torch.accelerator.is_available(), log_with=report_to or None,
+                      project_dir=str(run.run_dir / "tracking") if report_to else None)
     run.accelerator = acc
-    if fresh and acc.is_main_process and run.run_dir.exists():
-        shutil.rmtree(run.run_dir)
-    acc.wait_for_everyone()
     set_seed(spec.seed)
+    if acc.device.type == "cpu":
+        release_freed_memory()  # freed activations leave the process, so its peak is what is live (adaptkit.estimate)
+    # before any weight loads: micro_batch_size auto is resolved, and a run that will not fit stops here
+    spec, memory = plan_memory(run, fresh, loaded=loaded_model is not None)
 
     adapted, train_ds, eval_ds = prepare_model_and_data(run, loaded_model)
     model = adapted.model
@@ -239,6 +291,12 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        half = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32), None)
+        if half is not None and not acc.native_amp:
+            # float32 layers between frozen half-precision ones: a matmul mixing the two dtypes fails
+            # unless autocast (which Accelerate only runs for a mixed_precision it supports here) casts
+            model.forward = torch.autocast(acc.device.type, dtype=half)(model.forward)
+            run.log(f"adaptkit: the frozen weights stay {str(half).removeprefix('torch.')}; the forward pass runs under autocast")
 
     batch_size = spec.micro_batch_size if isinstance(spec.micro_batch_size, int) else 8
     sampler = EpochSampler(len(train_ds), spec.seed)
@@ -256,17 +314,25 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     if distributed:
         for p in adapted.pending_parameters():
             p.requires_grad_(True)
-    optimizer = build_optimizer(adapted.param_groups(spec.lr, spec.weight_decay), spec)
+    groups = adapted.param_groups(spec.lr, spec.weight_decay)
+    # Nothing trains (the `none` baseline): the run evaluates the model as it is, in zero steps.
+    trains = any(g["params"] for g in groups)
+    optimizer = build_optimizer(groups, spec) if trains else None
     wrapped, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
 
     steps_per_epoch = max(1, math.ceil(len(train_dl) / spec.gradient_accumulation))
-    total_steps = spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch))
+    total_steps = (spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch))) if trains else 0
     # Not passed to prepare(): accelerate would step it once per process (C16).
-    scheduler = build_scheduler(optimizer, spec, total_steps)
+    scheduler = build_scheduler(optimizer, spec, total_steps) if trains else None
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "bad_evals": 0, "samples": 0, "tokens": 0}
     ckpt_root = run.run_dir / "checkpoints"
     rid = recipe_id(recipe)
+    # --fresh deletes the old run only now that data, model and strategies loaded: a recipe that
+    # fails on any of them leaves what was already written untouched
+    if fresh and acc.is_main_process and run.run_dir.exists():
+        shutil.rmtree(run.run_dir)
+    acc.wait_for_everyone()
     found = latest_valid(ckpt_root, rid, log=run.log)
     if found:
         path, _ = found
@@ -277,18 +343,27 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         set_rng_state(read_part(path, f"rng-{acc.process_index}"), read_json(path, f"rng-{acc.process_index}"))
         run.history = read_json(path, "history")
         run.log(f"adaptkit: resuming from {path} (step {state['step']})")
+    elif acc.is_main_process:  # an earlier attempt that left no checkpoint: its curves start over
+        (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run.run_dir / "tracking", ignore_errors=True)
 
     if acc.is_main_process:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run.run_dir / "versions.json", library_versions())
-        (run.run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        write_memory_plan(run.run_dir, memory)  # a resumed run reads back the micro-batch auto chose
+        atomic_write_bytes(run.run_dir / "recipe.yaml", dump_yaml(recipe.model_dump(mode="json")).encode())
     metrics_file = run.run_dir / "metrics.jsonl"
+    if report_to:  # TensorBoard writes to <run dir>/tracking/<run name>
+        acc.init_trackers(recipe.name or "run")
 
     def log_metrics(entry: dict[str, Any]) -> None:
         run.history.append(entry)
         if acc.is_main_process:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+        # trackers take numbers only; accelerate.log writes on the main process and is a no-op without trackers
+        acc.log({k: v for k, v in entry.items() if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)},
+                step=entry["step"])
 
     def train_state() -> TrainState:
         return TrainState(step=state["step"], epoch=state["epoch"], steps_per_epoch=steps_per_epoch,
@@ -296,22 +371,25 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
 
     def save_checkpoint() -> None:
         step = state["step"]
+        state["train_time"] = train_time()
         tmp = ckpt_root / f".tmp-step-{step:08d}"
+        with write_failures_reported(ckpt_root / f"step-{step:08d}", ckpt_root, partial=tmp):
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            rng_t, rng_j = rng_state()
+            save_parts(tmp, {f"rng-{acc.process_index}": rng_t}, {f"rng-{acc.process_index}": rng_j})
+            if acc.is_main_process:
+                adapted.save(tmp / "model")
+                opt_t, opt_j = optimizer_state(optimizer.optimizer)
+                save_parts(tmp, {"optimizer": opt_t}, {"optimizer": opt_j, "scheduler": scheduler.state_dict(),
+                                                       "trainer_state": state, "history": run.history})
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                final = finalize(tmp, ckpt_root / f"step-{step:08d}", {"run_id": rid, "step": step})
+                rotate(ckpt_root, spec.keep_checkpoints)
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        rng_t, rng_j = rng_state()
-        save_parts(tmp, {f"rng-{acc.process_index}": rng_t}, {f"rng-{acc.process_index}": rng_j})
-        if acc.is_main_process:
-            adapted.save(tmp / "model")
-            opt_t, opt_j = optimizer_state(optimizer.optimizer)
-            save_parts(tmp, {"optimizer": opt_t}, {"optimizer": opt_j, "scheduler": scheduler.state_dict(),
-                                                   "trainer_state": state, "history": run.history})
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            final = finalize(tmp, ckpt_root / f"step-{step:08d}", {"run_id": rid, "step": step})
-            rotate(ckpt_root, spec.keep_checkpoints)
             for err in host.notify("adaptkit_on_checkpoint", run=run, step=step, path=str(final)):
                 run.log(f"adaptkit: {err}")
         acc.wait_for_everyone()
@@ -322,11 +400,10 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         log_metrics({"step": state["step"], "epoch": state["epoch"], **metrics})
         for err in host.notify("adaptkit_on_evaluate", run=run, step=state["step"], metrics=metrics):
             run.log(f"adaptkit: {err}")
-        key = spec.metric or run.task.metric
+        key, better = selection_metric(spec, run.task)
         if key not in metrics:
-            key = "eval_loss"
+            key, better = "eval_loss", False
         value = metrics[key]
-        better = run.task.greater_is_better if key == run.task.metric else key != "eval_loss"
         if state["best"] is None or (value > state["best"] if better else value < state["best"]):
             state.update(best=value, best_step=state["step"], best_metrics=metrics, bad_evals=0)
         else:
@@ -342,14 +419,25 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
                 p.requires_grad_(True)
         return {id(p) for p in pending}
 
+    def train_time() -> float:
+        """Seconds spent training, including those before a resume."""
+        return time_before + time.perf_counter() - start
+
+    def over_budget() -> bool:
+        """A token or wall-time budget is spent (the same on every rank: the count is global, the clock is rank 0's)."""
+        spent = spec.max_time is not None and train_time() >= spec.max_time
+        if distributed and spec.max_time is not None:
+            spent = bool(acc.reduce(torch.tensor(float(spent), device=acc.device), "max").item())
+        return spent or (spec.max_tokens is not None and state["tokens"] >= spec.max_tokens)
+
     host.call_strict("adaptkit_on_train_start", run=run)
     gated = fire("train_start")
     wrapped.train()
-    start = time.perf_counter()
+    start, time_before = time.perf_counter(), state.get("train_time", 0.0)
     stop = state["step"] >= total_steps
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc=recipe.name or "train", disable=None if acc.is_main_process else True, leave=False)  # None: only on a terminal
+    bar = tqdm(total=total_steps, initial=state["step"], desc=recipe.name or "train", disable=not acc.is_main_process or not (sys.stderr.isatty() or os.environ.get("ADAPTKIT_PROGRESS")), leave=False)
     running_loss, running_n = 0.0, 0
     while not stop:
         sampler.set_epoch(state["epoch"])
@@ -357,22 +445,36 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         skip = state["batch_in_epoch"]
         loader = acc.skip_first_batches(train_dl, skip) if skip else train_dl
         for batch in loader:
+            # C18: a model's loss is a mean over its micro-batch's items (examples, or supervised
+            # tokens for LMs), and a mean of such means is not the mean over the accumulated batch
+            # when counts differ (variable lengths, a short tail window). Each micro-batch's loss is
+            # weighted by its item count `n` (over `ref`, the first micro-batch's mean count across
+            # ranks, to keep magnitudes as usual for fp16); at the step the gradients are rescaled
+            # to exactly sum(item losses) / items in the window on all ranks, undoing accelerate's
+            # division by the accumulation steps and DDP's mean over ranks.
+            n = torch.as_tensor(run.task.loss_items(batch), dtype=torch.float32, device=acc.device)
             if state["batch_in_epoch"] % spec.gradient_accumulation == 0:
                 gated = fire("step_start")
+                ref, window_items = acc.reduce(n.clone(), "mean").clamp(min=1), torch.zeros_like(n)
+            window_items += n
             with acc.accumulate(wrapped):
-                out = wrapped(**batch)
-                loss = out.loss
+                # only the loss is kept: holding the whole output would keep this step's logits (for
+                # a 49k-token vocabulary, batch x seq x 49k floats) alive through the next forward
+                loss = wrapped(**batch).loss
                 if not torch.isfinite(loss.detach()).all():
                     raise TrainingError(
                         f"the loss is {loss.item()} at step {state['step'] + 1} (epoch {state['epoch']}); "
                         f"training stopped, the last good checkpoint is kept in {ckpt_root}"
                     )
-                acc.backward(loss)
+                acc.backward(loss * n / ref)
                 if acc.sync_gradients:
-                    if gated:
-                        for p in wrapped.parameters():
-                            if id(p) in gated:
-                                p.grad = None
+                    items = acc.reduce(window_items.clone(), "sum").clamp(min=1)
+                    rescale = (ref * spec.gradient_accumulation * acc.num_processes / items).item()
+                    for p in wrapped.parameters():
+                        if gated and id(p) in gated:
+                            p.grad = None
+                        elif p.grad is not None:
+                            p.grad.mul_(rescale)
                     if spec.max_grad_norm:
                         acc.clip_grad_norm_([p for p in wrapped.parameters() if p.grad is not None], spec.max_grad_norm)
                 optimizer.step()
@@ -380,8 +482,8 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
             state["batch_in_epoch"] += 1
             state["samples"] += batch["labels"].shape[0] * acc.num_processes
             state["tokens"] += int(batch["attention_mask"].sum()) * acc.num_processes if "attention_mask" in batch else 0
-            running_loss += loss.item()
-            running_n += 1
+            running_loss += loss.item() * n.item()  # the logged loss is a mean over items too
+            running_n += n.item()
             if not acc.sync_gradients:
                 continue
             scheduler.step()
@@ -395,7 +497,7 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
                 run.log(f"adaptkit: {err}")
             if spec.eval_every and state["step"] % spec.eval_every == 0 and run_eval():
                 stop = True
-            if state["step"] >= total_steps:
+            if state["step"] >= total_steps or over_budget():
                 stop = True
             if spec.save_every and (state["step"] % spec.save_every == 0 or stop):
                 save_checkpoint()
@@ -412,6 +514,11 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     if not run.history or "eval_loss" not in run.history[-1]:
         run_eval()
     final_metrics = next(h for h in reversed(run.history) if "eval_loss" in h)
+    forgetting = None
+    if run.forgetting_base is not None:
+        after = measure(acc.unwrap_model(wrapped), run.processor, run.forgetting_texts, recipe.forgetting.max_length,
+                        causal=run.task.auto_model == "AutoModelForCausalLM")
+        forgetting = compare_forgetting(run.forgetting_base, after, recipe.forgetting.source)
     digest = param_digest(acc.unwrap_model(wrapped))
     digests = acc.gather_for_metrics([digest], use_gather_object=True) if distributed else [digest]
     train_losses = [h["loss"] for h in run.history if "loss" in h]
@@ -440,10 +547,17 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         "param_digest": digest,
         "ranks_in_sync": len(set(digests)) == 1,
         "run_id": rid,
+        "metric": selection_metric(spec, run.task)[0],
+        "greater_is_better": selection_metric(spec, run.task)[1],
+        "memory_kind": "gpu_allocated" if acc.device.type == "cuda" else "cpu_rss",
+        "memory_plan": memory,
+        "forgetting": forgetting,
     }
     if acc.is_main_process:
-        adapted.save(run.run_dir / "final")
-        write_json(run.run_dir / "summary.json", summary)
+        with write_failures_reported(run.run_dir / "final", ckpt_root):
+            saved = adapted.save(run.run_dir / "final")
+            summary["saved_bytes"] = sum(f.stat().st_size for f in Path(saved).rglob("*") if f.is_file())
+            write_json(run.run_dir / "summary.json", summary)
     acc.wait_for_everyone()
     for err in host.notify("adaptkit_on_train_end", run=run, summary=summary):
         run.log(f"adaptkit: {err}")

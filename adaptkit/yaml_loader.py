@@ -90,6 +90,33 @@ def load_yaml(text: str, source: str = "<string>") -> Any:
         raise ConfigError(f"not valid YAML: {exc}".replace("\n", " "), source=source) from None
 
 
+class StrictDumper(yaml.SafeDumper):
+    """SafeDumper that quotes every string ``StrictLoader`` would read as something else.
+
+    PyYAML's own dumper follows YAML 1.1 and writes the string "2e-5" or "0o7" unquoted, which
+    ``StrictLoader`` then reads as a number (and "y" as an ambiguous word): a resolved recipe
+    would not read back as the same recipe.
+    """
+
+
+StrictDumper.yaml_implicit_resolvers = {first: list(rs) for first, rs in StrictLoader.yaml_implicit_resolvers.items()}
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    # PyYAML writes NEL and the Unicode line and paragraph separators raw in its other styles,
+    # where reading folds them into spaces; double quotes escape them
+    style = '"' if any(c in data for c in "\x85\u2028\u2029") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+StrictDumper.add_representer(str, _represent_str)
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text that ``load_yaml`` reads back as ``data`` (keys in their given order)."""
+    return yaml.dump(data, Dumper=StrictDumper, sort_keys=False, allow_unicode=True)
+
+
 def parse_scalar(text: str) -> Any:
     """Parse a command-line override value with the same rules as a recipe."""
     return load_yaml(text, source="override")

@@ -12,4 +12,4 @@ python -m pip install -q --upgrade pip
 if ! command -v nvidia-smi >/dev/null 2>&1 && ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-python -m pip install -q -e ".[dev]" -e examples/adaptkit-example-plugin
+python -m pip install -q -e ".[dev,reasoning]" -e examples/adaptkit-example-plugin

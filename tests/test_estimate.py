@@ -1,0 +1,439 @@
+"""The memory and time estimator: its arithmetic by hand, packed sizes against bitsandbytes, the
+suggestions, the CLI, the pre-flight check in training and micro_batch_size: auto."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from adaptkit.cli import main
+from adaptkit.errors import AdaptkitError, ConfigError
+from adaptkit.estimate import DoesNotFitError, Estimator, divisors, parse_memory, release_freed_memory, suggest
+from adaptkit.recipe import apply_overrides, validate
+
+# the hand-counted model: LLaMA, 2 blocks, hidden 64, MLP 128, 4 heads of 16, 2 key/value heads, vocabulary 128
+V, H, I, HEADS, HD, KVD, LAYERS = 128, 64, 128, 4, 16, 32, 2
+B, S = 2, 16
+T = B * S  # tokens in a micro-batch
+BLOCK_PARAMS = H * H * 2 + H * KVD * 2 + 3 * H * I + 2 * H  # q, o; k, v; gate, up, down; two norms
+PARAMS = V * H + LAYERS * BLOCK_PARAMS + H + V * H  # embeddings, blocks, final norm, untied lm_head
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A model directory with a config.json and nothing else: no weights, no tokenizer."""
+    import transformers
+
+    d = tmp_path_factory.mktemp("est") / "llama"
+    transformers.LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=LAYERS,
+                             num_attention_heads=HEADS, num_key_value_heads=KVD // HD, tie_word_embeddings=False,
+                             max_position_embeddings=64).save_pretrained(d)
+    assert [p.name for p in d.iterdir()] == ["config.json"]
+    return d
+
+
+def make_recipe(source, strategies, host, max_length=S, task="causal_lm", **train):
+    raw = {"model": {"source": str(source), "task": task}, "data": {"source": "unused.jsonl", "max_length": max_length},
+           "strategies": strategies, "train": {"micro_batch_size": B, **train}}
+    return validate(raw, host=host)
+
+
+@pytest.fixture
+def estimator(host):
+    return Estimator(host, device="cpu", overhead_bytes=0, peak_tflops=0)
+
+
+# -- the arithmetic ---------------------------------------------------------------------------
+
+
+def test_full_training_terms_by_hand(llama_dir, host, estimator):
+    est = estimator.estimate(make_recipe(llama_dir, ["full"], host))
+    assert est.total_parameters == est.trainable_parameters == PARAMS == 90432
+    assert est.frozen_weights == 0
+    assert est.trainable_weights == est.gradients == 4 * PARAMS
+    assert est.optimizer_states == 8 * PARAMS  # AdamW: two float32 moments
+    # What autograd keeps per block (float32): RMSNorm input, normalised and output twice (6 x T x H, the
+    # output being what q/k/v and gate/up read), its 1/rms twice; attention's q and output (T x H), k and
+    # v (T x KVD), log-sum-exp (T x heads); the MLP's gate, SiLU, up and product (4 x T x I).
+    per_block = 4 * T * (8 * H + 4 * I + 2 + 2 * KVD + HEADS)
+    rope = 2 * S * HD * 4  # cos and sin, first saved in block 0
+    embeddings = T * 8  # the token ids, for the embedding's gradient
+    after = 4 * (3 * T * H + T) + T * 8 + 4  # final norm (input, normalised, 1/rms), the loss' targets and weight
+    assert est.activations == embeddings + LAYERS * per_block + rope + after
+    assert est.activations_per_block == per_block + rope
+    # logits (held by the output), the loss' log-probabilities, and two logits-sized gradients
+    assert est.logits == 4 * T * V * 4
+    assert est.lora_dropout == est.checkpoint_pages == est.overhead == 0
+    # the peak: the backward pass reaches block 0 with every gradient above it allocated
+    grads_above = 4 * (H + V * H)
+    live = embeddings + LAYERS * per_block + rope + after + 2 * 4 * T * V  # after the forward, with loss and logits
+    live += grads_above - 4 * T * V - after  # loss and head done
+    live += 4 * BLOCK_PARAMS - per_block  # block 1 done
+    block0 = live + (per_block + rope) + 4 * BLOCK_PARAMS  # a transient as large as its saved tensors, its gradients
+    assert est.peak_phase == "backward: block 0"
+    assert est.total == 4 * PARAMS + 8 * PARAMS + block0
+    assert est.dominant == "optimizer_states"
+
+
+def test_lora_terms_by_hand(llama_dir, host, estimator):
+    r = 4
+    est = estimator.estimate(make_recipe(llama_dir, [{"name": "lora", "r": r, "dropout": 0.1}], host))
+    lora_params = LAYERS * r * ((H + H) * 2 + (H + KVD) * 2 + (H + I) * 2 + (I + H))
+    assert est.trainable_parameters == lora_params == 8192
+    assert est.frozen_weights == est.frozen_by_dtype["float32"] == 4 * PARAMS
+    assert est.trainable_weights == est.gradients == 4 * lora_params
+    # each of the 7 adapted layers has its own dropout: its mask and its output (float32 on a CPU)
+    assert est.lora_dropout == LAYERS * 4 * T * (2 * 6 * H + 2 * I)
+    # frozen linear layers keep no input; norms keep input and 1/rms; each lora_B keeps lora_A's output
+    per_block = 4 * T * (2 * H + 2 + 7 * r + 2 * H + 2 * KVD + HEADS + 3 * I)
+    after = 4 * (T * H + T) + T * 8 + 4
+    assert est.activations == LAYERS * per_block + 2 * S * HD * 4 + after
+
+
+def test_gradient_checkpointing_keeps_block_inputs_and_one_block(llama_dir, host, estimator):
+    plain = estimator.estimate(make_recipe(llama_dir, ["full"], host))
+    ckpt = estimator.estimate(apply_on(make_recipe(llama_dir, ["full"], host), ["model.gradient_checkpointing=true"], host))
+    per_block = 4 * T * (8 * H + 4 * I + 2 + 2 * KVD + HEADS)
+    after, embeddings, rope = 4 * (3 * T * H + T) + T * 8 + 4, T * 8, 2 * S * HD * 4
+    assert ckpt.activations == embeddings + after + LAYERS * 4 * T * H + per_block + rope
+    assert ckpt.activations < plain.activations
+    # recomputing the forward of every block costs one more forward pass of the blocks
+    assert ckpt.flops_per_step > plain.flops_per_step
+
+
+def test_flops_and_time_per_step(llama_dir, host):
+    est = Estimator(host, device="cpu", overhead_bytes=0, peak_tflops=2.0).estimate(
+        make_recipe(llama_dir, ["full"], host, gradient_accumulation=3))
+    matmul = LAYERS * (BLOCK_PARAMS - 2 * H) + V * H  # every linear layer, the head included
+    attention = LAYERS * 4 * B * HEADS * S * S * HD // 2  # QK and AV, causal
+    forward = 2 * T * matmul + attention
+    assert est.flops_per_step == 3 * (forward + 2 * forward)  # full training: 6N per token, three micro-batches
+    assert est.time_per_step_s == pytest.approx(est.flops_per_step / 2e12)
+    frozen = Estimator(host, device="cpu", overhead_bytes=0, peak_tflops=0).estimate(
+        make_recipe(llama_dir, [{"name": "freeze", "train_head": False, "trainable_top_blocks": 1}], host))
+    assert frozen.flops_per_step < est.flops_per_step / 3  # the bottom block needs no backward at all
+
+
+@pytest.mark.parametrize("optimizer, per_value", [("adamw", 8), ("paged_adamw", 8), ("sgd", 4)])
+def test_optimizer_states(llama_dir, host, estimator, optimizer, per_value):
+    est = estimator.estimate(make_recipe(llama_dir, ["full"], host, optimizer=optimizer))
+    assert est.optimizer_states == per_value * PARAMS
+
+
+def test_8bit_optimizer_states(llama_dir, host, estimator):
+    est = estimator.estimate(make_recipe(llama_dir, ["full"], host, optimizer="adamw_8bit"))
+    # tensors under 4096 values keep 32-bit states (bitsandbytes' min_8bit_size); the others two bytes
+    # per value plus a float32 scale per 256-value block of each of the two states
+    sizes = [V * H] + LAYERS * [H * H, H * KVD, H * KVD, H * H, H * I, H * I, I * H, H, H] + [H, V * H]
+    expected = sum(8 * n if n < 4096 else 2 * n + 2 * 4 * -(-n // 256) for n in sizes)
+    assert est.optimizer_states == expected
+
+
+def test_packed_sizes_match_bitsandbytes(tmp_path, host, estimator):
+    """NF4 with and without double quantization and int8: the estimate equals what bitsandbytes allocates."""
+    import adaptkit
+    from adaptkit.testing import tiny_config, tiny_model
+
+    tiny_config("llama").save_pretrained(tmp_path / "m")
+    for quantize, double, kind in (("4bit", True, "nf4+dq"), ("4bit", False, "nf4"), ("8bit", True, "int8")):
+        lora = {"name": "lora", "quantize": quantize, "double_quant": double}
+        est = estimator.estimate(make_recipe(tmp_path / "m", [lora], host))
+        adapted = adaptkit.apply(tiny_model("llama", "causal_lm"), [lora], host=host)
+        real = sum(_packed_bytes(m.weight) for m in adapted.model.modules() if type(m).__module__.startswith("bitsandbytes"))
+        assert est.frozen_by_dtype[kind] == real
+        # embeddings, norms and the head keep their float32
+        unquantized = sum(p.numel() for n, p in adapted.model.named_parameters() if p.dtype == __import__("torch").float32 and not p.requires_grad)
+        assert est.frozen_by_dtype["float32"] == 4 * unquantized
+
+
+def _packed_bytes(weight) -> int:
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    if type(weight).__name__ == "Int8Params":
+        return size(weight) + size(weight.SCB)
+    qs = weight.quant_state
+    total = size(weight) + size(qs.absmax) + size(qs.code)
+    if qs.nested:
+        total += size(qs.state2.absmax) + size(qs.state2.code) + size(qs.offset)
+    return total
+
+
+def test_meta_pass_saves_what_a_real_cpu_pass_saves(tmp_path, host, estimator):
+    """The fused-attention emulation and LoRA on meta tensors keep exactly what a real forward keeps."""
+    import torch
+
+    import adaptkit
+    from adaptkit.testing import tiny_config, tiny_model
+
+    tiny_config("llama").save_pretrained(tmp_path / "m")
+    lora = [{"name": "lora", "r": 4, "dropout": 0.1}]
+    est = estimator.estimate(make_recipe(tmp_path / "m", lora, host, max_length=12))
+    model = adaptkit.apply(tiny_model("llama", "causal_lm"), lora, host=host).model.train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    ids = torch.randint(1, 128, (B, 12))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids, labels=ids)
+    held = out.logits.numel() * 4
+    assert sum(saved.values()) == est.activations + est.lora_dropout + (est.logits - held - 2 * held)
+
+
+def test_gradual_unfreeze_is_estimated_at_its_last_stage(llama_dir, host, estimator):
+    schedule = {"name": "gradual_unfreeze", "unit": "step", "every": 1}
+    one = estimator.estimate(make_recipe(llama_dir, [schedule], host, max_steps=1))
+    two = estimator.estimate(make_recipe(llama_dir, [schedule], host, max_steps=2))
+    assert one.trainable_parameters == H + V * H  # the head group: final norm and lm_head
+    assert two.trainable_parameters == H + V * H + BLOCK_PARAMS  # and the top block by the last step
+
+
+def test_cpu_overhead_and_checkpoint_pages(tmp_path, host):
+    from adaptkit.testing import tiny_config
+
+    tiny_config("llama", dtype="float32").save_pretrained(tmp_path / "m")  # stored as the recipe loads it
+    recipe = make_recipe(tmp_path / "m", [{"name": "lora", "quantize": "4bit"}], host)
+    cpu = Estimator(host, device="cpu", overhead_bytes=123, peak_tflops=0).estimate(recipe)
+    assert cpu.overhead == 123
+    # the float32 checkpoint's pages of the 21 quantized layers stay mapped on a CPU
+    assert cpu.checkpoint_pages == 4 * 3 * (4 * 32 * 32 + 3 * 32 * 64)
+    cuda = Estimator(host, device="cuda", overhead_bytes=0, peak_tflops=0).estimate(recipe)
+    assert cuda.checkpoint_pages == 0
+    # each of the 21 dropouts keeps its output and its mask: float32 values on a CPU, bool on CUDA
+    inputs = 3 * (6 * 32 + 64)  # T x (input width) summed over a block's adapted layers, per token
+    assert cpu.lora_dropout == 2 * 4 * 2 * S * inputs
+    assert cuda.lora_dropout == (4 + 1) * 2 * S * inputs
+    assert cuda.total < cpu.total - 123 - cpu.checkpoint_pages
+
+
+# -- making it fit -------------------------------------------------------------------------------
+
+
+def apply_on(recipe, overrides, host):
+    return validate(apply_overrides(recipe.model_dump(mode="json"), overrides), host=host)
+
+
+def test_suggestions_in_order_each_lower(llama_dir, host, estimator):
+    stack = [{"name": "freeze", "train_head": False, "trainable_top_blocks": 1}, {"name": "lora", "r": 4}]
+    recipe = make_recipe(llama_dir, stack, host, max_length=32, micro_batch_size=8, gradient_accumulation=2)
+    suggestions = suggest(estimator, recipe, budget=1)  # nothing fits: every change is listed
+    changes = [s.overrides for s in suggestions]
+    assert changes == [["model.gradient_checkpointing=true"],
+                       ["train.micro_batch_size=1", "train.gradient_accumulation=16"],
+                       ["train.optimizer=adamw_8bit"],
+                       ["strategies.1.quantize=4bit"],
+                       ["data.max_length=8"]]  # 32 halved until the shortest tried
+    totals = [estimator.estimate(recipe).total] + [s.estimate.total for s in suggestions]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)
+    assert not any(s.fits for s in suggestions)
+    # each estimate is that of the recipe with this change and the earlier ones applied
+    cumulative = recipe
+    for s in suggestions:
+        cumulative = apply_on(cumulative, s.overrides, host)
+        assert estimator.estimate(cumulative).total == s.estimate.total
+
+
+def test_a_change_that_saves_nothing_is_left_out(llama_dir, host, estimator):
+    # LoRA's tensors are all under bitsandbytes' 4096-value threshold: 8-bit AdamW keeps them in 32 bits
+    recipe = make_recipe(llama_dir, [{"name": "lora", "r": 4}], host)
+    changes = [s.overrides[0] for s in suggest(estimator, recipe, budget=1)]
+    assert "train.optimizer=adamw_8bit" not in changes and "strategies.0.quantize=4bit" in changes
+
+
+def test_suggestions_stop_once_it_fits(llama_dir, host, estimator):
+    recipe = make_recipe(llama_dir, ["full"], host, micro_batch_size=8)
+    with_checkpointing = estimator.estimate(apply_on(recipe, ["model.gradient_checkpointing=true"], host)).total
+    suggestions = suggest(estimator, recipe, budget=with_checkpointing)
+    assert [s.overrides for s in suggestions] == [["model.gradient_checkpointing=true"]]
+    assert suggestions[0].fits
+    assert suggest(estimator, recipe, budget=10**12) == []
+
+
+def test_smaller_micro_batch_keeps_the_effective_batch(llama_dir, host, estimator):
+    recipe = make_recipe(llama_dir, ["full"], host, micro_batch_size=12, gradient_accumulation=2, max_length=32)
+    recipe = apply_on(recipe, ["model.gradient_checkpointing=true"], host)
+    sizes = {m: estimator.estimate(apply_on(recipe, [f"train.micro_batch_size={m}", f"train.gradient_accumulation={24 // m}"], host)).total
+             for m in (12, 8, 6, 4)}
+    budget = (sizes[6] + sizes[8]) // 2  # 6 fits, 8 does not
+    suggestions = suggest(estimator, recipe, budget)
+    assert suggestions[0].overrides == ["train.micro_batch_size=6", "train.gradient_accumulation=4"]
+    assert suggestions[0].fits and suggestions[0].estimate.total == sizes[6]
+
+
+def test_parse_memory():
+    assert parse_memory("24GB") == 24 * 10**9
+    assert parse_memory("512MB") == 512 * 10**6
+    assert parse_memory("1.5GiB") == 3 * 2**29
+    assert parse_memory("24gb") == 24 * 10**9  # bytes, never gigabits
+    assert parse_memory(" 8 GiB ") == 8 * 2**30
+    for bad in ("24", "abc", "-1GB", "0GB", "24 GBs", "GB"):
+        with pytest.raises(ConfigError, match="--device-memory: .* is not a memory size"):
+            parse_memory(bad)
+
+
+def test_divisors():
+    assert divisors(12) == [12, 6, 4, 3, 2, 1]
+    assert divisors(1) == [1]
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def write_recipe(path: Path, source, strategies: str, train: str = "micro_batch_size: 2", data_source="d.jsonl") -> Path:
+    path.write_text(f"model: {{source: {source}, task: causal_lm}}\n"
+                    f"data: {{source: {data_source}, max_length: {S}}}\n"
+                    f"strategies: {strategies}\n"
+                    f"train: {{{train}}}\n"
+                    f"output: {path.parent / 'runs'}/{{name}}\n")
+    return path
+
+
+def test_cli_table_and_suggestions(tmp_path, llama_dir, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", llama_dir, "[{name: lora, r: 4}]")
+    assert main(["estimate", str(recipe), "--device-memory", "1KB", "--peak-tflops", "1"]) == 0
+    out = capsys.readouterr().out
+    for row in ("frozen weights", "trainable weights", "gradients", "optimizer states", "activations", "lora dropout",
+                "logits", "overhead", "peak"):
+        assert f"\n  {row} " in out
+    assert "-> does NOT fit" in out and "dominant term: overhead" in out
+    assert "time per optimizer step" in out
+    assert "model.gradient_checkpointing=true" in out and "strategies.0.quantize=4bit" in out
+
+
+def test_cli_json_matches_the_estimator(tmp_path, llama_dir, host, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", llama_dir, "[full]")
+    assert main(["estimate", str(recipe), "train.micro_batch_size=4", "--device-memory", "1TB", "--json",
+                 "--peak-tflops", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    est = report["estimate"]
+    assert report["fits"] and report["suggestions"] == [] and report["device_memory"] == 10**12
+    direct = Estimator(host, device="cpu", overhead_bytes=est["overhead"], peak_tflops=0).estimate(
+        make_recipe(llama_dir, ["full"], host, micro_batch_size=4))
+    assert est["total"] == direct.total and est["micro_batch_size"] == 4
+    assert est["overhead"] > 100 * 2**20  # a process that imported torch and transformers
+
+
+@pytest.mark.parametrize("size", ["lots", "24", "-3GB"])
+def test_cli_bad_memory_exits_2(tmp_path, llama_dir, capsys, size):
+    recipe = write_recipe(tmp_path / "r.yaml", llama_dir, "[full]")
+    assert main(["estimate", str(recipe), f"--device-memory={size}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--device-memory: '{size}' is not a memory size" in err and "Traceback" not in err
+
+
+def test_cli_unreadable_model(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "nowhere", "[full]")
+    assert main(["estimate", str(recipe), "--device-memory", "1GB"]) == 2
+    assert "model.source: cannot read the config" in capsys.readouterr().err
+
+
+# -- in training ----------------------------------------------------------------------------------
+
+
+def write_lm_data(path: Path, n: int = 24) -> Path:
+    rng = random.Random(0)
+    words = "the a movie film good bad one two three".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"question {i}", "response": " ".join(rng.choice(words) for _ in range(12))}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    from adaptkit.testing import save_tiny_pretrained
+
+    d = tmp_path_factory.mktemp("lm")
+    save_tiny_pretrained(d / "llama", "llama", task="causal_lm", chat=True)
+    write_lm_data(d / "train.jsonl")
+    return d
+
+
+def lm_recipe(lm_dir: Path, name: str, train: str, host):
+    from adaptkit.recipe import load_recipe
+
+    path = write_recipe(lm_dir / f"{name}.yaml", lm_dir / "llama", "[full]", train, data_source=lm_dir / "train.jsonl")
+    return path, load_recipe(path, host=host)
+
+
+def test_preflight_refuses_a_run_that_will_not_fit(lm_dir, host):
+    from adaptkit.training import train
+
+    _, recipe = lm_recipe(lm_dir, "tiny-limit", "micro_batch_size: 4, max_steps: 1, memory_limit_mb: 0.01", host)
+    with pytest.raises(DoesNotFitError) as info:
+        train(recipe, host)
+    message = str(info.value)
+    assert "this run needs about" in message
+    assert "model.gradient_checkpointing=true" in message and "train.optimizer=adamw_8bit" in message
+    assert "train.preflight: false" in message  # how to try anyway
+    assert not recipe.run_dir.exists()  # stopped before loading anything or writing the run directory
+    _, off = lm_recipe(lm_dir, "tiny-off", "micro_batch_size: 4, max_steps: 1, memory_limit_mb: 0.01, preflight: false", host)
+    summary = train(off, host)
+    assert summary["steps"] == 1 and summary["memory_plan"]["preflight"] is False
+
+
+def test_preflight_refusal_from_the_cli(lm_dir, capsys):
+    path, _ = lm_recipe(lm_dir, "cli-limit", "micro_batch_size: 4, max_steps: 1", None)
+    assert main(["train", str(path), "train.memory_limit_mb=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adaptkit: error: this run needs about") and "Traceback" not in err
+
+
+def test_auto_micro_batch_picks_the_largest_that_fits_and_resume_keeps_it(lm_dir, host, estimator):
+    from adaptkit.estimate import BATCH_FILE
+    from adaptkit.training import train
+
+    def total(micro):
+        _, r = lm_recipe(lm_dir, "probe", f"micro_batch_size: {micro}, gradient_accumulation: {8 // micro}", host)
+        return estimator.estimate(r).total
+
+    totals = {m: total(m) for m in (8, 4, 2, 1)}
+    assert totals[8] > totals[4] > totals[2] > totals[1]
+    limit = (totals[2] + totals[4]) / 2 / 2**20  # 2 fits, 4 does not
+    train_spec = f"micro_batch_size: auto, effective_batch_size: 8, max_steps: 2, save_every: 1, memory_limit_mb: {limit}"
+    _, recipe = lm_recipe(lm_dir, "auto", train_spec, host)
+    summary = train(recipe, host, fresh=True)
+    assert (summary["micro_batch_size"], summary["gradient_accumulation"]) == (2, 4)  # 8 examples per step kept
+    saved = json.loads((recipe.run_dir / BATCH_FILE).read_text())
+    assert (saved["micro_batch_size"], saved["gradient_accumulation"], saved["effective_batch_size"]) == (2, 4, 8)
+    # resumed with room for everything, it keeps the batch it started with
+    _, more = lm_recipe(lm_dir, "auto", train_spec.replace("max_steps: 2", "max_steps: 3").replace(f"memory_limit_mb: {limit}", "memory_limit_mb: 100000"), host)
+    resumed = train(more, host)
+    assert resumed["steps"] == 3 and (resumed["micro_batch_size"], resumed["gradient_accumulation"]) == (2, 4)
+    # a fresh run searches again
+    fresh = train(more, host, fresh=True)
+    assert (fresh["micro_batch_size"], fresh["gradient_accumulation"]) == (8, 1)
+
+
+def test_auto_micro_batch_that_never_fits(lm_dir, host):
+    from adaptkit.training import train
+
+    _, recipe = lm_recipe(lm_dir, "auto-none", "micro_batch_size: auto, max_steps: 1, memory_limit_mb: 0.01", host)
+    with pytest.raises(DoesNotFitError, match="not even a micro-batch of 1 fits"):
+        train(recipe, host)
+
+
+def test_effective_batch_size_needs_auto(llama_dir, host):
+    with pytest.raises(ConfigError, match="effective_batch_size is for micro_batch_size: auto"):
+        make_recipe(llama_dir, ["full"], host, effective_batch_size=16)
+
+
+def test_release_freed_memory_on_linux():
+    import sys
+
+    assert release_freed_memory() is sys.platform.startswith("linux")
+
+
+def test_strategy_error_on_meta_is_the_users_error(tmp_path, host, estimator):
+    from adaptkit.testing import tiny_config
+
+    cfg = tiny_config("llama", tie_word_embeddings=True)
+    cfg.save_pretrained(tmp_path / "m")
+    with pytest.raises(AdaptkitError, match="tied_head"):
+        estimator.estimate(make_recipe(tmp_path / "m", ["freeze"], host))
