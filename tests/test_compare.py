@@ -257,3 +257,19 @@ def test_optuna_search_reports_evaluations_and_resumes(workdir):
     proc = compare_cli("compare", str(path))
     assert proc.returncode == 0 and "[1/" not in proc.stderr
     assert len(optuna.load_study(study_name="probe-s0", storage=f"sqlite:///{root / 'search.db'}").trials) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_launch_settings_apply_to_every_run(workdir):
+    """compare.launch passes accelerate launch arguments to each run: here 2 CPU processes on gloo."""
+    path = comparison(workdir, "launched", """
+  launch: [--multi_gpu, --num_processes, "2", --num_machines, "1", --mixed_precision, "no", --dynamo_backend, "no"]
+  variants:
+    - {name: lora, strategies: [{name: lora, r: 2}], overrides: {train.lr: 5.0e-3}}
+""", train="max_steps: 3, micro_batch_size: 8")
+    proc = compare_cli("compare", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = results(workdir / "out" / "launched")["runs"][0]
+    summary = json.loads((workdir / "out" / "launched" / run["run_dir"] / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["ranks_in_sync"] and summary["steps"] == 3
