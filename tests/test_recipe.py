@@ -513,7 +513,8 @@ def test_shipped_recipe_validates(path, host):
     from adaptkit.compare import is_comparison, plan
     from adaptkit.recipe import read_raw
 
-    assert path.read_text().startswith("# Run: adaptkit "), f"{path} must start with a comment saying how to run it"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# Run: ") and "adaptkit" in first, f"{path} must start with a comment saying how to run it"
     if is_comparison(read_raw(path)):
         p = plan(path, host=host)  # every run of the comparison validates
         assert p.variants and all(jobs for jobs in p.variants.values())
