@@ -128,15 +128,19 @@ def _estimate_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Print the estimate table (or JSON), and the suggestions when it does not fit."""
+    from adaptkit.compare import is_comparison
     from adaptkit.estimate import estimate_report, parse_memory, render
-    from adaptkit.recipe import load_recipe
+    from adaptkit.recipe import load_recipe, read_raw
 
     if args.device_memory is not None:
         parse_memory(args.device_memory)  # a bad size fails before anything heavy loads
+    if is_comparison(read_raw(args.recipe)):
+        raise ConfigError(f"{args.recipe} is a comparison recipe; estimate one of its runs (adaptkit validate lists them)")
     host = _host(args)
     recipe = load_recipe(args.recipe, args.overrides, host=host)
     est, budget, suggestions, report = estimate_report(recipe, host, args.device_memory, args.device, args.peak_tflops)
-    print(json.dumps(report, indent=2) if args.json else render(est, budget, suggestions, report["label"]))
+    auto = report["micro_batch_size_auto"]
+    print(json.dumps(report, indent=2) if args.json else render(est, budget, suggestions, report["label"], auto))
     return 0
 
 

@@ -123,6 +123,7 @@ class Estimate:
     peak_phase: str
     frozen_by_dtype: dict[str, int] = field(default_factory=dict)
     activations_per_block: int = 0
+    activations_by_block: list[int] = field(default_factory=list)  # saved in each block, bottom first (LoRA dropout apart)
     flops_per_step: float = 0.0
     peak_tflops: float | None = None
     time_per_step_s: float | None = None
@@ -417,6 +418,7 @@ class Estimator:
             peak_phase=phase,
             frozen_by_dtype=dict(prep.frozen_by_dtype),
             activations_per_block=max(profile.blocks, default=0),
+            activations_by_block=list(profile.blocks),
             flops_per_step=flops,
             peak_tflops=peak or None,
             time_per_step_s=flops / (peak * 1e12) if peak else None,
@@ -1099,11 +1101,12 @@ def does_not_fit_message(est: Estimate, budget: int, suggestions: list[Suggestio
 # -- the table -------------------------------------------------------------------------------------
 
 
-def render(est: Estimate, budget: int | None, suggestions: list[Suggestion], budget_label: str = "") -> str:
+def render(est: Estimate, budget: int | None, suggestions: list[Suggestion], budget_label: str = "", auto: bool = False) -> str:
     """The estimate as a readable table, with the device, the dominant term, the time and the suggestions."""
+    chosen = " (auto: the largest that fits)" if auto else ""
     lines = [f"{est.model_type}, strategies {'+'.join(est.strategies)}: {est.total_parameters:,} parameters, "
              f"{est.trainable_parameters:,} trainable ({100 * est.trainable_parameters / max(est.total_parameters, 1):.2f}%)",
-             f"micro-batch {est.micro_batch_size} x {est.seq_len} tokens, accumulation {est.gradient_accumulation}, "
+             f"micro-batch {est.micro_batch_size}{chosen} x {est.seq_len} tokens, accumulation {est.gradient_accumulation}, "
              f"optimizer {est.optimizer}, mixed precision {est.mixed_precision}, "
              f"gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}, device {est.device}", ""]
     width = max(len(t) for t in est.TERMS) + 2

@@ -117,6 +117,18 @@ def test_flops_and_time_per_step(llama_dir, host):
     assert frozen.flops_per_step < est.flops_per_step / 3  # the bottom block needs no backward at all
 
 
+def test_frozen_bottom_blocks_build_no_graph(llama_dir, host, estimator):
+    """Below the lowest trainable parameter nothing is saved for a backward pass (freeze, early gradual unfreezing)."""
+    top = estimator.estimate(make_recipe(llama_dir, [{"name": "freeze", "train_head": False, "trainable_top_blocks": 1}], host))
+    assert top.activations_by_block[0] == 0 and top.activations_by_block[1] > 0
+    # one epoch of unfreezing a block per epoch: only the head group ever trains
+    head = estimator.estimate(make_recipe(llama_dir, [{"name": "gradual_unfreeze"}], host, epochs=1))
+    assert head.activations_by_block == [0, 0] and head.trainable_parameters == H + V * H
+    # with max_steps the number of epochs depends on the data: the estimate takes the last stage, all blocks
+    worst = estimator.estimate(make_recipe(llama_dir, [{"name": "gradual_unfreeze"}], host, max_steps=5))
+    assert worst.trainable_parameters == PARAMS
+
+
 @pytest.mark.parametrize("optimizer, per_value", [("adamw", 8), ("paged_adamw", 8), ("sgd", 4)])
 def test_optimizer_states(llama_dir, host, estimator, optimizer, per_value):
     est = estimator.estimate(make_recipe(llama_dir, ["full"], host, optimizer=optimizer))
@@ -319,6 +331,19 @@ def test_cli_json_matches_the_estimator(tmp_path, llama_dir, host, capsys):
     assert est["overhead"] > 100 * 2**20  # a process that imported torch and transformers
 
 
+def test_cli_resolves_auto_against_the_device_memory(tmp_path, llama_dir, host, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", llama_dir, "[full]", "micro_batch_size: auto, effective_batch_size: 8")
+    assert main(["estimate", str(recipe), "--device-memory", "1TB", "--peak-tflops", "0"]) == 0
+    assert "micro-batch 8 (auto: the largest that fits) x 16 tokens, accumulation 1" in capsys.readouterr().out
+    estimator = Estimator(host, device="cpu", overhead_bytes=None, peak_tflops=0)
+    two = estimator.estimate(make_recipe(llama_dir, ["full"], host, micro_batch_size=2, gradient_accumulation=4)).total
+    four = estimator.estimate(make_recipe(llama_dir, ["full"], host, micro_batch_size=4, gradient_accumulation=2)).total
+    assert main(["estimate", str(recipe), f"--device-memory={(two + four) // 2}B", "--json", "--peak-tflops", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["micro_batch_size_auto"] and report["fits"]
+    assert (report["estimate"]["micro_batch_size"], report["estimate"]["gradient_accumulation"]) == (2, 4)
+
+
 @pytest.mark.parametrize("size", ["lots", "24", "-3GB"])
 def test_cli_bad_memory_exits_2(tmp_path, llama_dir, capsys, size):
     recipe = write_recipe(tmp_path / "r.yaml", llama_dir, "[full]")
@@ -402,6 +427,8 @@ def test_auto_micro_batch_picks_the_largest_that_fits_and_resume_keeps_it(lm_dir
     assert (summary["micro_batch_size"], summary["gradient_accumulation"]) == (2, 4)  # 8 examples per step kept
     saved = json.loads((recipe.run_dir / BATCH_FILE).read_text())
     assert (saved["micro_batch_size"], saved["gradient_accumulation"], saved["effective_batch_size"]) == (2, 4, 8)
+    state = json.loads((recipe.run_dir / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["samples"] == 2 * 8  # Accelerate accumulated 4 micro-batches of 2 per step
     # resumed with room for everything, it keeps the batch it started with
     _, more = lm_recipe(lm_dir, "auto", train_spec.replace("max_steps: 2", "max_steps: 3").replace(f"memory_limit_mb: {limit}", "memory_limit_mb: 100000"), host)
     resumed = train(more, host)
@@ -409,6 +436,24 @@ def test_auto_micro_batch_picks_the_largest_that_fits_and_resume_keeps_it(lm_dir
     # a fresh run searches again
     fresh = train(more, host, fresh=True)
     assert (fresh["micro_batch_size"], fresh["gradient_accumulation"]) == (8, 1)
+
+
+def test_qlora_end_to_end(lm_dir, host):
+    """4-bit base, LoRA on every linear layer of the blocks, gradient checkpointing, paged 8-bit AdamW."""
+    from adaptkit.recipe import load_recipe
+    from adaptkit.training import train
+    from adaptkit.weights import load_tensors
+
+    path = write_recipe(lm_dir / "qlora.yaml", lm_dir / "llama", "[{name: lora, r: 4, quantize: 4bit}]",
+                        "micro_batch_size: 4, max_steps: 2, optimizer: paged_adamw_8bit, lr: 0.01", data_source=lm_dir / "train.jsonl")
+    recipe = load_recipe(path, ["model.gradient_checkpointing=true"], host=host)
+    est = Estimator(host, device="cpu", overhead_bytes=0, peak_tflops=0).estimate(recipe)
+    assert set(est.frozen_by_dtype) == {"float32", "nf4+dq"} and est.gradient_checkpointing
+    summary = train(recipe, host, fresh=True)
+    assert summary["steps"] == 2 and summary["memory_plan"]["estimate_mb"] == pytest.approx(est.total / 2**20)
+    adapter = load_tensors(recipe.run_dir / "final" / "lora" / "adapter_model.safetensors")
+    b = [t for k, t in adapter.items() if "lora_B" in k]
+    assert len(b) == 3 * 7 and all(t.abs().sum() > 0 for t in b)  # every adapted layer trained (B starts at zero)
 
 
 def test_auto_micro_batch_that_never_fits(lm_dir, host):
