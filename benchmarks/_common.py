@@ -75,9 +75,10 @@ def model_path(name: str) -> str:
     return str(fetch(name))
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def stamp(step: int) -> tuple[int, float, float, float]:
+    """What both loops record after each optimizer step: step, wall clock, peak RSS (MiB), CPU seconds."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return step, time.perf_counter(), usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 @dataclass
@@ -88,28 +89,41 @@ class Result:
     case: str
     tokens_per_s: float
     seconds_per_step: float
+    cpu_seconds_per_step: float  # user + system time of all threads: less sensitive to other processes
     peak_rss_mib: float  # at the end of the last training step
     trainable: int
     total: int
     final_loss: float
 
 
-def summarise(loop: str, case: Case, stamps: list[tuple[int, float, float]], trainable: int, total: int, loss: float) -> Result:
+def summarise(loop: str, case: Case, stamps: list[tuple[int, float, float, float]], trainable: int, total: int,
+              loss: float) -> Result:
     """Throughput over the steps after the warm-up ones, and the peak memory at the last step."""
     assert len(stamps) == case.steps + case.warmup, stamps
     timed = stamps[-1][1] - stamps[case.warmup - 1][1]
+    cpu = stamps[-1][3] - stamps[case.warmup - 1][3]
     tokens = case.steps * case.batch * case.seq
-    return Result(loop, case.name, tokens / timed, timed / case.steps, stamps[-1][2], trainable, total, loss)
+    return Result(loop, case.name, tokens / timed, timed / case.steps, cpu / case.steps, stamps[-1][2], trainable, total, loss)
 
 
-def run_adaptkit(case: Case, workdir: Path) -> Result:
-    """adaptkit's own training loop, driven by a recipe, as ``adaptkit train`` runs it."""
+def run_adaptkit(case: Case, workdir: Path, default_malloc: bool = False) -> Result:
+    """adaptkit's own training loop, driven by a recipe, as ``adaptkit train`` runs it.
+
+    ``default_malloc``: leave glibc's malloc as it is. adaptkit's CPU training fixes glibc's mmap
+    threshold at 128 KiB (``adaptkit.estimate.release_freed_memory``) so that freed activations
+    leave the process: a lower peak, paid for with a page fault on every fresh activation page.
+    This variant shows what that trade costs.
+    """
     sys.path.insert(0, str(HERE))
     import _steptimes
 
+    import adaptkit.training
     from adaptkit.plugins import get_plugin_host
     from adaptkit.recipe import validate
     from adaptkit.training import train
+
+    if default_malloc and hasattr(adaptkit.training, "release_freed_memory"):
+        adaptkit.training.release_freed_memory = lambda: False
 
     strategy = {"lora": ["lora"], "full": ["full"], "top2": [{"name": "freeze", "trainable_top_blocks": 2}]}[case.strategy]
     raw = {
@@ -123,8 +137,8 @@ def run_adaptkit(case: Case, workdir: Path) -> Result:
     }
     host = get_plugin_host(["_steptimes"])
     summary = train(validate(raw, host=host), host, fresh=True)
-    return summarise("adaptkit", case, _steptimes.STEPS, summary["trainable_parameters"], summary["total_parameters"],
-                     summary["final_train_loss"])
+    return summarise("adaptkit-default-malloc" if default_malloc else "adaptkit", case, _steptimes.STEPS,
+                     summary["trainable_parameters"], summary["total_parameters"], summary["final_train_loss"])
 
 
 def run_baseline(case: Case, workdir: Path) -> Result:
@@ -177,7 +191,7 @@ def run_baseline(case: Case, workdir: Path) -> Result:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        stamps.append((step, time.perf_counter(), peak_rss_mib()))
+        stamps.append(stamp(step))
         if step == total_steps:
             break
     unwrapped = accelerator.unwrap_model(model)
@@ -191,7 +205,10 @@ def worker_main(argv: list[str]) -> None:
     loop, case = argv[0], CASES[argv[1]]
     os.environ.setdefault("ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
     with tempfile.TemporaryDirectory(prefix="adaptkit-bench-") as tmp:
-        result = (run_adaptkit if loop == "adaptkit" else run_baseline)(case, Path(tmp))
+        if loop == "baseline":
+            result = run_baseline(case, Path(tmp))
+        else:
+            result = run_adaptkit(case, Path(tmp), default_malloc=loop == "adaptkit-default-malloc")
     print("RESULT " + json.dumps(asdict(result)), flush=True)
 
 

@@ -11,10 +11,11 @@ import time
 
 from adaptkit import hookimpl
 
-#: (step, perf_counter seconds, peak resident set in MiB) after every optimizer step.
-STEPS: list[tuple[int, float, float]] = []
+#: (step, perf_counter seconds, peak resident set in MiB, CPU seconds of the process) after every optimizer step.
+STEPS: list[tuple[int, float, float, float]] = []
 
 
 @hookimpl
 def adaptkit_on_step_end(step):
-    STEPS.append((step, time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    STEPS.append((step, time.perf_counter(), usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime))

@@ -7,14 +7,17 @@ token are counted per strategy: 6N when every one of the N weights trains (forwa
 4N), and 4N + 6T when only T adapter weights train on a frozen base (the frozen weights need no
 weight gradient). N counts every weight that multiplies (a tied embedding once, as the output
 layer). Attention's own matrix products (12 x layers x sequence x width per token) are left out
-of the model FLOPs, as usual; the script prints how much they would add.
+of the model FLOPs, as usual; the script prints how much they would add. The same ratio per
+CPU-second (model FLOPs per CPU-second of the training process over matmul FLOPs per CPU-second)
+is printed too: on a machine shared with other work it is the steadier figure.
 
-    python benchmarks/mfu.py [--repeats 2] [--cases lora]       # target: >= 55% for LoRA at sequence 256
+    python benchmarks/mfu.py [--repeats 2] [--cases lora] [--baseline] [--default-malloc]   # target: >= 55% for LoRA
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -26,25 +29,32 @@ from _common import CASES, machine, measure, median, model_path  # noqa: E402
 LOOP_SCRIPT = Path(__file__).resolve().parent / "loop_overhead.py"
 
 
-def peak_matmul_flops(sizes: tuple[int, ...] = (1024, 2048, 3072), seconds: float = 3.0) -> tuple[float, int]:
-    """The best float32 matmul rate (FLOP/s) over ``sizes``, each timed for about ``seconds``."""
+def cpu_seconds() -> float:
+    """User + system time of this process (all threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_matmul_flops(sizes: tuple[int, ...] = (1024, 2048, 3072), seconds: float = 3.0) -> tuple[float, float, int]:
+    """The best float32 matmul rate over ``sizes``: FLOP per wall second, FLOP per CPU-second, and the size."""
     import torch
 
-    best, best_n = 0.0, 0
+    best, best_cpu, best_n = 0.0, 0.0, 0
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.matmul(a, b)  # warm-up: thread pool and caches
         reps, start = 0, time.perf_counter()
         while True:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             torch.matmul(a, b)
-            rate = 2 * n**3 / (time.perf_counter() - t0)
-            if rate > best:
-                best, best_n = rate, n
+            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+            if 2 * n**3 / wall > best:
+                best, best_n = 2 * n**3 / wall, n
+            best_cpu = max(best_cpu, 2 * n**3 / max(cpu, 1e-6))
             reps += 1
             if time.perf_counter() - start > seconds and reps >= 3:
                 break
-    return best, best_n
+    return best, best_cpu, best_n
 
 
 def flops_per_token(strategy: str, total: int, trainable: int) -> float:
@@ -68,23 +78,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each loop per case (alternating)")
     parser.add_argument("--cases", nargs="+", default=["lora"], choices=list(CASES))
     parser.add_argument("--baseline", action="store_true", help="also time the hand-written loop, for comparison")
+    parser.add_argument("--default-malloc", action="store_true", help="also time adaptkit with glibc's default malloc")
     args = parser.parse_args()
     import torch
 
     print(f"machine: {machine()}")
     for name in args.cases:
         model_path(CASES[name].model)
-    peak_before, n_before = peak_matmul_flops()
-    print(f"peak float32 matmul before: {peak_before / 1e9:.1f} GFLOP/s (n={n_before}, {torch.get_num_threads()} threads)")
-    loops = ["adaptkit", "baseline"] if args.baseline else ["adaptkit"]
+    peak_before, cpu_before, n_before = peak_matmul_flops()
+    print(f"peak float32 matmul before: {peak_before / 1e9:.1f} GFLOP/s, {cpu_before / 1e9:.1f} GFLOP per CPU-second "
+          f"(n={n_before}, {torch.get_num_threads()} threads)")
+    loops = ["adaptkit"] + (["baseline"] if args.baseline else []) + (["adaptkit-default-malloc"] if args.default_malloc else [])
     results = {(name, loop): [] for name in args.cases for loop in loops}
     for name in args.cases:
         for _ in range(args.repeats):
             for loop in loops:
                 results[name, loop].append(measure(LOOP_SCRIPT, loop, name))
-    peak_after, n_after = peak_matmul_flops()
-    print(f"peak float32 matmul after:  {peak_after / 1e9:.1f} GFLOP/s (n={n_after})")
-    peak = max(peak_before, peak_after)
+    peak_after, cpu_after, n_after = peak_matmul_flops()
+    print(f"peak float32 matmul after:  {peak_after / 1e9:.1f} GFLOP/s, {cpu_after / 1e9:.1f} GFLOP per CPU-second (n={n_after})")
+    peak, peak_cpu = max(peak_before, peak_after), max(cpu_before, cpu_after)
     for name in args.cases:
         case = CASES[name]
         print(f"\n[{name}] {case.model}, strategy {case.strategy}, batch {case.batch} x {case.seq} tokens, "
@@ -95,10 +107,12 @@ def main() -> None:
             runs = results[name, loop]
             per_token = flops_per_token(case.strategy, runs[0].total, runs[0].trainable)
             tput = median([x.tokens_per_s for x in runs])
+            per_cpu = median([case.batch * case.seq / x.cpu_seconds_per_step for x in runs])
             mfu[loop] = tput * per_token / peak
-            print(f"  {loop:9s} {tput:7.1f} tokens/s x {per_token / 1e6:.0f} MFLOP/token = {tput * per_token / 1e9:6.1f} GFLOP/s; "
-                  f"MFU {mfu[loop]:6.1%} (runs: {', '.join(f'{x.tokens_per_s:.1f}' for x in runs)} tokens/s; counting "
-                  f"attention's {attn / 1e6:.0f} MFLOP/token too: {tput * (per_token + attn) / peak:.1%})")
+            print(f"  {loop}: {tput:.1f} tokens/s (runs: {', '.join(f'{x.tokens_per_s:.1f}' for x in runs)}) x "
+                  f"{per_token / 1e6:.0f} MFLOP/token = {tput * per_token / 1e9:.1f} GFLOP/s: MFU {mfu[loop]:.1%} "
+                  f"(with attention's {attn / 1e6:.0f} MFLOP/token: {tput * (per_token + attn) / peak:.1%}); "
+                  f"per CPU-second {per_cpu * per_token / peak_cpu:.1%}")
         if name == "lora":
             print(f"  adaptkit LoRA MFU {mfu['adaptkit']:.1%}: {'meets' if mfu['adaptkit'] >= 0.55 else 'misses'} the 55% target")
 
