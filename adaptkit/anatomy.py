@@ -57,20 +57,31 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, list[nn
     return best, list(modules[best])
 
 
+def backbone_of(model: nn.Module) -> nn.Module | None:
+    """The pretrained backbone inside ``model`` (``bert`` in ``BertForSequenceClassification``).
+
+    Found through transformers' ``base_model_prefix``; None for a bare backbone (no head around
+    it) and for models that do not say.
+    """
+    _, inner = unwrap(model)
+    attr = getattr(inner, "base_model_prefix", None)
+    backbone = getattr(inner, attr, None) if attr else None
+    return None if backbone is inner else backbone
+
+
 def head_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters outside the pretrained backbone (the task head).
 
-    Uses transformers' ``base_model_prefix``: in ``BertForSequenceClassification`` the backbone is
-    ``bert`` and the head is ``classifier``. A bare backbone has no head.
+    In ``BertForSequenceClassification`` the backbone is ``bert`` and the head is ``classifier``.
+    A bare backbone has no head.
     """
     prefix, inner = unwrap(model)
-    backbone_attr = getattr(inner, "base_model_prefix", None)
-    backbone = getattr(inner, backbone_attr, None) if backbone_attr else None
-    if backbone is None or backbone is inner:
-        if backbone_attr is None:
+    backbone = backbone_of(model)
+    if backbone is None:
+        if getattr(inner, "base_model_prefix", None) is None:
             raise StrategyError(f"cannot tell the head from the backbone of {type(inner).__name__}")
         return []
-    backbone_prefix = prefix + backbone_attr + "."
+    backbone_prefix = prefix + inner.base_model_prefix + "."
     names = model.named_parameters(remove_duplicate=False)  # a tied head is listed under its own name too
     return [n for n, _ in names if n.startswith(prefix) and not n.startswith(backbone_prefix)]
 

@@ -13,8 +13,10 @@ pass frees the activations, block by block from the top. ``Estimate.total`` foll
 (see ``_peak``) and also takes the optimizer step into account; the terms are reported whole.
 
 Measured, not assumed: ``benchmarks/estimate_accuracy.py`` compares the estimate with the peak
-resident memory of real runs. On a CPU the estimate assumes what ``adaptkit train`` does: freed
-tensors go back to the operating system (``release_freed_memory``).
+resident memory of real runs. On a CPU the estimate is of live memory: what a process holds when
+freed tensors go back to the operating system at once (``release_freed_memory``, which
+``adaptkit train`` turns on when memory is tight; glibc's default keeps up to ``ALLOCATOR_SLACK``
+times that resident).
 """
 
 from __future__ import annotations
@@ -840,6 +842,10 @@ def free_memory(device: Any) -> int | None:
     return None
 
 
+#: How much more than the live peak a CPU run may keep resident with glibc's default allocator.
+ALLOCATOR_SLACK = 1.5
+
+
 def release_freed_memory() -> bool:
     """Make glibc give freed tensors back to the operating system at once (Linux, CPU training).
 
@@ -847,7 +853,9 @@ def release_freed_memory() -> bool:
     threshold, so later activations come from the heap and stay resident after they are freed:
     measured on SmolLM2-135M with LoRA, a training process then peaks at 3.3 GB instead of
     2.5 GB. A fixed threshold (glibc's initial 128 KiB) keeps every tensor-sized block in its own
-    mapping. Returns False where there is no glibc ``mallopt``.
+    mapping. The price is a page fault on every fresh page of every activation: LoRA steps on
+    SmolLM2-135M take 1.5x as long, so training does this only when memory is tight
+    (``plan_memory``). Returns False where there is no glibc ``mallopt``.
     """
     import ctypes
 
@@ -1040,6 +1048,13 @@ def plan_memory(run: Any, fresh_dir: bool, loaded: bool) -> tuple[Any, dict[str,
         info["estimate_mb"] = est.total / MiB
         if est.total > budget:
             raise DoesNotFitError(does_not_fit_message(est, budget, suggest(estimator, resolved, budget), device.type))
+        # glibc keeps freed activations resident (up to 1.3x the live peak, measured on SmolLM2-135M);
+        # returning them at once costs a page fault per fresh page (LoRA steps 1.5x slower there), so
+        # only a run that would not fit otherwise pays for it
+        if device.type == "cpu" and est.total * ALLOCATOR_SLACK > budget and release_freed_memory():
+            info["release_freed_memory"] = True
+            run.log(f"adaptkit: memory is tight (about {format_bytes(est.total)} of {format_bytes(budget)}): freed memory "
+                    "goes back to the system at once, which makes steps slower")
     return spec, info
 
 

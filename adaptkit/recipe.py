@@ -87,6 +87,10 @@ class TrainSpec(Section):
         None, gt=0, description="memory (MiB) the run may add to the process, for the pre-flight check and micro_batch_size auto "
         "(default: what the device has free)"
     )
+    cache_features: bool = Field(
+        False, description="head-only training: run the frozen backbone once per example and train the head on its cached "
+        "outputs (the backbone runs without dropout)"
+    )
     lr: float = Field(5e-5, gt=0, le=10, description="peak learning rate")
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate schedule after warmup")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps spent warming up")

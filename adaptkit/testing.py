@@ -150,3 +150,14 @@ def save_tiny_pretrained(path, family: str = "bert", task: str = "classification
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def load_recipe_model(recipe, host: PluginHost):
+    """The base model exactly as ``train`` loads it (data, task setup, then the load hook), to pass
+    back as ``train(..., loaded_model=...)`` and inspect afterwards."""
+    from adaptkit.data import load_data
+
+    splits, files = load_data(recipe.data, host, recipe.train.seed)
+    task = host.lookup("tasks", recipe.model.task).obj(recipe.data)
+    task.setup(splits, files)
+    return host.pm.hook.adaptkit_load_model(spec=recipe.model, task=task)

@@ -37,7 +37,8 @@ from adaptkit.checkpoint import (
 )
 from adaptkit.data import apply_transforms, load_data
 from adaptkit.errors import AdaptkitError, ConfigError
-from adaptkit.estimate import plan_memory, release_freed_memory, write_memory_plan
+from adaptkit.feature_cache import FeatureCache, check_cacheable
+from adaptkit.estimate import plan_memory, write_memory_plan
 from adaptkit.forgetting import compare as compare_forgetting
 from adaptkit.forgetting import general_texts, measure
 from adaptkit.plugins import PluginHost
@@ -276,8 +277,6 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
                       project_dir=str(run.run_dir / "tracking") if report_to else None)
     run.accelerator = acc
     set_seed(spec.seed)
-    if acc.device.type == "cpu":
-        release_freed_memory()  # freed activations leave the process, so its peak is what is live (adaptkit.estimate)
     # before any weight loads: micro_batch_size auto is resolved, and a run that will not fit stops here
     spec, memory = plan_memory(run, fresh, loaded=loaded_model is not None)
 
@@ -297,6 +296,9 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
             # unless autocast (which Accelerate only runs for a mixed_precision it supports here) casts
             model.forward = torch.autocast(acc.device.type, dtype=half)(model.forward)
             run.log(f"adaptkit: the frozen weights stay {str(half).removeprefix('torch.')}; the forward pass runs under autocast")
+
+    # head-only training: the frozen backbone runs once per example, not once per epoch
+    cache = FeatureCache(check_cacheable(model, adapted.pending_parameters())) if spec.cache_features else None
 
     batch_size = spec.micro_batch_size if isinstance(spec.micro_batch_size, int) else 8
     sampler = EpochSampler(len(train_ds), spec.seed)
@@ -433,86 +435,94 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     host.call_strict("adaptkit_on_train_start", run=run)
     gated = fire("train_start")
     wrapped.train()
-    start, time_before = time.perf_counter(), state.get("train_time", 0.0)
-    stop = state["step"] >= total_steps
-    from tqdm.auto import tqdm
+    if cache:
+        cache.install()
+    try:
+        start, time_before = time.perf_counter(), state.get("train_time", 0.0)
+        stop = state["step"] >= total_steps
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc=recipe.name or "train", disable=not acc.is_main_process or not (sys.stderr.isatty() or os.environ.get("ADAPTKIT_PROGRESS")), leave=False)
-    running_loss, running_n = 0.0, 0
-    while not stop:
-        sampler.set_epoch(state["epoch"])
-        gated = fire("epoch_start")
-        skip = state["batch_in_epoch"]
-        loader = acc.skip_first_batches(train_dl, skip) if skip else train_dl
-        for batch in loader:
-            # C18: a model's loss is a mean over its micro-batch's items (examples, or supervised
-            # tokens for LMs), and a mean of such means is not the mean over the accumulated batch
-            # when counts differ (variable lengths, a short tail window). Each micro-batch's loss is
-            # weighted by its item count `n` (over `ref`, the first micro-batch's mean count across
-            # ranks, to keep magnitudes as usual for fp16); at the step the gradients are rescaled
-            # to exactly sum(item losses) / items in the window on all ranks, undoing accelerate's
-            # division by the accumulation steps and DDP's mean over ranks.
-            n = torch.as_tensor(run.task.loss_items(batch), dtype=torch.float32, device=acc.device)
-            if state["batch_in_epoch"] % spec.gradient_accumulation == 0:
-                gated = fire("step_start")
-                ref, window_items = acc.reduce(n.clone(), "mean").clamp(min=1), torch.zeros_like(n)
-            window_items += n
-            with acc.accumulate(wrapped):
-                # only the loss is kept: holding the whole output would keep this step's logits (for
-                # a 49k-token vocabulary, batch x seq x 49k floats) alive through the next forward
-                loss = wrapped(**batch).loss
-                if not torch.isfinite(loss.detach()).all():
-                    raise TrainingError(
-                        f"the loss is {loss.item()} at step {state['step'] + 1} (epoch {state['epoch']}); "
-                        f"training stopped, the last good checkpoint is kept in {ckpt_root}"
-                    )
-                acc.backward(loss * n / ref)
-                if acc.sync_gradients:
-                    items = acc.reduce(window_items.clone(), "sum").clamp(min=1)
-                    rescale = (ref * spec.gradient_accumulation * acc.num_processes / items).item()
-                    for p in wrapped.parameters():
-                        if gated and id(p) in gated:
-                            p.grad = None
-                        elif p.grad is not None:
-                            p.grad.mul_(rescale)
-                    if spec.max_grad_norm:
-                        acc.clip_grad_norm_([p for p in wrapped.parameters() if p.grad is not None], spec.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state["batch_in_epoch"] += 1
-            state["samples"] += batch["labels"].shape[0] * acc.num_processes
-            state["tokens"] += int(batch["attention_mask"].sum()) * acc.num_processes if "attention_mask" in batch else 0
-            running_loss += loss.item() * n.item()  # the logged loss is a mean over items too
-            running_n += n.item()
-            if not acc.sync_gradients:
-                continue
-            scheduler.step()
-            state["step"] += 1
-            bar.update(1)
-            logs = {"loss": running_loss / running_n, "lr": scheduler.get_last_lr()[0]}
-            if state["step"] % spec.log_every == 0 or state["step"] == total_steps:
-                log_metrics({"step": state["step"], "epoch": state["epoch"], **logs})
-            running_loss, running_n = 0.0, 0
-            for err in host.notify("adaptkit_on_step_end", run=run, step=state["step"], logs=logs):
-                run.log(f"adaptkit: {err}")
-            if spec.eval_every and state["step"] % spec.eval_every == 0 and run_eval():
-                stop = True
-            if state["step"] >= total_steps or over_budget():
-                stop = True
-            if spec.save_every and (state["step"] % spec.save_every == 0 or stop):
-                save_checkpoint()
-            if stop:
-                break
-        else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            if not spec.eval_every and run_eval():
-                stop = True
-    bar.close()
-    wall = time.perf_counter() - start
+        bar = tqdm(total=total_steps, initial=state["step"], desc=recipe.name or "train", disable=not acc.is_main_process or not (sys.stderr.isatty() or os.environ.get("ADAPTKIT_PROGRESS")), leave=False)
+        running_loss, running_n = 0.0, 0
+        while not stop:
+            sampler.set_epoch(state["epoch"])
+            gated = fire("epoch_start")
+            skip = state["batch_in_epoch"]
+            loader = acc.skip_first_batches(train_dl, skip) if skip else train_dl
+            for batch in loader:
+                # C18: a model's loss is a mean over its micro-batch's items (examples, or supervised
+                # tokens for LMs), and a mean of such means is not the mean over the accumulated batch
+                # when counts differ (variable lengths, a short tail window). Each micro-batch's loss is
+                # weighted by its item count `n` (over `ref`, the first micro-batch's mean count across
+                # ranks, to keep magnitudes as usual for fp16); at the step the gradients are rescaled
+                # to exactly sum(item losses) / items in the window on all ranks, undoing accelerate's
+                # division by the accumulation steps and DDP's mean over ranks.
+                n = torch.as_tensor(run.task.loss_items(batch), dtype=torch.float32, device=acc.device)
+                if state["batch_in_epoch"] % spec.gradient_accumulation == 0:
+                    gated = fire("step_start")
+                    ref, window_items = acc.reduce(n.clone(), "mean").clamp(min=1), torch.zeros_like(n)
+                window_items += n
+                with acc.accumulate(wrapped):
+                    # only the loss is kept: holding the whole output would keep this step's logits (for
+                    # a 49k-token vocabulary, batch x seq x 49k floats) alive through the next forward
+                    loss = wrapped(**batch).loss
+                    if not torch.isfinite(loss.detach()).all():
+                        raise TrainingError(
+                            f"the loss is {loss.item()} at step {state['step'] + 1} (epoch {state['epoch']}); "
+                            f"training stopped, the last good checkpoint is kept in {ckpt_root}"
+                        )
+                    acc.backward(loss * n / ref)
+                    if acc.sync_gradients:
+                        items = acc.reduce(window_items.clone(), "sum").clamp(min=1)
+                        rescale = (ref * spec.gradient_accumulation * acc.num_processes / items).item()
+                        for p in wrapped.parameters():
+                            if gated and id(p) in gated:
+                                p.grad = None
+                            elif p.grad is not None:
+                                p.grad.mul_(rescale)
+                        if spec.max_grad_norm:
+                            acc.clip_grad_norm_([p for p in wrapped.parameters() if p.grad is not None], spec.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state["batch_in_epoch"] += 1
+                state["samples"] += batch["labels"].shape[0] * acc.num_processes
+                state["tokens"] += int(batch["attention_mask"].sum()) * acc.num_processes if "attention_mask" in batch else 0
+                running_loss += loss.item() * n.item()  # the logged loss is a mean over items too
+                running_n += n.item()
+                if not acc.sync_gradients:
+                    continue
+                scheduler.step()
+                state["step"] += 1
+                bar.update(1)
+                logs = {"loss": running_loss / running_n, "lr": scheduler.get_last_lr()[0]}
+                if state["step"] % spec.log_every == 0 or state["step"] == total_steps:
+                    log_metrics({"step": state["step"], "epoch": state["epoch"], **logs})
+                running_loss, running_n = 0.0, 0
+                for err in host.notify("adaptkit_on_step_end", run=run, step=state["step"], logs=logs):
+                    run.log(f"adaptkit: {err}")
+                if spec.eval_every and state["step"] % spec.eval_every == 0 and run_eval():
+                    stop = True
+                if state["step"] >= total_steps or over_budget():
+                    stop = True
+                if spec.save_every and (state["step"] % spec.save_every == 0 or stop):
+                    save_checkpoint()
+                if stop:
+                    break
+            else:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+                if not spec.eval_every and run_eval():
+                    stop = True
+        bar.close()
+        wall = time.perf_counter() - start
 
-    if not run.history or "eval_loss" not in run.history[-1]:
-        run_eval()
+        if not run.history or "eval_loss" not in run.history[-1]:
+            run_eval()
+    finally:
+        if cache:
+            cache.remove()
+            run.log(f"adaptkit: feature cache: {len(cache.rows)} examples, {cache.nbytes / 2**20:.1f} MiB; "
+                    f"{cache.misses} computed, {cache.hits} from the cache")
     final_metrics = next(h for h in reversed(run.history) if "eval_loss" in h)
     forgetting = None
     if run.forgetting_base is not None:
@@ -552,6 +562,8 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         "memory_kind": "gpu_allocated" if acc.device.type == "cuda" else "cpu_rss",
         "memory_plan": memory,
         "forgetting": forgetting,
+        "feature_cache": {"examples": len(cache.rows), "bytes": cache.nbytes, "computed": cache.misses, "cached": cache.hits}
+        if cache else None,
     }
     if acc.is_main_process:
         with write_failures_reported(run.run_dir / "final", ckpt_root):

@@ -106,24 +106,14 @@ def summarise(loop: str, case: Case, stamps: list[tuple[int, float, float, float
     return Result(loop, case.name, tokens / timed, timed / case.steps, cpu / case.steps, stamps[-1][2], trainable, total, loss)
 
 
-def run_adaptkit(case: Case, workdir: Path, default_malloc: bool = False) -> Result:
-    """adaptkit's own training loop, driven by a recipe, as ``adaptkit train`` runs it.
-
-    ``default_malloc``: leave glibc's malloc as it is. adaptkit's CPU training fixes glibc's mmap
-    threshold at 128 KiB (``adaptkit.estimate.release_freed_memory``) so that freed activations
-    leave the process: a lower peak, paid for with a page fault on every fresh activation page.
-    This variant shows what that trade costs.
-    """
+def run_adaptkit(case: Case, workdir: Path) -> Result:
+    """adaptkit's own training loop, driven by a recipe, as ``adaptkit train`` runs it."""
     sys.path.insert(0, str(HERE))
     import _steptimes
 
-    import adaptkit.training
     from adaptkit.plugins import get_plugin_host
     from adaptkit.recipe import validate
     from adaptkit.training import train
-
-    if default_malloc and hasattr(adaptkit.training, "release_freed_memory"):
-        adaptkit.training.release_freed_memory = lambda: False
 
     strategy = {"lora": ["lora"], "full": ["full"], "top2": [{"name": "freeze", "trainable_top_blocks": 2}]}[case.strategy]
     raw = {
@@ -137,7 +127,7 @@ def run_adaptkit(case: Case, workdir: Path, default_malloc: bool = False) -> Res
     }
     host = get_plugin_host(["_steptimes"])
     summary = train(validate(raw, host=host), host, fresh=True)
-    return summarise("adaptkit-default-malloc" if default_malloc else "adaptkit", case, _steptimes.STEPS,
+    return summarise("adaptkit", case, _steptimes.STEPS,
                      summary["trainable_parameters"], summary["total_parameters"], summary["final_train_loss"])
 
 
@@ -205,10 +195,7 @@ def worker_main(argv: list[str]) -> None:
     loop, case = argv[0], CASES[argv[1]]
     os.environ.setdefault("ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
     with tempfile.TemporaryDirectory(prefix="adaptkit-bench-") as tmp:
-        if loop == "baseline":
-            result = run_baseline(case, Path(tmp))
-        else:
-            result = run_adaptkit(case, Path(tmp), default_malloc=loop == "adaptkit-default-malloc")
+        result = (run_adaptkit if loop == "adaptkit" else run_baseline)(case, Path(tmp))
     print("RESULT " + json.dumps(asdict(result)), flush=True)
 
 

@@ -7,10 +7,9 @@ each in its own process, alternating (adaptkit, baseline, adaptkit, baseline, ..
 of a shared machine hits both. It prints the median throughput and peak memory of each side and
 their ratios: throughput ratio (target >= 1.0) and peak-memory ratio (target <= 1.0). Throughput
 is also given per CPU-second (user + system time of the process), which other processes on a
-shared machine disturb much less than wall time. ``--default-malloc`` adds a third loop: adaptkit
-with glibc's malloc left as it is (see ``_common.run_adaptkit``).
+shared machine disturb much less than wall time.
 
-    python benchmarks/loop_overhead.py [--repeats 2] [--cases lora full classification] [--default-malloc]
+    python benchmarks/loop_overhead.py [--repeats 2] [--cases lora full classification]
 """
 
 from __future__ import annotations
@@ -29,9 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="runs of each loop per case (alternating)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--default-malloc", action="store_true", help="also time adaptkit with glibc's default malloc")
     args = parser.parse_args()
-    loops = ["adaptkit", "baseline"] + (["adaptkit-default-malloc"] if args.default_malloc else [])
+    loops = ["adaptkit", "baseline"]
     print(f"machine: {machine()}")
     for name in args.cases:
         case = CASES[name]

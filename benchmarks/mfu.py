@@ -11,7 +11,7 @@ of the model FLOPs, as usual; the script prints how much they would add. The sam
 CPU-second (model FLOPs per CPU-second of the training process over matmul FLOPs per CPU-second)
 is printed too: on a machine shared with other work it is the steadier figure.
 
-    python benchmarks/mfu.py [--repeats 2] [--cases lora] [--baseline] [--default-malloc]   # target: >= 55% for LoRA
+    python benchmarks/mfu.py [--repeats 2] [--cases lora] [--baseline]   # target: >= 55% for LoRA
 """
 
 from __future__ import annotations
@@ -78,7 +78,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each loop per case (alternating)")
     parser.add_argument("--cases", nargs="+", default=["lora"], choices=list(CASES))
     parser.add_argument("--baseline", action="store_true", help="also time the hand-written loop, for comparison")
-    parser.add_argument("--default-malloc", action="store_true", help="also time adaptkit with glibc's default malloc")
     args = parser.parse_args()
     import torch
 
@@ -88,7 +87,7 @@ def main() -> None:
     peak_before, cpu_before, n_before = peak_matmul_flops()
     print(f"peak float32 matmul before: {peak_before / 1e9:.1f} GFLOP/s, {cpu_before / 1e9:.1f} GFLOP per CPU-second "
           f"(n={n_before}, {torch.get_num_threads()} threads)")
-    loops = ["adaptkit"] + (["baseline"] if args.baseline else []) + (["adaptkit-default-malloc"] if args.default_malloc else [])
+    loops = ["adaptkit"] + (["baseline"] if args.baseline else [])
     results = {(name, loop): [] for name in args.cases for loop in loops}
     for name in args.cases:
         for _ in range(args.repeats):

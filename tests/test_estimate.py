@@ -425,6 +425,7 @@ def test_auto_micro_batch_picks_the_largest_that_fits_and_resume_keeps_it(lm_dir
     _, recipe = lm_recipe(lm_dir, "auto", train_spec, host)
     summary = train(recipe, host, fresh=True)
     assert (summary["micro_batch_size"], summary["gradient_accumulation"]) == (2, 4)  # 8 examples per step kept
+    assert summary["memory_plan"]["release_freed_memory"] is True  # tight: freed memory is returned at once
     saved = json.loads((recipe.run_dir / BATCH_FILE).read_text())
     assert (saved["micro_batch_size"], saved["gradient_accumulation"], saved["effective_batch_size"]) == (2, 4, 8)
     state = json.loads((recipe.run_dir / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
@@ -433,6 +434,7 @@ def test_auto_micro_batch_picks_the_largest_that_fits_and_resume_keeps_it(lm_dir
     _, more = lm_recipe(lm_dir, "auto", train_spec.replace("max_steps: 2", "max_steps: 3").replace(f"memory_limit_mb: {limit}", "memory_limit_mb: 100000"), host)
     resumed = train(more, host)
     assert resumed["steps"] == 3 and (resumed["micro_batch_size"], resumed["gradient_accumulation"]) == (2, 4)
+    assert "release_freed_memory" not in resumed["memory_plan"]  # room enough: glibc's faster default
     # a fresh run searches again
     fresh = train(more, host, fresh=True)
     assert (fresh["micro_batch_size"], fresh["gradient_accumulation"]) == (8, 1)

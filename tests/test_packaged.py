@@ -17,6 +17,7 @@ import pytest
 
 from adaptkit import packaged
 from adaptkit.cli import main
+from adaptkit.testing import load_recipe_model
 
 SMOL = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
@@ -137,14 +138,9 @@ def fetch_timed(name: str) -> Path:
 
 
 def load_like_a_recipe(recipe, host):
-    """The base model exactly as ``train`` loads it: data, task setup, then the load hook."""
-    from adaptkit.data import load_data
-
-    splits, files = load_data(recipe.data, host, recipe.train.seed)
-    task = host.lookup("tasks", recipe.model.task).obj(recipe.data)
-    task.setup(splits, files)
+    """The base model exactly as ``train`` loads it, timed."""
     start = time.perf_counter()
-    loaded = host.pm.hook.adaptkit_load_model(spec=recipe.model, task=task)
+    loaded = load_recipe_model(recipe, host)
     print(f"{recipe.model.source}: load from the cache {time.perf_counter() - start:.1f} s")
     return loaded
 
