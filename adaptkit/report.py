@@ -303,7 +303,7 @@ def _notes(variants: list[dict]) -> list[str]:
         "with ± the sample standard deviation where there are several.",
         "trainable: parameters that receive gradient updates, and their share of all parameters.",
         f"peak MB: {memory}.",
-        f"wall s: wall-clock time of the variant's run; {unit}/s: {unit} processed per second.",
+        f"wall s: wall-clock time of the variant's training loop (evaluations during training included; loading and the final evaluation not); {unit}/s: {unit} trained on per second.",
         f"{metric}: the task metric on the validation split at the end of training ({direction} is better); "
         f"best {metric}: the best value over all evaluations.",
         *([f"vs none: mean final {metric} minus that of the untouched pretrained model (variant 'none')."]

@@ -25,6 +25,7 @@ class OpenRun:
     adapted: Adapted
     splits: Any
     files: dict[str, str]
+    batch_size: int  # the micro-batch it trained with (what ``auto`` chose): evaluation needs less memory
 
 
 def open_run(run_dir: str | Path, host: PluginHost, data: str | None = None) -> OpenRun:
@@ -47,7 +48,15 @@ def open_run(run_dir: str | Path, host: PluginHost, data: str | None = None) -> 
     task.prepare_model(loaded.model, loaded.processor)
     adapted = Adapted.load(loaded.model, run_dir / "final", host=host)
     adapted.model.eval()
-    return OpenRun(recipe, task, loaded.processor, adapted, splits, files)
+    return OpenRun(recipe, task, loaded.processor, adapted, splits, files, trained_batch_size(run_dir, recipe))
+
+
+def trained_batch_size(run_dir: Path, recipe: Recipe) -> int:
+    """The micro-batch a finished run used: from its summary, else its recipe (8 for an unrecorded ``auto``)."""
+    try:
+        return int(json.loads((run_dir / "summary.json").read_text())["micro_batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return recipe.train.micro_batch_size if isinstance(recipe.train.micro_batch_size, int) else 8
 
 
 def evaluate_run(run: OpenRun, split: str = "validation") -> dict[str, float]:
@@ -58,8 +67,7 @@ def evaluate_run(run: OpenRun, split: str = "validation") -> dict[str, float]:
     from adaptkit.training import Run, evaluate
 
     ds = run.task.encode(run.splits[split], run.processor, run.files[split])
-    loader = torch.utils.data.DataLoader(ds, batch_size=run.recipe.train.micro_batch_size if isinstance(run.recipe.train.micro_batch_size, int) else 8,
-                                         collate_fn=run.task.collate(run.processor))
+    loader = torch.utils.data.DataLoader(ds, batch_size=run.batch_size, collate_fn=run.task.collate(run.processor))
     acc = Accelerator()
     ctx = Run(recipe=run.recipe, host=None, run_dir=Path("."), accelerator=acc, task=run.task)
     model, loader = acc.prepare(run.adapted.model, loader)

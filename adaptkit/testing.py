@@ -161,3 +161,24 @@ def load_recipe_model(recipe, host: PluginHost):
     task = host.lookup("tasks", recipe.model.task).obj(recipe.data)
     task.setup(splits, files)
     return host.pm.hook.adaptkit_load_model(spec=recipe.model, task=task)
+
+
+POSITIVE = "good great fine nice fun best love wonderful".split()
+NEGATIVE = "bad awful boring worst dull poor hate mess weak".split()
+
+
+def sentiment_rows(n: int, seed: int = 0, lengths: tuple[int, int] = (6, 6)) -> list[dict]:
+    """``n`` distinct, separable sentiment examples ("the movie was good fun ...", label pos/neg, alternating),
+    each with between ``lengths[0]`` and ``lengths[1]`` sentiment words."""
+    import random
+
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        label = len(rows) % 2
+        k = lengths[0] if lengths[0] == lengths[1] else rng.randint(*lengths)
+        text = "the movie was " + " ".join(rng.choice(POSITIVE if label else NEGATIVE) for _ in range(k))
+        if text not in seen:
+            seen.add(text)
+            rows.append({"text": text, "label": ["neg", "pos"][label]})
+    return rows

@@ -426,6 +426,9 @@ def test_auto_micro_batch_picks_the_largest_that_fits_and_resume_keeps_it(lm_dir
     summary = train(recipe, host, fresh=True)
     assert (summary["micro_batch_size"], summary["gradient_accumulation"]) == (2, 4)  # 8 examples per step kept
     assert summary["memory_plan"]["release_freed_memory"] is True  # tight: freed memory is returned at once
+    from adaptkit.runs import open_run
+
+    assert open_run(recipe.run_dir, host).batch_size == 2  # adaptkit eval uses the micro-batch that fitted
     saved = json.loads((recipe.run_dir / BATCH_FILE).read_text())
     assert (saved["micro_batch_size"], saved["gradient_accumulation"], saved["effective_batch_size"]) == (2, 4, 8)
     state = json.loads((recipe.run_dir / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())

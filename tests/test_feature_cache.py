@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from adaptkit.testing import save_tiny_pretrained, tiny_model
-
-POS = "good great fine nice fun best love wonderful".split()
-NEG = "bad awful boring worst dull poor hate mess weak".split()
-
+from adaptkit.testing import save_tiny_pretrained, sentiment_rows, tiny_model
 
 @pytest.fixture(scope="module")
 def probe_dir(tmp_path_factory):
@@ -24,14 +19,7 @@ def probe_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("probe")
     save_tiny_pretrained(d / "bert", "bert")
     save_tiny_pretrained(d / "llama", "llama")
-    rng = random.Random(0)
-    rows, seen = [], set()
-    while len(rows) < 56:  # distinct texts, so that the cache's counts are exact
-        label = len(rows) % 2
-        text = "the movie was " + " ".join(rng.choice(POS if label else NEG) for _ in range(rng.randint(1, 8)))
-        if text not in seen:
-            seen.add(text)
-            rows.append({"text": text, "label": ["neg", "pos"][label]})
+    rows = sentiment_rows(56, lengths=(1, 8))  # distinct texts (exact cache counts) of many lengths (padding)
     (d / "data").mkdir()
     for name, part in (("train", rows[:44]), ("validation", rows[44:])):
         (d / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))

@@ -175,22 +175,36 @@ def test_two_processes_end_in_sync(workdir, strategies):
         assert torch.equal(saved["bert.encoder.layer.0.output.dense.weight"], base["encoder.layer.0.output.dense.weight"])
 
 
-def test_nan_loss_stops_with_a_message(workdir, tmp_path, monkeypatch):
-    """A plugin poisons the weights after step 2: the run stops at step 3, exit 2, checkpoint kept."""
+POISON = {
+    # NaN weights: every later forward pass gives a NaN loss
+    "nan": "        with torch.no_grad():\n"
+           "            for p in run.adapted.model.parameters():\n"
+           "                if p.requires_grad:\n"
+           "                    p.fill_(float('nan'))\n",
+    # an infinite loss (an overflow) from the next forward pass on
+    "inf": "        model, forward = run.adapted.model, run.adapted.model.forward\n"
+           "        def infinite(*args, **kwargs):\n"
+           "            out = forward(*args, **kwargs)\n"
+           "            out.loss = out.loss * float('inf')\n"
+           "            return out\n"
+           "        model.forward = infinite\n",
+}
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_a_non_finite_loss_stops_with_a_message(workdir, tmp_path, kind):
+    """A plugin poisons the model after step 2: the run stops at step 3, exit 2, checkpoint kept."""
     (tmp_path / "poison_plugin.py").write_text(
         "import torch\nfrom adaptkit import hookimpl\n\n"
         "@hookimpl\ndef adaptkit_on_step_end(run, step, logs):\n"
-        "    if step == 2:\n"
-        "        with torch.no_grad():\n"
-        "            for p in run.adapted.model.parameters():\n"
-        "                if p.requires_grad:\n"
-        "                    p.fill_(float('nan'))\n"
+        "    if step == 2:\n" + POISON[kind]
     )
-    path = recipe_file(workdir, "nan", "[full]", "max_steps: 6, lr: 1.0e-3, micro_batch_size: 8, save_every: 1")
+    path = recipe_file(workdir, kind, "[full]", "max_steps: 6, lr: 1.0e-3, micro_batch_size: 8, save_every: 1")
     res = run_cli("-p", "poison_plugin", "train", str(path), "--fresh", env={"PYTHONPATH": str(tmp_path)})
     assert res.returncode == 2, res.stderr[-2000:]
-    assert "loss is nan at step 3" in res.stderr and "Traceback" not in res.stderr
-    assert (workdir / "runs" / "nan" / "checkpoints" / "step-00000002" / "manifest.json").is_file()
+    assert f"loss is {kind} at step 3" in res.stderr and "Traceback" not in res.stderr
+    assert (workdir / "runs" / kind / "checkpoints" / "step-00000002" / "manifest.json").is_file()
+    assert not (workdir / "runs" / kind / "checkpoints" / "step-00000003").exists()
 
 
 def test_reload_of_a_classifier_with_a_new_random_head_is_accepted(tmp_path, host):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from adaptkit.recipe import load_recipe
-from adaptkit.testing import WORDS, save_tiny_pretrained
+from adaptkit.testing import WORDS, save_tiny_pretrained, sentiment_rows
 
 ADAPTKIT = [sys.executable, "-m", "adaptkit"]
 
@@ -140,20 +140,13 @@ def saved_weights_of_base(path: Path) -> dict:
 
 # -- shared tiny classifier ---------------------------------------------------------------------
 
-POS = "good great fine nice fun best love wonderful".split()
-NEG = "bad awful boring worst dull poor hate mess weak".split()
-
 
 @pytest.fixture(scope="module")
 def clf(tmp_path_factory):
     """A tiny BERT and a separable sentiment set (train and validation files)."""
     d = tmp_path_factory.mktemp("clf")
     save_tiny_pretrained(d / "bert", "bert")
-    rng = random.Random(0)
-    rows = []
-    for i in range(48):
-        label = i % 2
-        rows.append({"text": "the movie was " + " ".join(rng.choice(POS if label else NEG) for _ in range(6)), "label": ["neg", "pos"][label]})
+    rows = sentiment_rows(48)
     (d / "data").mkdir()
     write_jsonl(d / "data" / "train.jsonl", rows[:40])
     write_jsonl(d / "data" / "validation.jsonl", rows[40:])
@@ -291,7 +284,22 @@ def test_report_to_accepts_only_known_trackers(clf, host):
     assert load_recipe(clf_recipe(clf, "none", "max_steps: 1"), host=host).train.report_to == []
 
 
-# -- bitsandbytes optimizers on CPU ------------------------------------------------------------------
+# -- optimizers ------------------------------------------------------------------------------------
+
+
+def test_adamw_runs_on_all_tensors_at_once_only_when_they_are_small():
+    """foreach for many small tensors (LoRA: per-op overhead dominates); a loop for big ones (full
+    fine-tuning: foreach's temporaries would add to the peak for no speed)."""
+    import torch
+
+    from adaptkit.recipe import TrainSpec
+    from adaptkit.training import FOREACH_MAX_MEAN_NUMEL, build_optimizer
+
+    lora_like = [torch.nn.Parameter(torch.zeros(8, 576)) for _ in range(6)]
+    full_like = [torch.nn.Parameter(torch.zeros(576, 1536)), torch.nn.Parameter(torch.zeros(576))]
+    assert build_optimizer([{"params": lora_like}], TrainSpec()).defaults["foreach"] is True
+    assert build_optimizer([{"params": full_like}], TrainSpec()).defaults["foreach"] is False
+    assert sum(p.numel() for p in full_like) / 2 > FOREACH_MAX_MEAN_NUMEL > 8 * 576
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw", "paged_adamw_8bit"])
