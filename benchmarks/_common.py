@@ -42,6 +42,8 @@ class Case:
 CASES = {
     # sized for a 2-core CPU: a LoRA step of SmolLM2-135M on 2 x 256 tokens takes about 4 s there
     "lora": Case("lora", "smollm2-135m-instruct", "language_modeling", "lora", seq=256, batch=2, steps=8, warmup=2),
+    # the same with 8 sequences a step: larger matrix products, closer to the machine's matmul peak
+    "lora-b8": Case("lora-b8", "smollm2-135m-instruct", "language_modeling", "lora", seq=256, batch=8, steps=4, warmup=1),
     "full": Case("full", "smollm2-135m-instruct", "language_modeling", "full", seq=256, batch=2, steps=6, warmup=1, lr=1e-5),
     "classification": Case("classification", "all-minilm-l6-v2", "classification", "top2", seq=128, batch=16, steps=20, warmup=3,
                            lr=5e-4),

@@ -27,7 +27,7 @@ def main() -> None:
     """Run the comparison and print one block per case."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="runs of each loop per case (alternating)")
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=["lora", "full", "classification"], choices=list(CASES))
     args = parser.parse_args()
     loops = ["adaptkit", "baseline"]
     print(f"machine: {machine()}")

@@ -112,7 +112,7 @@ def main() -> None:
                   f"{per_token / 1e6:.0f} MFLOP/token = {tput * per_token / 1e9:.1f} GFLOP/s: MFU {mfu[loop]:.1%} "
                   f"(with attention's {attn / 1e6:.0f} MFLOP/token: {tput * (per_token + attn) / peak:.1%}); "
                   f"per CPU-second {per_cpu * per_token / peak_cpu:.1%}")
-        if name == "lora":
+        if case.strategy == "lora":
             print(f"  adaptkit LoRA MFU {mfu['adaptkit']:.1%}: {'meets' if mfu['adaptkit'] >= 0.55 else 'misses'} the 55% target")
 
 
