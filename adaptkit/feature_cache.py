@@ -89,7 +89,8 @@ class FeatureCache:
             row = tensors[name][i]
             if real is not None and row.dim() >= 1 and row.shape[0] == real.shape[0]:
                 row = row[real]
-            digest.update(name.encode() + str(tuple(row.shape)).encode() + row.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            raw = row.detach().cpu().contiguous().view(-1).view(torch.uint8)  # any dtype, bfloat16 included
+            digest.update(f"{name}{tuple(row.shape)}".encode() + raw.numpy().tobytes())
         return digest.digest()
 
     def compute(self, args: tuple, kwargs: dict, missing: list[int], keys: list[bytes], positions: list) -> None:
