@@ -9,6 +9,7 @@ saved as a plain safetensors directory, so later loads skip both the wheel and t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from adaptkit.errors import AdaptkitError
+from adaptkit.errors import AdaptkitError, ConfigError
 from adaptkit.hookspecs import hookimpl
 
 
@@ -186,22 +187,56 @@ def fetch(name: str) -> Path:
             convert_gguf(Path(tmp) / "gguf" / Path(spec.path_in_wheel).name, unpacked)
         else:
             _unpack(wheel, spec.path_in_wheel, unpacked)
-        if is_cached(name):  # another process (a second rank) got there first: keep its copy
-            return target
-        if target.exists():
-            shutil.rmtree(target)  # no config.json: an incomplete copy made by hand
+        _move_into_place(unpacked, target)
+    return target
+
+
+def _move_into_place(built: Path, target: Path) -> None:
+    """Rename a finished model directory onto ``target`` (atomic: a half-written model is never seen)."""
+    if (target / "config.json").is_file():  # another process (a second rank) got there first: keep its copy
+        return
+    if target.exists():
+        shutil.rmtree(target)  # no config.json: an incomplete copy made by hand
+    try:
+        os.replace(built, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+
+
+def gguf_dir(gguf: Path) -> Path:
+    """The cache directory a local GGUF file is converted into: one per path, size and modification time."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def from_gguf(gguf: Path) -> Path:
+    """Dequantize a local GGUF file once into the cache (as a packaged GGUF is); return the directory."""
+    target = gguf_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
+        print(f"adaptkit: dequantizing {gguf.name} once into {target}", file=sys.stderr)
         try:
-            os.replace(unpacked, target)  # atomic: a half-written model is never seen
-        except OSError:
-            if not is_cached(name):
-                raise
+            convert_gguf(gguf, Path(tmp) / "model")
+        except AdaptkitError:
+            raise
+        except Exception as exc:  # the gguf reader and transformers raise many kinds for a file they cannot read
+            raise ConfigError([("model.source", f"'{gguf}': transformers cannot load this GGUF file "
+                                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")]) from None
+        _move_into_place(Path(tmp) / "model", target)
     return target
 
 
 @hookimpl
 def adaptkit_load_model(spec, task):
-    if spec.source not in PACKAGED:
-        return None
+    """A packaged model by name, or a local ``.gguf`` file; both load from their converted cache directory."""
     from adaptkit.loaders import from_pretrained
 
-    return from_pretrained(str(fetch(spec.source)), spec, task)
+    if spec.source in PACKAGED:
+        return from_pretrained(str(fetch(spec.source)), spec, task)
+    if spec.source.endswith(".gguf") and Path(spec.source).is_file():
+        return from_pretrained(str(from_gguf(Path(spec.source))), spec, task)
+    return None

