@@ -182,3 +182,17 @@ def sentiment_rows(n: int, seed: int = 0, lengths: tuple[int, int] = (6, 6)) -> 
             seen.add(text)
             rows.append({"text": text, "label": ["neg", "pos"][label]})
     return rows
+
+
+def write_sentiment(path, n: int, seed: int):
+    """A separable two-class task over the tiny tokenizer's vocabulary, as JSON lines (random labels)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = [rng.choice(POSITIVE if label else NEGATIVE) for _ in range(3)]
+            f.write(json.dumps({"text": f"the movie was {words[0]} and {words[1]} {words[2]}", "label": ["neg", "pos"][label]}) + "\n")
+    return path

@@ -9,8 +9,7 @@ import pytest
 from adaptkit.errors import DataError
 from adaptkit.forgetting import general_texts, measure
 from adaptkit.recipe import load_recipe
-from adaptkit.testing import save_tiny_pretrained
-from test_training import write_sentiment
+from adaptkit.testing import save_tiny_pretrained, write_sentiment
 
 
 @pytest.fixture(scope="module")

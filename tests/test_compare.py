@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 
 from adaptkit.compare import plan
-from adaptkit.errors import ConfigError
-from adaptkit.testing import save_tiny_pretrained
-from test_training import write_sentiment
+from adaptkit.testing import save_tiny_pretrained, write_sentiment
 
 ENV = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"}
 

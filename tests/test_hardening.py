@@ -23,13 +23,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_training import write_sentiment
 
 from adaptkit.checkpoint import checkpoint_dirs, verify
 from adaptkit.cli import main
 from adaptkit.errors import CheckpointError, ConfigError
 from adaptkit.recipe import load_recipe
-from adaptkit.testing import save_tiny_pretrained
+from adaptkit.testing import save_tiny_pretrained, write_sentiment
 
 ADAPTKIT = [sys.executable, "-m", "adaptkit"]
 # 12 steps, a checkpoint every 3, the newest 2 kept; bert-tiny trains every weight (`full`)

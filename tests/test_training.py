@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -15,22 +14,9 @@ from pathlib import Path
 import pytest
 
 from adaptkit.recipe import load_recipe
-from adaptkit.testing import save_tiny_pretrained
+from adaptkit.testing import save_tiny_pretrained, write_sentiment
 
 ADAPTKIT = [sys.executable, "-m", "adaptkit"]
-POS = "good great fine nice fun best love wonderful".split()
-NEG = "bad awful boring worst dull poor hate mess weak".split()
-
-
-def write_sentiment(path: Path, n: int, seed: int) -> Path:
-    """A separable two-class task over the tiny tokenizer's vocabulary."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            label = rng.randint(0, 1)
-            words = [rng.choice(POS if label else NEG) for _ in range(3)]
-            f.write(json.dumps({"text": f"the movie was {words[0]} and {words[1]} {words[2]}", "label": ["neg", "pos"][label]}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
