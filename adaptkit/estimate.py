@@ -996,9 +996,8 @@ def plan_memory(run: Any, fresh_dir: bool, loaded: bool) -> tuple[Any, dict[str,
     baseline, which is already resident. A ``batch_size.json`` that ``write_memory_plan`` left in
     the run directory is read back on resume (unless ``fresh_dir``), so a resumed run uses the
     micro-batch it started with. With ``loaded`` (weights already in memory) only ``auto`` is resolved.
+    The micro-batch chosen here is the estimate's; ``confirm_micro_batch`` then tries it for real.
     """
-    import torch
-
     from adaptkit.training import recipe_id
 
     recipe, acc, spec = run.recipe, run.accelerator, run.recipe.train
@@ -1026,11 +1025,12 @@ def plan_memory(run: Any, fresh_dir: bool, loaded: bool) -> tuple[Any, dict[str,
         saved = None if fresh_dir else _read_batch_file(run.run_dir / BATCH_FILE, recipe_id(recipe), total)
         if saved:
             micro = saved
+            info["chosen_before"] = True
             run.log(f"adaptkit: micro_batch_size auto: using {micro}, as chosen before ({run.run_dir / BATCH_FILE})")
         else:
             micro = _choose(run, estimator, recipe, budget, total)
             if acc.num_processes > 1:  # every rank must accumulate alike: the smallest choice wins
-                micro = int(acc.reduce(torch.tensor(micro, device=device), "min").item())
+                micro = smallest_across_processes(acc, micro)
             run.log(f"adaptkit: micro_batch_size auto: {micro} x {total // micro} accumulation steps ({total} examples "
                     f"per step{'' if budget is None else ', within ' + format_bytes(budget)})")
         spec = spec.model_copy(update={"micro_batch_size": micro, "gradient_accumulation": total // micro})
@@ -1058,6 +1058,41 @@ def plan_memory(run: Any, fresh_dir: bool, loaded: bool) -> tuple[Any, dict[str,
     return spec, info
 
 
+def smallest_across_processes(acc: Any, value: int) -> int:
+    """The smallest ``value`` of all processes (Accelerate's reduce has max and sum, not min)."""
+    import torch
+
+    return -int(acc.reduce(torch.tensor(-value, device=acc.device), "max").item())
+
+
+def confirm_micro_batch(run: Any, spec: Any, info: dict[str, Any], model: Any, optimizer: Any, dataset: Any,
+                        collate: Any, pending: list[Any]) -> Any:
+    """After ``plan_memory``, with model and optimizer prepared: trial steps confirm ``auto``'s micro-batch.
+
+    Steps down through the divisors of the effective batch while a trial step runs out of memory
+    (``adaptkit.batch_probe``); returns the train section to use and records the sizes tried in
+    ``info``. With several processes the smallest micro-batch any of them could run wins.
+    """
+    from adaptkit.batch_probe import PROBED, probe_micro_batch
+
+    acc = run.accelerator
+    if acc.distributed_type.value not in PROBED:
+        run.log(f"adaptkit: micro_batch_size auto: no trial step under {acc.distributed_type.value} "
+                f"(one process holds only a shard); the estimate's {spec.micro_batch_size} stands")
+        return spec
+    total = info["effective_batch_size"]
+    candidates = [d for d in divisors(total) if d <= spec.micro_batch_size]
+    micro, info["tried"] = probe_micro_batch(acc, model, optimizer, dataset, collate, candidates, pending, run.log)
+    if acc.num_processes > 1:
+        micro = smallest_across_processes(acc, micro)
+    if micro == spec.micro_batch_size:
+        return spec
+    run.log(f"adaptkit: micro_batch_size auto: {micro} x {total // micro} accumulation steps, as trial steps showed")
+    acc.gradient_accumulation_steps = total // micro
+    info.update(micro_batch_size=micro, gradient_accumulation=total // micro)
+    return spec.model_copy(update={"micro_batch_size": micro, "gradient_accumulation": total // micro})
+
+
 def _choose(run: Any, estimator: Estimator | None, recipe: Recipe, budget: int | None, total: int) -> int:
     """The largest micro-batch that fits; without an estimate or a budget, the largest divisor up to 8."""
     fallback = max(d for d in divisors(total) if d <= 8)
@@ -1081,8 +1116,8 @@ def write_memory_plan(run_dir: Path, info: dict[str, Any]) -> None:
     """Record the micro-batch ``auto`` chose in ``<run dir>/batch_size.json`` (atomically); nothing without auto."""
     from adaptkit.checkpoint import write_json
 
-    if info.get("micro_batch_size_auto"):
-        keys = ("run_id", "micro_batch_size", "gradient_accumulation", "effective_batch_size", "budget_mb")
+    if info.get("micro_batch_size_auto") and not info.get("chosen_before"):
+        keys = ("run_id", "micro_batch_size", "gradient_accumulation", "effective_batch_size", "budget_mb", "tried")
         write_json(Path(run_dir) / BATCH_FILE, {k: info.get(k) for k in keys})
 
 

@@ -80,7 +80,7 @@ class TrainSpec(Section):
     )
     gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step (with auto: chosen)")
     effective_batch_size: Optional[int] = Field(
-        None, ge=1, description="examples per optimizer step with micro_batch_size auto (default 8 x gradient_accumulation)"
+        None, ge=1, description="examples per optimizer step and process with micro_batch_size auto (default 8 x gradient_accumulation)"
     )
     preflight: bool = Field(True, description="estimate memory before loading the model and refuse a run that will not fit")
     memory_limit_mb: Optional[float] = Field(

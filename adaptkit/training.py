@@ -38,7 +38,7 @@ from adaptkit.checkpoint import (
 from adaptkit.data import apply_transforms, load_data
 from adaptkit.errors import AdaptkitError, ConfigError
 from adaptkit.feature_cache import FeatureCache, check_cacheable
-from adaptkit.estimate import plan_memory, write_memory_plan
+from adaptkit.estimate import confirm_micro_batch, plan_memory, write_memory_plan
 from adaptkit.forgetting import compare as compare_forgetting
 from adaptkit.forgetting import general_texts, measure
 from adaptkit.plugins import PluginHost
@@ -308,15 +308,16 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     # head-only training: the frozen backbone runs once per example, not once per epoch
     cache = FeatureCache(check_cacheable(model, adapted.pending_parameters())) if spec.cache_features else None
 
-    batch_size = spec.micro_batch_size if isinstance(spec.micro_batch_size, int) else 8
     sampler = EpochSampler(len(train_ds), spec.seed)
     collate = run.task.collate(run.processor)
-    # Own generators: a DataLoader without one draws a seed from the global RNG each time it is
-    # iterated, which would shift dropout masks between a resumed and an uninterrupted run.
-    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                                           generator=torch.Generator().manual_seed(spec.seed))
-    eval_dl = torch.utils.data.DataLoader(eval_ds, batch_size=batch_size, collate_fn=collate,
-                                          generator=torch.Generator().manual_seed(spec.seed))
+
+    def loaders(batch_size: int) -> tuple[Any, Any]:
+        # Own generators: a DataLoader without one draws a seed from the global RNG each time it is
+        # iterated, which would shift dropout masks between a resumed and an uninterrupted run.
+        return (torch.utils.data.DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                            generator=torch.Generator().manual_seed(spec.seed)),
+                torch.utils.data.DataLoader(eval_ds, batch_size=batch_size, collate_fn=collate,
+                                            generator=torch.Generator().manual_seed(spec.seed)))
 
     # Parameters a strategy unfreezes later must be known to DDP when it wraps the model: they
     # require grad from the start, and their gradients are dropped until they are unfrozen.
@@ -328,7 +329,12 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     # Nothing trains (the `none` baseline): the run evaluates the model as it is, in zero steps.
     trains = any(g["params"] for g in groups)
     optimizer = build_optimizer(groups, spec) if trains else None
-    wrapped, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
+    wrapped, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, *loaders(spec.micro_batch_size))
+    if memory.get("micro_batch_size_auto") and not memory.get("chosen_before") and trains:
+        chosen = confirm_micro_batch(run, spec, memory, wrapped, optimizer, train_ds, collate, adapted.pending_parameters())
+        if chosen != spec:
+            spec = chosen
+            train_dl, eval_dl = acc.prepare(*loaders(spec.micro_batch_size))
 
     steps_per_epoch = max(1, math.ceil(len(train_dl) / spec.gradient_accumulation))
     total_steps = (spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch))) if trains else 0
@@ -560,7 +566,7 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         "peak_memory_mb": peak_memory_mb(acc.device),
         "num_processes": acc.num_processes,
         "mixed_precision": spec.mixed_precision,
-        "micro_batch_size": batch_size,
+        "micro_batch_size": spec.micro_batch_size,
         "gradient_accumulation": spec.gradient_accumulation,
         "param_digest": digest,
         "ranks_in_sync": len(set(digests)) == 1,

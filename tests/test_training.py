@@ -141,7 +141,9 @@ def test_two_processes_end_in_sync(workdir, strategies):
     """accelerate launch on 2 CPU processes (gloo): trained weights identical on both ranks,
     including blocks gradual unfreezing thaws after DDP wrapped the model."""
     name = "ddp_lora" if "lora" in strategies else "ddp_gradual"
-    path = recipe_file(workdir, name, strategies, "max_steps: 8, lr: 1.0e-3, micro_batch_size: 8, weight_decay: 0.1")
+    # gradual unfreezing with an auto micro-batch: each rank's trial steps thaw the blocks and must give them back unchanged
+    batch = "micro_batch_size: auto, effective_batch_size: 8" if "gradual" in strategies else "micro_batch_size: 8"
+    path = recipe_file(workdir, name, strategies, f"max_steps: 8, lr: 1.0e-3, {batch}, weight_decay: 0.1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "adaptkit", "train", str(path), "--fresh"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
@@ -151,6 +153,7 @@ def test_two_processes_end_in_sync(workdir, strategies):
     assert summary["num_processes"] == 2
     assert summary["ranks_in_sync"] is True
     if "gradual" in strategies:
+        assert summary["memory_plan"]["tried"] == [8] and summary["micro_batch_size"] == 8
         import torch
         from safetensors.torch import load_file
 
