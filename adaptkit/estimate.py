@@ -14,9 +14,9 @@ pass frees the activations, block by block from the top. ``Estimate.total`` foll
 
 Measured, not assumed: ``benchmarks/estimate_accuracy.py`` compares the estimate with the peak
 resident memory of real runs. On a CPU the estimate is of live memory: what a process holds when
-freed tensors go back to the operating system at once (``release_freed_memory``, which
-``adaptkit train`` turns on when memory is tight; glibc's default keeps up to ``ALLOCATOR_SLACK``
-times that resident).
+freed tensors go back to the operating system at once (``set_cpu_allocator("release")``, which
+``adaptkit train`` chooses when memory is tight; otherwise it keeps freed memory for reuse, up to
+``ALLOCATOR_SLACK`` times that resident).
 """
 
 from __future__ import annotations
@@ -842,31 +842,38 @@ def free_memory(device: Any) -> int | None:
     return None
 
 
-#: How much more than the live peak a CPU run may keep resident with glibc's default allocator.
+#: How much more than the live peak a CPU run may keep resident when freed memory is kept for reuse.
 ALLOCATOR_SLACK = 1.5
 
+#: glibc settings a user may have made: then adaptkit leaves the allocator as they set it.
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
-def release_freed_memory() -> bool:
-    """Make glibc give freed tensors back to the operating system at once (Linux, CPU training).
 
-    glibc serves large allocations with mmap, but after the first large free it raises that
-    threshold, so later activations come from the heap and stay resident after they are freed:
-    measured on SmolLM2-135M with LoRA, a training process then peaks at 3.3 GB instead of
-    2.5 GB. A fixed threshold (glibc's initial 128 KiB) keeps every tensor-sized block in its own
-    mapping. The price is a page fault on every fresh page of every activation: LoRA steps on
-    SmolLM2-135M take 1.5x as long, so training does this only when memory is tight
-    (``plan_memory``). Returns False where there is no glibc ``mallopt``.
+def set_cpu_allocator(policy: str) -> bool:
+    """Choose what glibc does with freed tensors (Linux, CPU training): ``keep`` or ``release`` them.
+
+    By default glibc serves blocks over 32 MiB (a causal LM's logits and their gradients) with
+    mmap and unmaps them when freed, so every step faults in their pages afresh: LoRA on
+    SmolLM2-135M spends about a fifth of a step there. ``keep`` serves every tensor from the heap
+    and keeps freed memory for the next step (mmap and trim thresholds of 1 GiB): steps about
+    1.2x faster, for about 5% more resident memory. ``release`` (a fixed 128 KiB mmap threshold)
+    gives every tensor-sized block its own mapping, returned when freed: the process holds its
+    live memory and no more, and pays a page fault on every fresh page (LoRA steps 1.5x slower
+    than glibc's default). Training keeps when memory is ample and releases when it is tight
+    (``plan_memory``). Returns False, changing nothing, where there is no glibc ``mallopt`` or
+    the environment already sets glibc's allocator (``ALLOCATOR_ENV``).
     """
     import ctypes
 
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or any(os.environ.get(k) for k in ALLOCATOR_ENV):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    m_mmap_threshold = -3
-    return bool(libc.mallopt(m_mmap_threshold, 128 * 1024))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    threshold = 128 * 1024 if policy == "release" else 1 << 30  # 128 KiB: glibc's initial values
+    return bool(libc.mallopt(m_mmap_threshold, threshold) and libc.mallopt(m_trim_threshold, threshold))
 
 
 # -- making it fit --------------------------------------------------------------------------------
@@ -1048,13 +1055,15 @@ def plan_memory(run: Any, fresh_dir: bool, loaded: bool) -> tuple[Any, dict[str,
         info["estimate_mb"] = est.total / MiB
         if est.total > budget:
             raise DoesNotFitError(does_not_fit_message(est, budget, suggest(estimator, resolved, budget), device.type))
-        # glibc keeps freed activations resident (up to 1.3x the live peak, measured on SmolLM2-135M);
-        # returning them at once costs a page fault per fresh page (LoRA steps 1.5x slower there), so
-        # only a run that would not fit otherwise pays for it
-        if device.type == "cpu" and est.total * ALLOCATOR_SLACK > budget and release_freed_memory():
-            info["release_freed_memory"] = True
-            run.log(f"adaptkit: memory is tight (about {format_bytes(est.total)} of {format_bytes(budget)}): freed memory "
-                    "goes back to the system at once, which makes steps slower")
+        # keeping freed memory for reuse makes CPU steps faster but holds more than the live peak;
+        # only a run that would not fit otherwise pays for returning it at once (see set_cpu_allocator)
+        if device.type == "cpu":
+            tight = est.total * ALLOCATOR_SLACK > budget
+            if set_cpu_allocator("release" if tight else "keep"):
+                info["allocator"] = "release" if tight else "keep"
+            if tight:
+                run.log(f"adaptkit: memory is tight (about {format_bytes(est.total)} of {format_bytes(budget)}): freed memory "
+                        "goes back to the system at once, which makes steps slower")
     return spec, info
 
 

@@ -8,12 +8,13 @@ table with estimate / measured for each, and exits 1 when one is off by more tha
 
 The estimate is of live memory. Each run gets ``MALLOC_MMAP_THRESHOLD_=131072``, glibc's setting
 for what ``adaptkit train`` does when memory is tight: freed tensors leave the process at once,
-so its peak is the live peak. ``--allocator default`` measures under glibc's default instead,
-which keeps freed activations resident (and is what a run with room to spare uses).
+so its peak is the live peak (adaptkit leaves an allocator set in the environment alone).
+``--allocator adaptkit`` measures under adaptkit's own choice instead, which keeps freed memory
+for reuse when there is room to spare (``adaptkit.estimate.set_cpu_allocator``).
 
     python benchmarks/estimate_accuracy.py                 # all strategies (about 20 minutes on 2 cores)
     python benchmarks/estimate_accuracy.py --only lora,full --steps 3 --json results.json
-    python benchmarks/estimate_accuracy.py --only lora --allocator default
+    python benchmarks/estimate_accuracy.py --only lora --allocator adaptkit
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ MODEL = "smollm2-135m-instruct"
 STRATEGIES = {
     "full": (["full"], {}),
     "freeze": ([{"name": "freeze", "trainable_top_blocks": 4, "tied_head": "untie"}], {}),
-    "lora": ([{"name": "lora"}], {}),
-    "lora+checkpointing": ([{"name": "lora"}], {"gradient_checkpointing": True}),
-    "lora-4bit": ([{"name": "lora", "quantize": "4bit"}], {}),
+    # with dropout: the estimate's dropout term is measured too
+    "lora": ([{"name": "lora", "dropout": 0.05}], {}),
+    "lora+checkpointing": ([{"name": "lora", "dropout": 0.05}], {"gradient_checkpointing": True}),
+    "lora-4bit": ([{"name": "lora", "dropout": 0.05, "quantize": "4bit"}], {}),
     "adapters": ([{"name": "adapters", "train_head": False}], {}),
     "gradual_unfreeze": ([{"name": "gradual_unfreeze", "unit": "step", "every": 1, "tied_head": "untie"}], {}),
     "peft-ia3": ([{"name": "peft", "method": "ia3"}], {}),
@@ -80,14 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated strategy labels to run (default: all)")
     parser.add_argument("--target", type=float, default=0.15, help="allowed relative error")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--allocator", choices=["live", "default"], default="live",
-                        help="live: freed memory returned at once (what the estimate predicts); default: glibc's default")
+    parser.add_argument("--allocator", choices=["live", "adaptkit"], default="live",
+                        help="live: freed memory returned at once (what the estimate predicts); adaptkit: its own choice")
     args = parser.parse_args(argv)
+    from adaptkit.estimate import ALLOCATOR_ENV
+
     env = dict(os.environ)
     if args.allocator == "live":
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     else:
-        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+        for key in ALLOCATOR_ENV:
+            env.pop(key, None)
 
     from adaptkit.estimate import Estimator, format_bytes
     from adaptkit.packaged import fetch

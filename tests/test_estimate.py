@@ -4,14 +4,18 @@ suggestions, the CLI, the pre-flight check in training and micro_batch_size: aut
 from __future__ import annotations
 
 import json
+import os
 import random
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from adaptkit.cli import main
 from adaptkit.errors import AdaptkitError, ConfigError
-from adaptkit.estimate import DoesNotFitError, Estimator, divisors, parse_memory, release_freed_memory, suggest
+from adaptkit.estimate import ALLOCATOR_ENV, DoesNotFitError, Estimator, divisors, parse_memory, suggest
 from adaptkit.recipe import apply_overrides, validate
 
 # the hand-counted model: LLaMA, 2 blocks, hidden 64, MLP 128, 4 heads of 16, 2 key/value heads, vocabulary 128
@@ -210,7 +214,7 @@ def test_cpu_overhead_and_checkpoint_pages(tmp_path, host):
     from adaptkit.testing import tiny_config
 
     tiny_config("llama", dtype="float32").save_pretrained(tmp_path / "m")  # stored as the recipe loads it
-    recipe = make_recipe(tmp_path / "m", [{"name": "lora", "quantize": "4bit"}], host)
+    recipe = make_recipe(tmp_path / "m", [{"name": "lora", "quantize": "4bit", "dropout": 0.05}], host)
     cpu = Estimator(host, device="cpu", overhead_bytes=123, peak_tflops=0).estimate(recipe)
     assert cpu.overhead == 123
     # the float32 checkpoint's pages of the 21 quantized layers stay mapped on a CPU
@@ -425,7 +429,7 @@ def test_auto_micro_batch_picks_the_largest_that_fits_and_resume_keeps_it(lm_dir
     _, recipe = lm_recipe(lm_dir, "auto", train_spec, host)
     summary = train(recipe, host, fresh=True)
     assert (summary["micro_batch_size"], summary["gradient_accumulation"]) == (2, 4)  # 8 examples per step kept
-    assert summary["memory_plan"]["release_freed_memory"] is True  # tight: freed memory is returned at once
+    assert summary["memory_plan"]["allocator"] == "release"  # tight: freed memory is returned at once
     from adaptkit.runs import open_run
 
     assert open_run(recipe.run_dir, host).batch_size == 2  # adaptkit eval uses the micro-batch that fitted
@@ -437,7 +441,7 @@ def test_auto_micro_batch_picks_the_largest_that_fits_and_resume_keeps_it(lm_dir
     _, more = lm_recipe(lm_dir, "auto", train_spec.replace("max_steps: 2", "max_steps: 3").replace(f"memory_limit_mb: {limit}", "memory_limit_mb: 100000"), host)
     resumed = train(more, host)
     assert resumed["steps"] == 3 and (resumed["micro_batch_size"], resumed["gradient_accumulation"]) == (2, 4)
-    assert "release_freed_memory" not in resumed["memory_plan"]  # room enough: glibc's faster default
+    assert resumed["memory_plan"]["allocator"] == "keep"  # room enough: freed memory is kept for the next step
     # a fresh run searches again
     fresh = train(more, host, fresh=True)
     assert (fresh["micro_batch_size"], fresh["gradient_accumulation"]) == (8, 1)
@@ -474,10 +478,35 @@ def test_effective_batch_size_needs_auto(llama_dir, host):
         make_recipe(llama_dir, ["full"], host, effective_batch_size=16)
 
 
-def test_release_freed_memory_on_linux():
-    import sys
+ALLOCATOR_CHILD = """
+import resource, sys, torch
+from adaptkit.estimate import set_cpu_allocator
+print(set_cpu_allocator(sys.argv[1]))
+def faults_to_fill(mib):  # page faults while a new tensor of this size is written (and then freed)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.ones(mib * 2**18)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_to_fill(100)
+print(faults_to_fill(80))  # fresh pages again, or memory the 100 MiB tensor left behind
+"""
 
-    assert release_freed_memory() is sys.platform.startswith("linux")
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("policy, user_setting, fresh_pages", [
+    ("keep", None, False),
+    ("release", None, True),
+    ("keep", "131072", True),  # MALLOC_MMAP_THRESHOLD_ in the environment wins: adaptkit changes nothing
+])
+def test_cpu_allocator_policy(policy, user_setting, fresh_pages):
+    """keep: a step's big tensors reuse memory the last step freed; release: they fault in fresh pages."""
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+    if user_setting:
+        env["MALLOC_MMAP_THRESHOLD_"] = user_setting
+    res = subprocess.run([sys.executable, "-c", ALLOCATOR_CHILD, policy], capture_output=True, text=True, env=env, check=True)
+    changed, faults = res.stdout.split()
+    assert changed == str(user_setting is None)
+    pages = 80 * 2**20 // resource.getpagesize()
+    assert int(faults) >= pages if fresh_pages else int(faults) < pages // 10
 
 
 def test_strategy_error_on_meta_is_the_users_error(tmp_path, host, estimator):
