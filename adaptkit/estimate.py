@@ -124,6 +124,7 @@ class Estimate:
     total: int
     peak_phase: str
     frozen_by_dtype: dict[str, int] = field(default_factory=dict)
+    largest_block: int = 0  # the largest tensor a step allocates afresh: the logits, or a trainable weight's gradient
     activations_per_block: int = 0
     activations_by_block: list[int] = field(default_factory=list)  # saved in each block, bottom first (LoRA dropout apart)
     flops_per_step: float = 0.0
@@ -414,6 +415,7 @@ class Estimator:
             activations=activations,
             lora_dropout=lora_dropout,
             logits=logits,
+            largest_block=max([4 * profile.logits_numel] + [4 * p.numel() for p in prep.trainable]),
             checkpoint_pages=checkpoint_pages,
             overhead=overhead,
             total=persistent + transient,
@@ -845,6 +847,9 @@ def free_memory(device: Any) -> int | None:
 #: How much more than the live peak a CPU run may keep resident when freed memory is kept for reuse.
 ALLOCATOR_SLACK = 1.5
 
+#: Blocks above this size glibc always serves with mmap, and unmaps when freed (64-bit Linux).
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
+
 #: glibc settings a user may have made: then adaptkit leaves the allocator as they set it.
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
@@ -856,11 +861,12 @@ def set_cpu_allocator(policy: str) -> bool:
     mmap and unmaps them when freed, so every step faults in their pages afresh: LoRA on
     SmolLM2-135M spends about a fifth of a step there. ``keep`` serves every tensor from the heap
     and keeps freed memory for the next step (mmap and trim thresholds of 1 GiB): steps about
-    1.2x faster, for about 5% more resident memory. ``release`` (a fixed 128 KiB mmap threshold)
+    1.1-1.2x faster, for 6-9% more resident memory. ``release`` (a fixed 128 KiB mmap threshold)
     gives every tensor-sized block its own mapping, returned when freed: the process holds its
     live memory and no more, and pays a page fault on every fresh page (LoRA steps 1.5x slower
     than glibc's default). Training keeps when memory is ample and releases when it is tight
-    (``plan_memory``). Returns False, changing nothing, where there is no glibc ``mallopt`` or
+    (``plan_memory``), and leaves glibc's default where no block of a step exceeds 32 MiB (then
+    the default keeps them all in the heap already). Returns False, changing nothing, where there is no glibc ``mallopt`` or
     the environment already sets glibc's allocator (``ALLOCATOR_ENV``).
     """
     import ctypes
@@ -1055,12 +1061,14 @@ def plan_memory(run: Any, fresh_dir: bool, loaded: bool) -> tuple[Any, dict[str,
         info["estimate_mb"] = est.total / MiB
         if est.total > budget:
             raise DoesNotFitError(does_not_fit_message(est, budget, suggest(estimator, resolved, budget), device.type))
-        # keeping freed memory for reuse makes CPU steps faster but holds more than the live peak;
-        # only a run that would not fit otherwise pays for returning it at once (see set_cpu_allocator)
+        # keeping freed memory for reuse makes CPU steps faster but holds more than the live peak:
+        # worth it only where glibc would unmap a step's blocks; a run that would not fit otherwise
+        # pays for returning freed memory at once (see set_cpu_allocator)
         if device.type == "cpu":
             tight = est.total * ALLOCATOR_SLACK > budget
-            if set_cpu_allocator("release" if tight else "keep"):
-                info["allocator"] = "release" if tight else "keep"
+            policy = "release" if tight else "keep" if est.largest_block > GLIBC_MMAP_THRESHOLD_MAX else None
+            if policy and set_cpu_allocator(policy):
+                info["allocator"] = policy
             if tight:
                 run.log(f"adaptkit: memory is tight (about {format_bytes(est.total)} of {format_bytes(budget)}): freed memory "
                         "goes back to the system at once, which makes steps slower")
