@@ -141,3 +141,17 @@ def test_a_resumed_run_does_not_try_again(probe_dir, host):
     assert first["memory_plan"]["allocator"] == "keep"
     resumed = train(load_recipe(recipe(probe_dir, "resume", "[full]", spec.format(2)), host=host), host)
     assert resumed["steps"] == 2 and resumed["memory_plan"].get("chosen_before") and "tried" not in resumed["memory_plan"]
+
+
+def test_trial_steps_with_qlora_and_a_paged_8bit_optimizer(probe_dir, host):
+    """bitsandbytes' optimizer keeps its own state per parameter: the trial's must be dropped too."""
+    from adaptkit.recipe import load_recipe
+    from adaptkit.training import train
+
+    strategies = "[{name: lora, r: 4, quantize: 4bit}]"
+    train_spec = "micro_batch_size: {}, max_steps: 2, lr: 1.0e-2, optimizer: paged_adamw_8bit"
+    auto = train(load_recipe(recipe(probe_dir, "q-auto", strategies, train_spec.format("auto, effective_batch_size: 4")), host=host),
+                 host, fresh=True)
+    assert auto["memory_plan"]["tried"] == [4]
+    fixed = train(load_recipe(recipe(probe_dir, "q-fixed", strategies, train_spec.format(4)), host=host), host, fresh=True)
+    assert fixed["param_digest"] == auto["param_digest"]

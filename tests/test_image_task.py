@@ -188,3 +188,14 @@ def test_unknown_label_and_label_ids(imagedir, host, tmp_path):
     bad = splits["train"].map(lambda r, i: {"label": 7 if i == 2 else r["label"]}, with_indices=True)
     with pytest.raises(DataError, match=r"train.jsonl: row 3, column 'label': unknown label 7; the labels are \['0', '1'\]"):
         task.encode(bad, processor, files["train"])
+
+
+def test_auto_micro_batch_trial_steps_on_images(imagedir, host):
+    """Images have no token lengths to sort by: the trial takes the first rows; the run equals a fixed-size one."""
+    from adaptkit.training import train
+
+    auto = train(load_recipe(recipe(imagedir, "auto", "max_steps: 2, lr: 1.0e-2, micro_batch_size: auto, effective_batch_size: 8"),
+                             host=host), host, fresh=True)
+    assert auto["memory_plan"]["tried"] == [8] and auto["micro_batch_size"] == 8
+    fixed = train(load_recipe(recipe(imagedir, "fixed", "max_steps: 2, lr: 1.0e-2, micro_batch_size: 8"), host=host), host, fresh=True)
+    assert fixed["param_digest"] == auto["param_digest"]
