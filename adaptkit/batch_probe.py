@@ -38,7 +38,7 @@ def probe_micro_batch(acc: Any, model: Any, optimizer: Any, dataset: Any, collat
     import torch
     from accelerate.utils import find_executable_batch_size, send_to_device
 
-    rows = _longest_first(dataset)
+    rows = _longest_first(dataset, candidates[0])
     remaining = list(candidates[1:])
     tried: list[int] = []
 
@@ -95,10 +95,19 @@ def probe_micro_batch(acc: Any, model: Any, optimizer: Any, dataset: Any, collat
     return size, tried
 
 
-def _longest_first(dataset: Any) -> list[int]:
-    """Row indices, longest token sequence first: the trial must fit the worst micro-batch."""
+def _longest_first(dataset: Any, count: int) -> list[int]:
+    """Indices of the ``count`` longest rows (token sequences), longest first: the trial must fit the worst micro-batch.
+
+    The lengths are read from Arrow a slice at a time, never as Python lists of token ids (a large
+    data set would not fit). Images all have one size: the first rows.
+    """
     columns = getattr(dataset, "column_names", None) or []
-    if "input_ids" not in columns:  # images: every example has the same size
-        return list(range(len(dataset)))
-    lengths = [len(ids) for ids in dataset["input_ids"]]
-    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if "input_ids" not in columns:
+        return list(range(min(count, len(dataset))))
+    import numpy as np
+    import pyarrow.compute as pc
+
+    ids = dataset.select_columns(["input_ids"]).with_format("arrow")
+    lengths = np.concatenate([pc.list_value_length(part["input_ids"]).to_numpy(zero_copy_only=False)
+                              for part in ids.iter(batch_size=10_000)])
+    return [int(i) for i in np.argsort(-lengths, kind="stable")[:count]]

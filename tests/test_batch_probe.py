@@ -155,3 +155,16 @@ def test_trial_steps_with_qlora_and_a_paged_8bit_optimizer(probe_dir, host):
     assert auto["memory_plan"]["tried"] == [4]
     fixed = train(load_recipe(recipe(probe_dir, "q-fixed", strategies, train_spec.format(4)), host=host), host, fresh=True)
     assert fixed["param_digest"] == auto["param_digest"]
+
+
+def test_the_trial_batch_is_made_of_the_longest_examples():
+    """Lengths come from Arrow, through the data set's own row order (a shuffle or select is respected)."""
+    import datasets
+
+    from adaptkit.batch_probe import _longest_first
+
+    d = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in (3, 9, 1, 9, 5)], "labels": [0] * 5})
+    assert _longest_first(d, 3) == [1, 3, 4]  # ties keep row order
+    assert _longest_first(d.select([4, 0, 2]), 2) == [0, 1]
+    shuffled = d.shuffle(seed=0)
+    assert [len(shuffled[i]["input_ids"]) for i in _longest_first(shuffled, 5)] == [9, 9, 5, 3, 1]
