@@ -71,10 +71,11 @@ def probe_micro_batch(acc: Any, model: Any, optimizer: Any, dataset: Any, collat
     modes = [(m, m.training) for m in model.modules()]
     for p in pending:
         p.requires_grad_(True)
-    devices = [acc.device.index or 0] if acc.device.type == "cuda" else []
+    kind = acc.device.type  # besides the CPU's, the generator of the device that runs the trial
+    devices = [] if kind == "cpu" else [acc.device.index or 0]
     model.train()
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices, device_type="cuda" if kind == "cpu" else kind):
             size = find_executable_batch_size(trial, starting_batch_size=candidates[0], reduce_batch_size_fn=next_smaller)()
     except RuntimeError as exc:
         if "No executable batch size found" not in str(exc):

@@ -850,8 +850,15 @@ ALLOCATOR_SLACK = 1.5
 #: Blocks above this size glibc always serves with mmap, and unmaps when freed (64-bit Linux).
 GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 
-#: glibc settings a user may have made: then adaptkit leaves the allocator as they set it.
+#: glibc settings a user may have made: then adaptkit leaves the allocator as they set it
+#: (``GLIBC_TUNABLES`` only where it tunes malloc; containers set it for other things too).
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def allocator_set_by_user() -> bool:
+    """Whether the environment already sets glibc's malloc (see ``ALLOCATOR_ENV``)."""
+    return bool(os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_")
+                or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def set_cpu_allocator(policy: str) -> bool:
@@ -871,15 +878,18 @@ def set_cpu_allocator(policy: str) -> bool:
     """
     import ctypes
 
-    if not sys.platform.startswith("linux") or any(os.environ.get(k) for k in ALLOCATOR_ENV):
+    if not sys.platform.startswith("linux") or allocator_set_by_user():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    threshold = 128 * 1024 if policy == "release" else 1 << 30  # 128 KiB: glibc's initial values
-    return bool(libc.mallopt(m_mmap_threshold, threshold) and libc.mallopt(m_trim_threshold, threshold))
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+    if policy == "release":  # 128 KiB: glibc's initial values
+        return bool(libc.mallopt(m_mmap_threshold, 128 * 1024)) & bool(libc.mallopt(m_trim_threshold, 128 * 1024))
+    trim = bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    # glibc before 2.35 or so refuses an mmap threshold over 32 MiB: no mmap at all does the same
+    return trim and bool(libc.mallopt(m_mmap_threshold, 1 << 30) or libc.mallopt(m_mmap_max, 0))
 
 
 # -- making it fit --------------------------------------------------------------------------------
@@ -1069,7 +1079,7 @@ def plan_memory(run: Any, fresh_dir: bool, loaded: bool) -> tuple[Any, dict[str,
             policy = "release" if tight else "keep" if est.largest_block > GLIBC_MMAP_THRESHOLD_MAX else None
             if policy and set_cpu_allocator(policy):
                 info["allocator"] = policy
-            if tight:
+            if info.get("allocator") == "release":
                 run.log(f"adaptkit: memory is tight (about {format_bytes(est.total)} of {format_bytes(budget)}): freed memory "
                         "goes back to the system at once, which makes steps slower")
     return spec, info
@@ -1099,9 +1109,18 @@ def confirm_micro_batch(run: Any, spec: Any, info: dict[str, Any], model: Any, o
         return spec
     total = info["effective_batch_size"]
     candidates = [d for d in divisors(total) if d <= spec.micro_batch_size]
-    micro, info["tried"] = probe_micro_batch(acc, model, optimizer, dataset, collate, candidates, pending, run.log)
+    failure = None
+    try:
+        micro, info["tried"] = probe_micro_batch(acc, model, optimizer, dataset, collate, candidates, pending, run.log)
+    except DoesNotFitError as exc:
+        if acc.num_processes == 1:
+            raise
+        micro, failure = 0, exc  # the other processes wait in the reduction below: all stop together
     if acc.num_processes > 1:
         micro = smallest_across_processes(acc, micro)
+        if micro == 0:
+            raise failure or DoesNotFitError("train.micro_batch_size auto: another process ran out of memory in a trial "
+                                             "step even with a micro-batch of 1; see its message")
     if micro == spec.micro_batch_size:
         return spec
     run.log(f"adaptkit: micro_batch_size auto: {micro} x {total // micro} accumulation steps, as trial steps showed")

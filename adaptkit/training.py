@@ -216,12 +216,31 @@ def evaluate(run: Run, model: Any, loader: Any) -> dict[str, float]:
 
 
 def peak_memory_mb(device: Any) -> float:
-    """Peak memory of this process: GPU max allocated, or the CPU's peak resident set."""
+    """Peak memory of this process since it started or ``reset_peak_memory``: GPU max allocated, or
+    the CPU's peak resident set (Linux's VmHWM; elsewhere ``ru_maxrss``, which cannot be reset)."""
     import torch
 
     if getattr(device, "type", "cpu") == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory(device: Any) -> None:
+    """Start ``peak_memory_mb`` over from what the process holds now (after the auto micro-batch's trial steps)."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak resident set (Linux 4.0+)
+            f.write("5")
+    except OSError:
+        pass
 
 
 def param_digest(model: Any) -> str:
@@ -335,6 +354,7 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         if chosen != spec:
             spec = chosen
             train_dl, eval_dl = acc.prepare(*loaders(spec.micro_batch_size))
+        reset_peak_memory(acc.device)  # the run's peak is its training's, not the trials'
 
     steps_per_epoch = max(1, math.ceil(len(train_dl) / spec.gradient_accumulation))
     total_steps = (spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch))) if trains else 0

@@ -483,32 +483,50 @@ def test_effective_batch_size_needs_auto(llama_dir, host):
 ALLOCATOR_CHILD = """
 import resource, sys, torch
 from adaptkit.estimate import set_cpu_allocator
-print(set_cpu_allocator(sys.argv[1]))
+policy, sizes = sys.argv[1], [int(mib) for mib in sys.argv[2:]]
+print(set_cpu_allocator(policy) if policy != "glibc" else False)
 def faults_to_fill(mib):  # page faults while a new tensor of this size is written (and then freed)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.ones(mib * 2**18)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults_to_fill(100)
-print(faults_to_fill(80))  # fresh pages again, or memory the 100 MiB tensor left behind
+for mib in sizes[:-1]:
+    faults_to_fill(mib)
+print(faults_to_fill(sizes[-1]))  # fresh pages, or memory an earlier tensor left behind
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-@pytest.mark.parametrize("policy, user_setting, fresh_pages", [
-    ("keep", None, False),
-    ("release", None, True),
-    ("keep", "131072", True),  # MALLOC_MMAP_THRESHOLD_ in the environment wins: adaptkit changes nothing
+@pytest.mark.parametrize("policy, sizes, user_setting, fresh_pages", [
+    # glibc unmaps a freed block over 32 MiB: the next step's faults its pages in again; keep reuses them
+    ("glibc", (100, 80), None, True),
+    ("keep", (100, 80), None, False),
+    # blocks of a few MiB glibc sometimes keeps in the heap (which fill reuses memory varies from
+    # run to run, so it is no control here); release gives every one its own mapping, every time
+    ("release", (2, 2, 2, 2, 2), None, True),
+    ("keep", (100, 80), "131072", True),  # MALLOC_MMAP_THRESHOLD_ in the environment wins: adaptkit changes nothing
 ])
-def test_cpu_allocator_policy(policy, user_setting, fresh_pages):
-    """keep: a step's big tensors reuse memory the last step freed; release: they fault in fresh pages."""
+def test_cpu_allocator_policy(policy, sizes, user_setting, fresh_pages):
+    """What each policy does to the page faults of a step's tensors, against glibc's default."""
     env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
     if user_setting:
         env["MALLOC_MMAP_THRESHOLD_"] = user_setting
-    res = subprocess.run([sys.executable, "-c", ALLOCATOR_CHILD, policy], capture_output=True, text=True, env=env, check=True)
+    res = subprocess.run([sys.executable, "-c", ALLOCATOR_CHILD, policy, *map(str, sizes)], capture_output=True, text=True,
+                         env=env, check=True)
     changed, faults = res.stdout.split()
-    assert changed == str(user_setting is None)
-    pages = 80 * 2**20 // resource.getpagesize()
+    assert changed == str(policy != "glibc" and user_setting is None)
+    pages = sizes[-1] * 2**20 // resource.getpagesize()
     assert int(faults) >= pages if fresh_pages else int(faults) < pages // 10
+
+
+def test_an_allocator_tuned_in_glibc_tunables_is_left_alone(monkeypatch):
+    from adaptkit.estimate import allocator_set_by_user
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")  # containers set this: not malloc's
+    assert not allocator_set_by_user()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0:glibc.malloc.hugetlb=1")
+    assert allocator_set_by_user()
 
 
 def test_strategy_error_on_meta_is_the_users_error(tmp_path, host, estimator):

@@ -434,3 +434,25 @@ def test_generate_stops_at_the_models_context(lm, tmp_path, host):
     assert len(opened.processor(text, add_special_tokens=False)["input_ids"]) == 64 - 3, text  # no EOS drawn: it ran to the end
     with pytest.raises(AdaptkitError, match="the prompt has 70 tokens; this model reads at most 64"):
         generate(opened, " ".join(["good"] * 70))
+
+
+PEAK_CHILD = """
+import gc, torch
+from adaptkit.training import peak_memory_mb, reset_peak_memory
+cpu = torch.device("cpu")
+t = torch.ones(64 * 2**18)  # 64 MiB, written: resident
+del t
+gc.collect()
+high = peak_memory_mb(cpu)
+reset_peak_memory(cpu)
+print(high, peak_memory_mb(cpu))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's VmHWM")
+def test_the_peak_starts_over_after_the_auto_micro_batch_trials():
+    """The trials run the longest rows near the memory limit; the run reports its training's peak, not theirs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    high, after = map(float, subprocess.run([sys.executable, "-c", PEAK_CHILD], capture_output=True, text=True,
+                                            env=env, check=True).stdout.split())
+    assert high - after > 48  # the 64 MiB tensor was unmapped when freed: it no longer counts
