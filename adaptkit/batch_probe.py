@@ -22,16 +22,19 @@ from typing import Any, Callable
 from adaptkit.estimate import DoesNotFitError
 
 # Accelerate runs these as one process per device; a trial on each process needs no collective.
-# FSDP and DeepSpeed shard the model, so one process alone cannot try a step: the estimate stands.
-PROBED = ("NO", "MULTI_CPU", "MULTI_GPU")
+# Accelerate's distributed types where each process holds whole weights. FSDP and DeepSpeed shard
+# the model: one process alone cannot try a step (the estimate stands), and a layer's weight is
+# gathered only inside its own forward.
+UNSHARDED = ("NO", "MULTI_CPU", "MULTI_GPU")
 
 
 def probe_micro_batch(acc: Any, model: Any, optimizer: Any, dataset: Any, collate: Callable[[list], dict],
-                      candidates: list[int], pending: list[Any], log: Callable[[str], None]) -> tuple[int, list[int]]:
+                      candidates: list[int], pending: list[Any], log: Callable[[str], None],
+                      loss_fn: Callable[[Any, dict], Any]) -> tuple[int, list[int]]:
     """The largest of ``candidates`` (descending divisors of the effective batch) whose trial step runs.
 
     ``model`` and ``optimizer`` are what ``acc.prepare`` returned; ``pending`` are the parameters a
-    strategy unfreezes later. Returns the micro-batch and the sizes tried. Raises
+    strategy unfreezes later, ``loss_fn(model, batch)`` the loss training computes. Returns the micro-batch and the sizes tried. Raises
     ``DoesNotFitError`` when even the smallest candidate runs out of memory; any other error
     propagates, as it would have at the first step of training.
     """
@@ -55,7 +58,7 @@ def probe_micro_batch(acc: Any, model: Any, optimizer: Any, dataset: Any, collat
         try:
             for step in range(2):
                 with acc.no_sync(model):  # each process tries alone: no gradient all-reduce
-                    model(**batch).loss.backward()
+                    loss_fn(model, batch).backward()
                 if step == 0:
                     inner.step()
                 inner.zero_grad(set_to_none=True)

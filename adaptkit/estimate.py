@@ -94,7 +94,9 @@ class Estimate:
     keeps for the backward pass, LoRA dropout and the loss excluded; with gradient checkpointing,
     each block's input plus one block recomputed), ``lora_dropout`` (the dropped-out copies of
     the LoRA inputs and their masks), ``logits`` (the logits the output holds, the loss' saved
-    log-probabilities and the two logits-sized gradients of the backward's start),
+    log-probabilities and the two logits-sized gradients of the backward's start; where
+    training computes a causal LM's loss in chunks (``adaptkit.lm_loss``), a chunk's logits
+    and their gradient),
     ``checkpoint_pages`` (CPU: float weights replaced by quantized ones stay resident while the
     memory-mapped checkpoint file is open) and ``overhead`` (CPU: the resident size of a process
     that imported the training stack; CUDA: the context). Buffers (rotary tables, position ids)
@@ -514,6 +516,8 @@ class Estimator:
         """Run one forward pass on meta tensors and sort every tensor autograd saves by where it was made."""
         import torch
 
+        from adaptkit.lm_loss import chunk_rows, output_layer
+
         model, nblocks = prep.model, len(prep.blocks)
         prof = _Profile(blocks=[0] * nblocks, lora_dropout=[0] * nblocks, block_inputs=[0] * nblocks, cpu=self.device == "cpu")
         weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
@@ -624,6 +628,11 @@ class Estimator:
         if prof.logits_numel == 0:  # a classifier's loss saves nothing logits-sized
             prof.post += prof.loss
             prof.loss = 0
+        elif prep.auto_model == "AutoModelForCausalLM" and output_layer(model) is not None:
+            # training computes this loss a chunk of tokens at a time (adaptkit.lm_loss): no logits
+            # are returned or kept, and a chunk's logits and their gradient are the largest blocks
+            prof.held = prof.loss = 0
+            prof.logits_numel = min(prof.logits_numel // vocab, chunk_rows(vocab, self.device)) * vocab
         return prof
 
 
@@ -691,11 +700,11 @@ def _optimizer_bytes(optimizer: str, numel: int) -> int:
 def _optimizer_temporaries(optimizer: str, trainable: list[Any], device: str) -> int:
     """Scratch memory of one optimizer step over the trainable parameters.
 
-    torch's AdamW on a CPU updates one tensor at a time and needs two temporaries the size of
-    the largest; on CUDA its foreach implementation needs one the size of all of them.
-    bitsandbytes' fused kernels update in place.
+    Training runs torch's fused AdamW and bitsandbytes' optimizers, which update in place. torch's
+    SGD on a CPU updates one tensor at a time and needs two temporaries the size of the largest;
+    on CUDA its foreach implementation needs one the size of all of them.
     """
-    if optimizer not in ("adamw", "sgd") or not trainable:
+    if optimizer != "sgd" or not trainable:
         return 0
     if device == "cuda":
         return 4 * sum(p.numel() for p in trainable)
@@ -1093,17 +1102,17 @@ def smallest_across_processes(acc: Any, value: int) -> int:
 
 
 def confirm_micro_batch(run: Any, spec: Any, info: dict[str, Any], model: Any, optimizer: Any, dataset: Any,
-                        collate: Any, pending: list[Any]) -> Any:
+                        collate: Any, pending: list[Any], loss_fn: Any) -> Any:
     """After ``plan_memory``, with model and optimizer prepared: trial steps confirm ``auto``'s micro-batch.
 
     Steps down through the divisors of the effective batch while a trial step runs out of memory
     (``adaptkit.batch_probe``); returns the train section to use and records the sizes tried in
     ``info``. With several processes the smallest micro-batch any of them could run wins.
     """
-    from adaptkit.batch_probe import PROBED, probe_micro_batch
+    from adaptkit.batch_probe import UNSHARDED, probe_micro_batch
 
     acc = run.accelerator
-    if acc.distributed_type.value not in PROBED:
+    if acc.distributed_type.value not in UNSHARDED:
         run.log(f"adaptkit: micro_batch_size auto: no trial step under {acc.distributed_type.value} "
                 f"(one process holds only a shard); the estimate's {spec.micro_batch_size} stands")
         return spec
@@ -1111,7 +1120,7 @@ def confirm_micro_batch(run: Any, spec: Any, info: dict[str, Any], model: Any, o
     candidates = [d for d in divisors(total) if d <= spec.micro_batch_size]
     failure = None
     try:
-        micro, info["tried"] = probe_micro_batch(acc, model, optimizer, dataset, collate, candidates, pending, run.log)
+        micro, info["tried"] = probe_micro_batch(acc, model, optimizer, dataset, collate, candidates, pending, run.log, loss_fn)
     except DoesNotFitError as exc:
         if acc.num_processes == 1:
             raise

@@ -112,23 +112,18 @@ def selection_metric(spec: Any, task: Any) -> tuple[str, bool]:
     return key, task.greater_is_better if key == task.metric else key != "eval_loss" and "loss" not in key and "perplexity" not in key
 
 
-#: AdamW runs on all tensors at once (foreach) when the trainable tensors average fewer elements than this.
-FOREACH_MAX_MEAN_NUMEL = 65536
-
-
 def build_optimizer(groups: list[dict], spec: Any):
     """AdamW (torch), bitsandbytes 8-bit or paged AdamW, or SGD, over the strategy's groups."""
     import torch
 
     if spec.optimizer == "adamw":
-        # torch's default on the CPU is a loop of ~12 small ops per tensor, each a round trip through
-        # the thread pool (seconds a step for SmolLM2's 420 LoRA tensors on a busy 2-core machine);
-        # foreach does the same arithmetic on all tensors at once, with a bitwise identical result,
-        # but holds temporaries as large as the states: for big tensors (full fine-tuning of
-        # SmolLM2: +160 MiB peak, no faster) the loop is the better trade
-        params = [p for g in groups for p in g["params"]]
-        small = sum(p.numel() for p in params) < FOREACH_MAX_MEAN_NUMEL * max(len(params), 1)
-        return torch.optim.AdamW(groups, lr=spec.lr, foreach=small)
+        # torch's fused AdamW: one kernel per dtype and device, no temporaries. On a 2-core CPU its
+        # step took 134 ms against 558 ms for torch's default loop over SmolLM2-135M's tensors (full
+        # fine-tuning) and 12 ms against 27 ms over LoRA's 420, and it held 224 MiB less at the step
+        try:
+            return torch.optim.AdamW(groups, lr=spec.lr, fused=True)
+        except RuntimeError:  # parameters on a device without the fused kernel
+            return torch.optim.AdamW(groups, lr=spec.lr)
     if spec.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=0.9)
     import bitsandbytes as bnb
@@ -288,6 +283,8 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from adaptkit.lm_loss import training_loss
+
     quiet_libraries()
     spec = recipe.train
     run = Run(recipe=recipe, host=host, run_dir=recipe.run_dir)
@@ -349,8 +346,9 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     trains = any(g["params"] for g in groups)
     optimizer = build_optimizer(groups, spec) if trains else None
     wrapped, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, *loaders(spec.micro_batch_size))
+    loss_fn = training_loss(model, run.task, acc.distributed_type.value, acc.autocast)
     if memory.get("micro_batch_size_auto") and not memory.get("chosen_before") and trains:
-        chosen = confirm_micro_batch(run, spec, memory, wrapped, optimizer, train_ds, collate, adapted.pending_parameters())
+        chosen = confirm_micro_batch(run, spec, memory, wrapped, optimizer, train_ds, collate, adapted.pending_parameters(), loss_fn)
         if chosen != spec:
             spec = chosen
             train_dl, eval_dl = acc.prepare(*loaders(spec.micro_batch_size))
@@ -499,7 +497,7 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
                 with acc.accumulate(wrapped):
                     # only the loss is kept: holding the whole output would keep this step's logits (for
                     # a 49k-token vocabulary, batch x seq x 49k floats) alive through the next forward
-                    loss = wrapped(**batch).loss
+                    loss = loss_fn(wrapped, batch)
                     if not torch.isfinite(loss.detach()).all():
                         raise TrainingError(
                             f"the loss is {loss.item()} at step {state['step'] + 1} (epoch {state['epoch']}); "

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 from adaptkit.errors import CheckpointError
 
@@ -13,37 +14,57 @@ if TYPE_CHECKING:
     import torch
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the caller to write; then synced and renamed onto ``path``.
+
+    Readers never see half a file; if the block raises, the temporary file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors, atomically.
 
-    Tensors are copied to contiguous CPU memory first: safetensors refuses tensors that share
-    storage (tied embeddings), and an empty tensor is refused here because it means a sharded
-    parameter was saved without being gathered.
+    safetensors writes the file from the tensors' own memory: a model is not copied (an
+    in-memory ``save`` would hold two copies, a full fine-tune's checkpoint tripling its weights'
+    memory). Tensors that share storage (tied embeddings) are copied, as safetensors refuses
+    them; an empty tensor is refused here because it means a sharded parameter was saved
+    without being gathered.
     """
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
-    out = {}
+    out, storages = {}, set()
     for name, t in tensors.items():
         if t.numel() == 0:
             raise CheckpointError(f"refusing to save '{name}': it is empty (a sharded parameter that was not gathered?)")
-        out[name] = t.detach().to("cpu").contiguous().clone()
-    atomic_write_bytes(Path(path), save(out, metadata=metadata))
+        t = t.detach().to("cpu").contiguous()
+        if t.untyped_storage().data_ptr() in storages:
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=metadata)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -77,6 +77,16 @@ class PeftMethodConfig(StrategyConfig):
         return self
 
 
+def _takes_past_key_values(model: nn.Module) -> bool:
+    """Whether peft's prefix tuning can pass the prefix to ``model`` (or to its backbone, as peft tries next)."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    forwards = [model.forward] + [m.forward for m in model.children() if isinstance(m, PreTrainedModel)]
+    return any("past_key_values" in inspect.signature(f).parameters for f in forwards)
+
+
 class PeftMethod(PeftStrategy):
     """Any other peft method (IA3, LoHa, LoKr, VeRA, prompt or prefix tuning, ...) by its config."""
 
@@ -110,6 +120,12 @@ class PeftMethod(PeftStrategy):
                     f"{self.name}: {modules_to_save} hold tied embeddings; peft method {cfg.method} cannot keep the copies tied"
                 )
             options["modules_to_save"] = list(options.get("modules_to_save") or []) + modules_to_save
+        if cfg.method == "prefix_tuning" and options.get("task_type") == "SEQ_CLS" and not _takes_past_key_values(model):
+            # peft hands a classifier's prefix over as the past_key_values argument, which
+            # transformers 5.24 renamed (to cache) in its classifiers' forward: the first step would fail
+            raise StrategyError(f"{self.name}: prefix_tuning cannot adapt {type(model).__name__} with the installed transformers "
+                                "and peft (its forward takes no past_key_values, through which peft passes the prefix); "
+                                "use prompt_tuning, p_tuning or lora")
         if options.get("task_type") is None and cfg.method in _PROMPT_METHODS:
             raise StrategyError(f"{self.name}: {cfg.method} needs a text model with a task peft knows (sequence classification or causal LM); got {type(model).__name__}")
         try:
