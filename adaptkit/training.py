@@ -178,18 +178,26 @@ def evaluate(run: Run, model: Any, loader: Any) -> dict[str, float]:
     """Loss and task metrics over the evaluation set (gathered across processes)."""
     import torch
 
+    from adaptkit.lm_loss import training_loss
+    from adaptkit.tasks import Task
+
     acc, task = run.accelerator, run.task
+    # a loss-only task gets training's loss (for a causal LM, no logits-sized tensor: the
+    # evaluation would otherwise be the run's peak); a task that predicts gets the model's output
+    predicts = type(task).predictions is not Task.predictions
+    loss_fn = training_loss(acc.unwrap_model(model), task, acc.distributed_type.value, acc.autocast)
     was_training = model.training
     model.eval()
     total_loss, total_n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     preds, refs = [], []
     with torch.no_grad():
         for batch in loader:
-            out = model(**batch)
+            out = model(**batch) if predicts else None
+            loss = out.loss if predicts else loss_fn(model, batch)
             n = batch["labels"].shape[0]
-            total_loss += out.loss.double().cpu() * n
+            total_loss += loss.double().cpu() * n
             total_n += n
-            pr = task.predictions(out, batch)
+            pr = task.predictions(out, batch) if predicts else None
             if pr is not None:
                 p, r = acc.gather_for_metrics(pr)
                 preds.append(p.cpu())

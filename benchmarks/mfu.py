@@ -2,7 +2,9 @@
 matrix-multiply rate, both measured in one run.
 
 The peak is the best rate of ``torch.matmul`` on large float32 matrices (the dtype the run trains
-in, with the same torch threads), measured before and after the training runs. Training FLOPs per
+in, with the same torch threads), measured before the first training run and after each one; a
+run is compared with the mean of the peaks measured just before and just after it, so that a
+shared machine's drift (its matmul rate moved by a third within one run here) hits both. Training FLOPs per
 token are counted per strategy: 6N when every one of the N weights trains (forward 2N, backward
 4N), and 4N + 6T when only T adapter weights train on a frozen base (the frozen weights need no
 weight gradient). N counts every weight that multiplies (a tied embedding once, as the output
@@ -21,6 +23,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -84,18 +87,22 @@ def main() -> None:
     print(f"machine: {machine()}")
     for name in args.cases:
         model_path(CASES[name].model)
-    peak_before, cpu_before, n_before = peak_matmul_flops()
-    print(f"peak float32 matmul before: {peak_before / 1e9:.1f} GFLOP/s, {cpu_before / 1e9:.1f} GFLOP per CPU-second "
-          f"(n={n_before}, {torch.get_num_threads()} threads)")
+    peaks = [peak_matmul_flops()]
+    print(f"peak float32 matmul: {peaks[0][0] / 1e9:.1f} GFLOP/s, {peaks[0][1] / 1e9:.1f} GFLOP per CPU-second "
+          f"(n={peaks[0][2]}, {torch.get_num_threads()} threads)")
     loops = ["adaptkit"] + (["baseline"] if args.baseline else [])
-    results = {(name, loop): [] for name in args.cases for loop in loops}
+    # per run: its result and the peak (FLOP/s, FLOP per CPU-second) bracketing it
+    results: dict[tuple[str, str], list[tuple[Any, float, float]]] = {(name, loop): [] for name in args.cases for loop in loops}
     for name in args.cases:
         for _ in range(args.repeats):
             for loop in loops:
-                results[name, loop].append(measure(LOOP_SCRIPT, loop, name))
-    peak_after, cpu_after, n_after = peak_matmul_flops()
-    print(f"peak float32 matmul after:  {peak_after / 1e9:.1f} GFLOP/s, {cpu_after / 1e9:.1f} GFLOP per CPU-second (n={n_after})")
-    peak, peak_cpu = max(peak_before, peak_after), max(cpu_before, cpu_after)
+                result = measure(LOOP_SCRIPT, loop, name)
+                peaks.append(peak_matmul_flops())
+                before, after = peaks[-2], peaks[-1]
+                print(f"  {name} {loop}: {result.tokens_per_s:.1f} tokens/s; peak after it {after[0] / 1e9:.1f} GFLOP/s", flush=True)
+                results[name, loop].append((result, (before[0] + after[0]) / 2, (before[1] + after[1]) / 2))
+    rates = [p[0] / 1e9 for p in peaks]
+    print(f"peak float32 matmul over the run: {min(rates):.1f} to {max(rates):.1f} GFLOP/s")
     for name in args.cases:
         case = CASES[name]
         print(f"\n[{name}] {case.model}, strategy {case.strategy}, batch {case.batch} x {case.seq} tokens, "
@@ -104,14 +111,14 @@ def main() -> None:
         mfu = {}
         for loop in loops:
             runs = results[name, loop]
-            per_token = flops_per_token(case.strategy, runs[0].total, runs[0].trainable)
-            tput = median([x.tokens_per_s for x in runs])
-            per_cpu = median([case.batch * case.seq / x.cpu_seconds_per_step for x in runs])
-            mfu[loop] = tput * per_token / peak
-            print(f"  {loop}: {tput:.1f} tokens/s (runs: {', '.join(f'{x.tokens_per_s:.1f}' for x in runs)}) x "
+            per_token = flops_per_token(case.strategy, runs[0][0].total, runs[0][0].trainable)
+            tput = median([x.tokens_per_s for x, _, _ in runs])
+            mfu[loop] = median([x.tokens_per_s * per_token / peak for x, peak, _ in runs])
+            with_attn = median([x.tokens_per_s * (per_token + attn) / peak for x, peak, _ in runs])
+            per_cpu = median([case.batch * case.seq / x.cpu_seconds_per_step * per_token / peak_cpu for x, _, peak_cpu in runs])
+            print(f"  {loop}: {tput:.1f} tokens/s (runs: {', '.join(f'{x.tokens_per_s:.1f}' for x, _, _ in runs)}) x "
                   f"{per_token / 1e6:.0f} MFLOP/token = {tput * per_token / 1e9:.1f} GFLOP/s: MFU {mfu[loop]:.1%} "
-                  f"(with attention's {attn / 1e6:.0f} MFLOP/token: {tput * (per_token + attn) / peak:.1%}); "
-                  f"per CPU-second {per_cpu * per_token / peak_cpu:.1%}")
+                  f"(with attention's {attn / 1e6:.0f} MFLOP/token: {with_attn:.1%}); per CPU-second {per_cpu:.1%}")
         if case.strategy == "lora":
             print(f"  adaptkit LoRA MFU {mfu['adaptkit']:.1%}: {'meets' if mfu['adaptkit'] >= 0.55 else 'misses'} the 55% target")
 

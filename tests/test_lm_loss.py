@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import types
+from pathlib import Path
 from contextlib import nullcontext
 
 import pytest
@@ -180,3 +181,23 @@ def test_where_the_models_own_loss_is_used(host):
                             host=host).model
     assert output_layer(prompt) is None
     assert output_layer(adaptkit.apply(llama(), [{"name": "lora", "r": 4}], host=host).model) is not None
+
+
+def test_evaluation_computes_the_models_loss_without_its_logits(monkeypatch):
+    """adaptkit's evaluation of a causal LM goes through the chunked loss and reports transformers' loss."""
+    from accelerate import Accelerator
+
+    from adaptkit.tasks import CausalLM
+    from adaptkit.training import Run, evaluate
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(CONFIGS["llama"]())
+    batches = [batch(0), batch(1)]
+    with torch.no_grad():
+        expected = sum(model_loss(model.eval(), b).double() * 3 for b in batches) / 6
+    calls = []
+    monkeypatch.setattr(lm_loss, "causal_lm_loss", lambda *a, **k: calls.append(1) or causal_lm_loss(*a, **k))
+    run = Run(recipe=None, host=None, run_dir=Path("."), accelerator=Accelerator(cpu=True), task=CausalLM(None))
+    metrics = evaluate(run, model.train(), batches)
+    assert len(calls) == 2 and model.training  # the chunked loss, once a batch; the mode restored
+    assert metrics["eval_loss"] == pytest.approx(expected.item(), rel=1e-6)
