@@ -516,7 +516,7 @@ class Estimator:
         """Run one forward pass on meta tensors and sort every tensor autograd saves by where it was made."""
         import torch
 
-        from adaptkit.lm_loss import chunk_rows, output_layer
+        from adaptkit.lm_loss import chunk_rows, chunked_output_layer
 
         model, nblocks = prep.model, len(prep.blocks)
         prof = _Profile(blocks=[0] * nblocks, lora_dropout=[0] * nblocks, block_inputs=[0] * nblocks, cpu=self.device == "cpu")
@@ -628,7 +628,7 @@ class Estimator:
         if prof.logits_numel == 0:  # a classifier's loss saves nothing logits-sized
             prof.post += prof.loss
             prof.loss = 0
-        elif prep.auto_model == "AutoModelForCausalLM" and output_layer(model) is not None:
+        elif chunked_output_layer(model, prep.auto_model) is not None:
             # training computes this loss a chunk of tokens at a time (adaptkit.lm_loss): no logits
             # are returned or kept, and a chunk's logits and their gradient are the largest blocks
             prof.held = prof.loss = 0

@@ -60,6 +60,13 @@ def output_layer(model: Any) -> torch.nn.Linear | None:
     return head
 
 
+def chunked_output_layer(model: Any, auto_model: str, distributed_type: str = "NO") -> torch.nn.Linear | None:
+    """The output layer when training computes the loss in chunks (a causal LM, unsharded weights), else None."""
+    if auto_model != "AutoModelForCausalLM" or distributed_type not in UNSHARDED:
+        return None
+    return output_layer(model)
+
+
 def chunk_rows(vocab: int, device_type: str) -> int:
     """How many tokens go through the output layer at once."""
     return max(1, CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES) // (4 * vocab))
@@ -72,7 +79,7 @@ def training_loss(model: Any, task: Any, distributed_type: str, autocast: Callab
     (its ``.value``), ``autocast`` Accelerate's ``autocast`` context (the output layer runs in the
     precision the model's forward runs in).
     """
-    head = output_layer(model) if task.auto_model == "AutoModelForCausalLM" and distributed_type in UNSHARDED else None
+    head = chunked_output_layer(model, task.auto_model, distributed_type)
     if head is None:
         return model_loss
 
