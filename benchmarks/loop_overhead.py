@@ -42,7 +42,7 @@ def main() -> None:
         tokens = case.batch * case.seq
         tput = {k: median([r.tokens_per_s for r in v]) for k, v in results.items()}
         per_cpu = {k: median([tokens / r.cpu_seconds_per_step for r in v]) for k, v in results.items()}
-        rss = {k: median([r.peak_rss_mib for r in v]) for k, v in results.items()}
+        rss = {k: median([r.peak_mib for r in v]) for k, v in results.items()}
         print(f"\n[{name}] {case.model}, {case.task}, strategy {case.strategy}, batch {case.batch} x {case.seq} tokens, "
               f"{case.warmup} warm-up + {case.steps} timed steps, {args.repeats} runs each")
         print(f"  trainable parameters: adaptkit {a[0].trainable:,} of {a[0].total:,}, baseline {b[0].trainable:,} of {b[0].total:,}")
