@@ -510,25 +510,25 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
                     window += torch.stack([loss.detach().float() * n, n, tokens.float()])
                     if acc.sync_gradients:
                         totals = acc.reduce(window.clone(), "sum")  # over the ranks: every rank logs and stops alike
-                        rescale = ref * spec.gradient_accumulation * acc.num_processes / totals[1].clamp(min=1)
+                        # The step's one wait for the device (each .item() is one; they cost a GPU its
+                        # queued work). It comes before the optimizer, so a non-finite loss changes no weight.
+                        loss_sum, items, window_tokens, first = torch.cat([totals, ref.view(1)]).tolist()
+                        if not math.isfinite(loss_sum):
+                            raise TrainingError(
+                                f"the loss is {loss_sum / max(items, 1)} at step {state['step'] + 1} (epoch {state['epoch']}); "
+                                f"training stopped, the last good checkpoint is kept in {ckpt_root}"
+                            )
+                        rescale = first * spec.gradient_accumulation * acc.num_processes / max(items, 1)
                         grads = []
                         for p in wrapped.parameters():
                             if gated and id(p) in gated:
                                 p.grad = None
                             elif p.grad is not None:
                                 grads.append(p.grad)
-                        if grads:
+                        if grads and rescale != 1.0:  # exactly 1 for one micro-batch on one process
                             torch._foreach_mul_(grads, rescale)
                         if spec.max_grad_norm:
                             acc.clip_grad_norm_([p for p in wrapped.parameters() if p.grad is not None], spec.max_grad_norm)
-                        # The step's one wait for the device (each .item() is one; they cost a GPU its
-                        # queued work). It comes before the optimizer, so a non-finite loss changes no weight.
-                        loss_sum, items, window_tokens = totals.tolist()
-                        if not math.isfinite(loss_sum):
-                            raise TrainingError(
-                                f"the loss is {loss_sum / max(items, 1)} at step {state['step'] + 1} (epoch {state['epoch']}); "
-                                f"training stopped, the last good checkpoint is kept in {ckpt_root}"
-                            )
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 state["batch_in_epoch"] += 1
