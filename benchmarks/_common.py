@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -252,8 +252,13 @@ def worker_main(argv: list[str]) -> None:
 
 
 def measure(script: Path, loop: str, case: str | Case) -> Result:
-    """Run one worker in a child process and read its result."""
-    arg = json.dumps(asdict(case)) if isinstance(case, Case) else case
+    """Run one worker in a child process and read its result.
+
+    The worker gets the model as a directory: finding a packaged model imports adaptkit (pydantic,
+    pluggy; about 19 MiB), which the hand-written loop's process must not carry.
+    """
+    case = CASES[case] if isinstance(case, str) else case
+    arg = json.dumps(asdict(replace(case, model=model_path(case.model))))
     proc = subprocess.run([sys.executable, str(script), "--worker", loop, arg], capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

@@ -196,6 +196,46 @@ def test_a_non_finite_loss_stops_with_a_message(workdir, tmp_path, kind):
     assert not (workdir / "runs" / kind / "checkpoints" / "step-00000003").exists()
 
 
+def test_an_infinite_loss_changes_no_weight(workdir, host):
+    """The loss overflows in the second micro-batch of step 3's window: the run stops before the
+    optimizer steps, so every weight is bitwise what step 2 left (the check reads the whole window)."""
+    import torch
+
+    from adaptkit import hookimpl
+    from adaptkit.training import TrainingError, train
+
+    class Poison:
+        run, after_step_2 = None, None
+
+        @hookimpl
+        def adaptkit_on_step_end(self, run, step, logs):
+            if step != 2:
+                return
+            self.run = run
+            self.after_step_2 = {n: p.detach().clone() for n, p in run.adapted.model.named_parameters()}
+            model, forward, calls = run.adapted.model, run.adapted.model.forward, []
+
+            def overflow_from_the_second_call(*args, **kwargs):
+                out = forward(*args, **kwargs)
+                calls.append(1)
+                if len(calls) >= 2:
+                    out.loss = out.loss * float("inf")
+                return out
+
+            model.forward = overflow_from_the_second_call
+
+    poison = Poison()
+    host.pm.register(poison, name="poison")
+    path = recipe_file(workdir, "inf_weights", "[full]", "max_steps: 6, lr: 1.0e-2, micro_batch_size: 4, gradient_accumulation: 2")
+    with pytest.raises(TrainingError, match="loss is inf at step 3"):
+        train(load_recipe(path, host=host), host, fresh=True)
+    now = dict(poison.run.adapted.model.named_parameters())
+    assert len(now) == len(poison.after_step_2) > 0
+    changed = [n for n, before in poison.after_step_2.items() if not torch.equal(now[n].detach(), before)]
+    assert changed == []
+    assert all(p.requires_grad for p in now.values())  # full fine-tuning: every one of them would have moved
+
+
 def test_reload_of_a_classifier_with_a_new_random_head_is_accepted(tmp_path, host):
     """from_pretrained gives a new random head each time; the base check must look at the backbone only."""
     import torch
