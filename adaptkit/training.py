@@ -532,9 +532,10 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
                                 f"training stopped, the last good checkpoint is kept in {ckpt_root}"
                             )
                         rescale = first * spec.gradient_accumulation * acc.num_processes / max(items, 1)
-                        for p in wrapped.parameters():
-                            if gated and id(p) in gated:
-                                p.grad = None
+                        if gated:
+                            for p in wrapped.parameters():
+                                if id(p) in gated:
+                                    p.grad = None
                         if rescale != 1.0:  # exactly 1 for one micro-batch on one process
                             scale_gradients(wrapped.parameters(), rescale)
                         if spec.max_grad_norm:

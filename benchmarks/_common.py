@@ -242,9 +242,9 @@ def run_baseline(case: Case, workdir: Path) -> Result:
 def worker_main(argv: list[str]) -> None:
     """``--worker LOOP CASE``: run one measurement in this process and print it as one JSON line.
 
-    CASE is a name in ``CASES`` or a case as JSON (a script's variant of one, e.g. another model)."""
+    CASE is a ``Case`` as JSON, its model a directory (``measure`` writes it)."""
     loop = argv[0]
-    case = Case(**json.loads(argv[1])) if argv[1].startswith("{") else CASES[argv[1]]
+    case = Case(**json.loads(argv[1]))
     os.environ.setdefault("ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
     with tempfile.TemporaryDirectory(prefix="adaptkit-bench-") as tmp:
         result = (run_adaptkit if loop == "adaptkit" else run_baseline)(case, Path(tmp))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CASES, machine, measure, median, model_path, worker_main  # noqa: E402
+from _common import CASES, machine, measure, median, worker_main  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,6 @@ def main() -> None:
     print(f"machine: {machine()}")
     for name in args.cases:
         case = CASES[name]
-        model_path(case.model)  # fetch (and convert) once, outside every timed process
         results = {loop: [] for loop in loops}
         for _ in range(args.repeats):
             for loop in loops:
