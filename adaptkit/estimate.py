@@ -226,9 +226,14 @@ def _fused_attention_function():
             if query.requires_grad:
                 _ACTIVE[-1].flops_bwd += 2 * flops
             if dropout and _ACTIVE[-1].cpu:
-                # the CPU's fused kernel has no dropout: it takes the math path, as meta tensors do
+                # the CPU's fused kernel has no dropout: training runs adaptkit's own (adaptkit/attention.py),
+                # or the math path where that hands over, as meta tensors do
                 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+                from adaptkit.attention import dropout_attention, handled_here
+
+                if handled_here(module, query, key, attention_mask, dropout, is_causal, **kwargs):
+                    return dropout_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal), None
                 return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                               is_causal=is_causal, **kwargs)
         return FusedAttention.apply(query, key, value).transpose(1, 2), None
@@ -284,7 +289,7 @@ def load_config(spec: Any, task: Any) -> Any:
     """The transformers config of ``model`` (a ModelSpec) as training would load it, without weights."""
     import transformers
 
-    from adaptkit.loaders import _dropout_overrides
+    from adaptkit.loaders import dropout_keys
 
     path = _source_path(spec)
     common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
@@ -295,8 +300,8 @@ def load_config(spec: Any, task: Any) -> Any:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.source: cannot read the config of '{spec.source}' to estimate from: {exc}".splitlines()[0]) from None
     if spec.dropout is not None:
-        for key, value in _dropout_overrides(config, spec.dropout).items():
-            setattr(config, key, value)
+        for key in dropout_keys(config):
+            setattr(config, key, spec.dropout)
     if hasattr(task, "setup_labels"):  # a new head sized to the labels; without data, the recipe's or two
         config.num_labels = spec.num_labels or (len(task.data.labels) if task.data.labels else 2)
     return config

@@ -50,7 +50,8 @@ def from_pretrained(path: str, spec: ModelSpec, task: Task) -> LoadedModel:
     weights = {} if spec.allow_bin else {"use_safetensors": True}
     try:
         if spec.dropout is not None:
-            overrides.update(_dropout_overrides(transformers.AutoConfig.from_pretrained(path, **common), spec.dropout))
+            config = transformers.AutoConfig.from_pretrained(path, **common)
+            overrides.update({key: spec.dropout for key in dropout_keys(config)})
         model = auto.from_pretrained(path, dtype=torch_dtype(spec.dtype), **overrides, **weights, **common)
         processor = task.load_processor(path, common)
     except OSError as exc:
@@ -79,10 +80,9 @@ def _refuse_pickled_weights(path: str, spec: ModelSpec) -> None:
                             "unpickling can run code, so adaptkit refuses them unless the recipe sets allow_bin: true")])
 
 
-def _dropout_overrides(config: Any, p: float) -> dict[str, float]:
+def dropout_keys(config: Any) -> list[str]:
     """Every config attribute that is a dropout probability (names differ between families)."""
-    keys = [k for k, v in config.to_dict().items() if isinstance(v, float) and ("dropout" in k or k.endswith("_pdrop"))]
-    return {k: p for k in keys}
+    return [k for k, v in config.to_dict().items() if isinstance(v, float) and ("dropout" in k or k.endswith("_pdrop"))]
 
 
 @hookimpl(trylast=True)

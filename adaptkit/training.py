@@ -167,6 +167,8 @@ def build_scheduler(optimizer: Any, spec: Any, total_steps: int):
 
 def prepare_model_and_data(run: Run, loaded_model: Any = None):
     """Load data and model, apply the strategies; returns (adapted, encoded train, encoded eval)."""
+    from adaptkit.attention import use_cpu_dropout_attention
+
     recipe, host = run.recipe, run.host
     splits, files = load_data(recipe.data, host, recipe.train.seed)
     task = host.lookup("tasks", recipe.model.task).obj(recipe.data)
@@ -175,6 +177,7 @@ def prepare_model_and_data(run: Run, loaded_model: Any = None):
     if loaded is None:
         raise ConfigError(f"model.source: no loader recognised '{recipe.model.source}'")
     task.prepare_model(loaded.model, loaded.processor)
+    use_cpu_dropout_attention(loaded.model)
     if recipe.forgetting:  # the reference: the pretrained model before any strategy touches it
         run.forgetting_texts = general_texts(recipe.forgetting.source, recipe.forgetting.max_texts)
         run.forgetting_base = measure(loaded.model, loaded.processor, run.forgetting_texts, recipe.forgetting.max_length,

@@ -13,7 +13,7 @@ of the model FLOPs, as usual; the script prints how much they would add. The sam
 CPU-second (model FLOPs per CPU-second of the training process over matmul FLOPs per CPU-second)
 is printed too: on a machine shared with other work it is the steadier figure.
 
-    python benchmarks/mfu.py [--repeats 2] [--cases lora] [--baseline]   # target: >= 55% for LoRA
+    python benchmarks/mfu.py [--repeats 2] [--cases lora-b8 lora] [--baseline]   # target: >= 55% for LoRA at 256 tokens
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main() -> None:
     """Measure the peak, run the cases, print achieved FLOP/s and the fraction of the peak."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="runs of each loop per case (alternating)")
-    parser.add_argument("--cases", nargs="+", default=["lora"], choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=["lora-b8", "lora"], choices=list(CASES))
     parser.add_argument("--baseline", action="store_true", help="also time the hand-written loop, for comparison")
     args = parser.parse_args()
     import torch

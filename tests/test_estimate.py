@@ -538,3 +538,34 @@ def test_strategy_error_on_meta_is_the_users_error(tmp_path, host, estimator):
     cfg.save_pretrained(tmp_path / "m")
     with pytest.raises(AdaptkitError, match="tied_head"):
         estimator.estimate(make_recipe(tmp_path / "m", ["freeze"], host))
+
+
+def test_meta_pass_saves_what_a_real_cpu_pass_with_attention_dropout_saves(tmp_path, host, estimator):
+    """BERT's attention dropout on a CPU runs adaptkit's own attention (adaptkit/attention.py): the
+    estimate keeps what it keeps (a boolean mask, no attention-sized floats), as the real pass does."""
+    import torch
+
+    import adaptkit
+    from adaptkit.attention import use_cpu_dropout_attention
+    from adaptkit.testing import tiny_config, tiny_model
+
+    config = tiny_config("bert", num_labels=2)
+    assert config.attention_probs_dropout_prob > 0
+    config.save_pretrained(tmp_path / "m")
+    est = estimator.estimate(make_recipe(tmp_path / "m", ["full"], host, task="classification"))
+    model = tiny_model("bert", "classification", num_labels=2)
+    assert use_cpu_dropout_attention(model)
+    model = adaptkit.apply(model, ["full"], host=host).model.train()
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}  # position ids too
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=torch.randint(1, 128, (B, S)), labels=torch.zeros(B, dtype=torch.long))
+    assert sum(saved.values()) == est.activations
+    # each of the 3 layers keeps its dropout mask as booleans: batch x heads x sequence x sequence bytes
+    assert sum(n for n in saved.values() if n == B * 2 * S * S) >= 3 * B * 2 * S * S
