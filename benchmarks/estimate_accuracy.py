@@ -15,6 +15,13 @@ for reuse when there is room to spare (``adaptkit.estimate.set_cpu_allocator``).
     python benchmarks/estimate_accuracy.py                 # all strategies (about 20 minutes on 2 cores)
     python benchmarks/estimate_accuracy.py --only lora,full --steps 3 --json results.json
     python benchmarks/estimate_accuracy.py --only lora --allocator adaptkit
+
+On a GPU (``--device cuda``) the measurement is ``torch.cuda.max_memory_allocated`` (what
+summary.json records there) and the estimate is the CUDA one; ``--mixed-precision`` (bf16, fp16)
+and ``--model`` (a model directory, such as a SmolLM2 with random weights on a machine without
+the packaged weights) go with it:
+
+    python benchmarks/estimate_accuracy.py --device cuda --mixed-precision fp16 --batch 16 --seq 512
 """
 
 from __future__ import annotations
@@ -82,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated strategy labels to run (default: all)")
     parser.add_argument("--target", type=float, default=0.15, help="allowed relative error")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the runs train")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="train.mixed_precision")
+    parser.add_argument("--model", default=MODEL, help="packaged model name or model directory")
     parser.add_argument("--allocator", choices=["live", "adaptkit"], default="live",
                         help="live: freed memory returned at once (what the estimate predicts); adaptkit: its own choice")
     args = parser.parse_args(argv)
@@ -100,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     from adaptkit.recipe import load_recipe
 
     chosen = {k: v for k, v in STRATEGIES.items() if not args.only or k in args.only.split(",")}
-    fetch(MODEL)
+    if not Path(args.model).is_dir():
+        fetch(args.model)
+    if args.device == "cpu":  # a run trains on the GPU whenever one is visible
+        env["CUDA_VISIBLE_DEVICES"] = ""
     host = get_plugin_host()
-    estimator = Estimator(host, device="cpu")
+    estimator = Estimator(host, device=args.device)
     print(f"machine: {machine()}", flush=True)
     print(f"process baseline (measured): {format_bytes(estimator.overhead_bytes())}", flush=True)
     results = []
@@ -114,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             recipe_path = work / f"{name}.yaml"
             recipe_path.write_text(yaml.safe_dump({
                 "name": name,
-                "model": {"source": MODEL, "task": "causal_lm", **model_options},
+                "model": {"source": args.model, "task": "causal_lm", **model_options},
                 "data": {"source": str(work / "data.jsonl"), "max_length": args.seq},
                 "strategies": strategies,
-                "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "log_every": 1},
+                "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "log_every": 1,
+                          "mixed_precision": args.mixed_precision},
                 "output": str(work / "runs" / "{name}"),
             }, sort_keys=False))
             est = estimator.estimate(load_recipe(recipe_path, host=host))
@@ -141,15 +155,17 @@ def main(argv: list[str] | None = None) -> int:
                 "estimated_s_per_step": est.time_per_step_s,
                 "measured_s_per_step": summary["wall_time_s"] / max(summary["steps"], 1),
                 "process_s": time.perf_counter() - start,
+                "final_train_loss": summary["final_train_loss"],
                 "terms_mib": {k: v / 2**20 for k, v in est.terms().items()},
             }
             results.append(row)
             print(f"{label}: estimate {format_bytes(est.total)}, measured {format_bytes(measured)}, "
-                  f"ratio {row['ratio']:.3f}", flush=True)
+                  f"ratio {row['ratio']:.3f}; final training loss {row['final_train_loss']:.4f}", flush=True)
 
     print()
-    print(f"SmolLM2-135M-Instruct, CPU, micro-batch {args.batch} x {args.seq} tokens, {args.steps} steps, AdamW, float32; "
-          f"measured = summary.json peak_memory_mb (peak resident set)")
+    measured_as = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak resident set"
+    print(f"{args.model}, {args.device}, micro-batch {args.batch} x {args.seq} tokens, {args.steps} steps, AdamW, "
+          f"mixed precision {args.mixed_precision}; measured = summary.json peak_memory_mb ({measured_as})")
     print()
     print("| strategy | trainable | estimate (MiB) | measured (MiB) | estimate / measured | dominant term | est. s/step (at peak) | measured s/step |")
     print("|---|---:|---:|---:|---:|---|---:|---:|")
