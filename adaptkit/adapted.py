@@ -27,7 +27,9 @@ FORMAT_VERSION = 1
 StrategySpec = Union[str, dict, tuple]
 
 
-def build_strategies(host: PluginHost, specs: Iterable[StrategySpec], path: str = "strategies") -> list[Strategy]:
+def build_strategies(
+    host: PluginHost, specs: Iterable[StrategySpec], path: str = "strategies"
+) -> list[Strategy]:
     """Validate each spec with its plugin's config class and check the stack as a whole.
 
     Every problem is collected into one ConfigError, each with its dotted path
@@ -55,7 +57,9 @@ def build_strategies(host: PluginHost, specs: Iterable[StrategySpec], path: str 
                 loc = ".".join(str(p) for p in err["loc"])
                 message = _describe(err)
                 if err["type"] == "extra_forbidden":
-                    message = f"unknown option of '{name}'; its options are {', '.join(config_class.model_fields)}"
+                    message = (
+                        f"unknown option of '{name}'; its options are {', '.join(config_class.model_fields)}"
+                    )
                 problems.append((f"{where}.{loc}" if loc else where, message))
             continue
         stack.append(entry.obj(config, name=name))
@@ -93,7 +97,9 @@ def check_stack(stack: list[Strategy]) -> None:
             raise StrategyError(f"strategy '{name}' appears twice in the stack; configure it once")
     for s in stack:
         if s.exclusive and len(stack) > 1:
-            raise StrategyError(f"strategy '{s.name}' trains the whole model and cannot be combined with {[n for n in names if n != s.name]}")
+            raise StrategyError(
+                f"strategy '{s.name}' trains the whole model and cannot be combined with {[n for n in names if n != s.name]}"
+            )
     peft_users = [s.name for s in stack if s.wraps_with_peft]
     if len(peft_users) > 1:
         raise StrategyError(f"strategies {peft_users} each wrap the model with peft; use only one of them")
@@ -184,7 +190,9 @@ class Adapted:
                 s.save(self.model, tmp / s.name)
             manifest = {
                 "format": FORMAT_VERSION,
-                "strategies": [{"name": s.name, "config": s.config.model_dump(mode="json")} for s in self.strategies],
+                "strategies": [
+                    {"name": s.name, "config": s.config.model_dump(mode="json")} for s in self.strategies
+                ],
                 "base_fingerprint": self.base_fingerprint,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -202,7 +210,9 @@ class Adapted:
         return directory
 
     @classmethod
-    def load(cls, base: nn.Module, directory: str | Path, host: PluginHost | None = None, check_base: bool = True) -> Adapted:
+    def load(
+        cls, base: nn.Module, directory: str | Path, host: PluginHost | None = None, check_base: bool = True
+    ) -> Adapted:
         """Re-apply a saved stack to a freshly loaded ``base`` and load the saved weights.
 
         With ``check_base``, a base whose weights differ from the one trained on is refused:
@@ -270,7 +280,12 @@ def fingerprint_model(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def apply(model: nn.Module, strategies: StrategySpec | list[StrategySpec], host: PluginHost | None = None, **options: Any) -> Adapted:
+def apply(
+    model: nn.Module,
+    strategies: StrategySpec | list[StrategySpec],
+    host: PluginHost | None = None,
+    **options: Any,
+) -> Adapted:
     """Apply one strategy or a stack of strategies to ``model``.
 
     ``apply(model, "lora", r=8)`` applies one strategy with options;

@@ -53,7 +53,9 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, list[nn
             if len(kinds) == 1 and size > best_size:
                 best, best_size = name, size
     if best is None:
-        raise StrategyError(f"cannot find the transformer blocks of {type(model).__name__}; name them with 'blocks'")
+        raise StrategyError(
+            f"cannot find the transformer blocks of {type(model).__name__}; name them with 'blocks'"
+        )
     return best, list(modules[best])
 
 
@@ -90,7 +92,10 @@ def is_norm(module: nn.Module) -> bool:
     """True for normalisation layers (LayerNorm, RMSNorm and their model-specific variants)."""
     from torch import nn
 
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)) or "norm" in type(module).__name__.lower()
+    return (
+        isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d))
+        or "norm" in type(module).__name__.lower()
+    )
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:

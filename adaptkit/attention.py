@@ -26,8 +26,9 @@ ATTENTION_NAME = "adaptkit_sdpa"
 _REGISTERED: list[bool] = []
 
 
-def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                   lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _probabilities(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float, lse: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T x scale + mask) over the keys, and each row's log-sum-exp (computed unless given)."""
     scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
     if mask is not None:
@@ -45,8 +46,15 @@ class DropoutAttention(torch.autograd.Function):
     """dropout(softmax(q k^T x scale + mask), p) @ v, saving q, k, v, the output, the boolean keep mask and the row log-sum-exp."""
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                p: float, scale: float) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        p: float,
+        scale: float,
+    ) -> torch.Tensor:
         probs, lse = _probabilities(q, k, mask, scale)
         keep = torch.rand_like(probs) >= p
         out = torch.matmul(probs.mul_(keep), v).mul_(1 / (1 - p))  # the 1/(1-p) on the smaller tensor
@@ -69,9 +77,16 @@ class DropoutAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
-def dropout_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, dropout: float, scaling: float | None = None,
-                      is_causal: bool | None = None) -> torch.Tensor:
+def dropout_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+) -> torch.Tensor:
     """``DropoutAttention`` with transformers' conventions: grouped key/value heads, ``is_causal``;
     returns (batch, sequence, heads, dim), as ``sdpa_attention_forward`` does."""
     from transformers.integrations.sdpa_attention import repeat_kv
@@ -88,27 +103,58 @@ def dropout_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
     return out.transpose(1, 2).contiguous()
 
 
-def handled_here(module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float,
-                 is_causal: bool | None = None, **kwargs: Any) -> bool:
+def handled_here(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> bool:
     """Whether a call is one ``dropout_attention`` takes (any device): dropout in float32, nothing it does not model."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    return (dropout > 0 and query.dtype == torch.float32
-            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None and not kwargs.get("output_attentions")
-            and not (attention_mask is not None and attention_mask.requires_grad)
-            # is_causal with more keys than queries is a cache's prefill, never training
-            and not (causal and attention_mask is None and key.shape[2] != query.shape[2]))
+    return (
+        dropout > 0
+        and query.dtype == torch.float32
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and not kwargs.get("output_attentions")
+        and not (attention_mask is not None and attention_mask.requires_grad)
+        # is_causal with more keys than queries is a cache's prefill, never training
+        and not (causal and attention_mask is None and key.shape[2] != query.shape[2])
+    )
 
 
-def attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def attention_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: ``dropout_attention`` for dropout on the CPU, ``sdpa_attention_forward`` otherwise."""
-    if query.device.type == "cpu" and handled_here(module, query, key, attention_mask, dropout, is_causal, **kwargs):
+    if query.device.type == "cpu" and handled_here(
+        module, query, key, attention_mask, dropout, is_causal, **kwargs
+    ):
         return dropout_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
+    return sdpa_attention_forward(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=is_causal,
+        **kwargs,
+    )
 
 
 def use_cpu_dropout_attention(model: Any) -> bool:
@@ -124,7 +170,9 @@ def use_cpu_dropout_attention(model: Any) -> bool:
     from adaptkit.loaders import dropout_keys
 
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa" or not any(getattr(config, k) > 0 for k in dropout_keys(config)):
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not any(
+        getattr(config, k) > 0 for k in dropout_keys(config)
+    ):
         return False
     if not _REGISTERED:
         AttentionInterface.register(ATTENTION_NAME, attention_forward)

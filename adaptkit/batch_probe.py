@@ -28,9 +28,17 @@ from adaptkit.estimate import DoesNotFitError
 UNSHARDED = ("NO", "MULTI_CPU", "MULTI_GPU")
 
 
-def probe_micro_batch(acc: Any, model: Any, optimizer: Any, dataset: Any, collate: Callable[[list], dict],
-                      candidates: list[int], pending: list[Any], log: Callable[[str], None],
-                      loss_fn: Callable[[Any, dict], Any]) -> tuple[int, list[int]]:
+def probe_micro_batch(
+    acc: Any,
+    model: Any,
+    optimizer: Any,
+    dataset: Any,
+    collate: Callable[[list], dict],
+    candidates: list[int],
+    pending: list[Any],
+    log: Callable[[str], None],
+    loss_fn: Callable[[Any, dict], Any],
+) -> tuple[int, list[int]]:
     """The largest of ``candidates`` (descending divisors of the effective batch) whose trial step runs.
 
     ``model`` and ``optimizer`` are what ``acc.prepare`` returned; ``pending`` are the parameters a
@@ -48,8 +56,10 @@ def probe_micro_batch(acc: Any, model: Any, optimizer: Any, dataset: Any, collat
     def next_smaller() -> int:
         # called by find_executable_batch_size after an out-of-memory error; 0 makes it give up
         size = remaining.pop(0) if remaining else 0
-        log(f"adaptkit: micro_batch_size auto: a trial step with {tried[-1]} ran out of memory"
-            + (f"; trying {size}" if size else ""))
+        log(
+            f"adaptkit: micro_batch_size auto: a trial step with {tried[-1]} ran out of memory"
+            + (f"; trying {size}" if size else "")
+        )
         return size
 
     def trial(batch_size: int) -> int:
@@ -79,13 +89,17 @@ def probe_micro_batch(acc: Any, model: Any, optimizer: Any, dataset: Any, collat
     model.train()
     try:
         with torch.random.fork_rng(devices=devices, device_type="cuda" if kind == "cpu" else kind):
-            size = find_executable_batch_size(trial, starting_batch_size=candidates[0], reduce_batch_size_fn=next_smaller)()
+            size = find_executable_batch_size(
+                trial, starting_batch_size=candidates[0], reduce_batch_size_fn=next_smaller
+            )()
     except RuntimeError as exc:
         if "No executable batch size found" not in str(exc):
             raise
-        raise DoesNotFitError(f"train.micro_batch_size auto: a trial step ran out of memory even with a micro-batch of "
-                              f"{tried[-1]} (tried {', '.join(map(str, tried))}); try model.gradient_checkpointing=true, "
-                              "train.optimizer=adamw_8bit or a shorter data.max_length") from None
+        raise DoesNotFitError(
+            f"train.micro_batch_size auto: a trial step ran out of memory even with a micro-batch of "
+            f"{tried[-1]} (tried {', '.join(map(str, tried))}); try model.gradient_checkpointing=true, "
+            "train.optimizer=adamw_8bit or a shorter data.max_length"
+        ) from None
     finally:
         with torch.no_grad():
             for p, saved in zip(params, weights):
@@ -112,6 +126,10 @@ def _longest_first(dataset: Any, count: int) -> list[int]:
     import pyarrow.compute as pc
 
     ids = dataset.select_columns(["input_ids"]).with_format("arrow")
-    lengths = np.concatenate([pc.list_value_length(part["input_ids"]).to_numpy(zero_copy_only=False)
-                              for part in ids.iter(batch_size=10_000)])
+    lengths = np.concatenate(
+        [
+            pc.list_value_length(part["input_ids"]).to_numpy(zero_copy_only=False)
+            for part in ids.iter(batch_size=10_000)
+        ]
+    )
     return [int(i) for i in np.argsort(-lengths, kind="stable")[:count]]

@@ -89,7 +89,10 @@ def rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
     py_version, py_state, py_gauss = random.getstate()
-    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [py_version, list(py_state), py_gauss]}
+    meta = {
+        "numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+        "python": [py_version, list(py_state), py_gauss],
+    }
     return tensors, meta
 
 
@@ -152,10 +155,15 @@ def verify(path: Path) -> dict[str, Any]:
         if _sha256(f) != digest:
             raise CheckpointError(f"{path}: {name} is corrupted (its checksum does not match the manifest)")
     # a file the manifest does not list was put there later: nothing unverified is ever read
-    extra = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()
-                   and p != manifest_path and str(p.relative_to(path)) not in manifest["files"])
+    extra = sorted(
+        str(p.relative_to(path))
+        for p in path.rglob("*")
+        if p.is_file() and p != manifest_path and str(p.relative_to(path)) not in manifest["files"]
+    )
     if extra:
-        raise CheckpointError(f"{path}: {extra[0]} is not listed in {MANIFEST} (added after the checkpoint was written)")
+        raise CheckpointError(
+            f"{path}: {extra[0]} is not listed in {MANIFEST} (added after the checkpoint was written)"
+        )
     return manifest
 
 
@@ -185,8 +193,11 @@ def write_failures_reported(target: Path, root: Path, partial: Path | None = Non
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
         kept = checkpoint_dirs(root)
-        where = (f"the previous checkpoint {kept[-1]} is kept; free some space and run the same command again to resume from it"
-                 if kept else "there is no earlier checkpoint to resume from")
+        where = (
+            f"the previous checkpoint {kept[-1]} is kept; free some space and run the same command again to resume from it"
+            if kept
+            else "there is no earlier checkpoint to resume from"
+        )
         removed = "the partial checkpoint was removed and " if partial is not None else ""
         raise CheckpointError(f"cannot write {target}: {reason}; {removed}{where}") from None
 

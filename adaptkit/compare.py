@@ -47,9 +47,15 @@ class Variant(Section):
     """One entry of ``compare.variants``: a strategy stack and recipe overrides."""
 
     name: str = Field(pattern=_NAME, description="variant name (letters, digits, _ . -)")
-    strategies: Optional[list[Union[str, dict[str, Any]]]] = Field(None, min_length=1, description="the stack (default: the base recipe's)")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="recipe overrides {dotted.key: value}")
-    grid: dict[str, list[Any]] = Field(default_factory=dict, description="{dotted.key: [values]}: one variant per combination")
+    strategies: Optional[list[Union[str, dict[str, Any]]]] = Field(
+        None, min_length=1, description="the stack (default: the base recipe's)"
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="recipe overrides {dotted.key: value}"
+    )
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="{dotted.key: [values]}: one variant per combination"
+    )
 
 
 class Budget(Section):
@@ -89,10 +95,16 @@ class Search(Section):
 
     method: Literal["optuna"] = "optuna"
     trials: int = Field(8, ge=1, description="trials per variant")
-    space: dict[str, SearchParam] = Field(min_length=1, description="{dotted.key: {low, high, log} | {choices}}")
-    metric: Optional[str] = Field(None, description="metric to optimise (default: the one the runs select on)")
+    space: dict[str, SearchParam] = Field(
+        min_length=1, description="{dotted.key: {low, high, log} | {choices}}"
+    )
+    metric: Optional[str] = Field(
+        None, description="metric to optimise (default: the one the runs select on)"
+    )
     direction: Optional[Literal["maximize", "minimize"]] = Field(None, description="default: from the metric")
-    pruning: bool = Field(True, description="stop trials whose intermediate evaluations are poor (median rule)")
+    pruning: bool = Field(
+        True, description="stop trials whose intermediate evaluations are poor (median rule)"
+    )
 
 
 class CompareSpec(Section):
@@ -102,10 +114,16 @@ class CompareSpec(Section):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="applied to every variant")
     budget: Optional[Budget] = None
-    lr_sweep: list[float] = Field(default_factory=list, description="learning rates tried per variant (on the first seed)")
+    lr_sweep: list[float] = Field(
+        default_factory=list, description="learning rates tried per variant (on the first seed)"
+    )
     search: Optional[Search] = None
-    forgetting: Optional[ForgettingSpec] = Field(default_factory=ForgettingSpec, description="null turns the measure off")
-    launch: list[str] = Field(default_factory=list, description="arguments for `accelerate launch` used for every run")
+    forgetting: Optional[ForgettingSpec] = Field(
+        default_factory=ForgettingSpec, description="null turns the measure off"
+    )
+    launch: list[str] = Field(
+        default_factory=list, description="arguments for `accelerate launch` used for every run"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> CompareSpec:
@@ -154,7 +172,10 @@ def plan(path: str | Path, overrides: list[str] = (), host: Any = None) -> Plan:
     """Read a comparison recipe and resolve every run, validating all of them at once."""
     raw = apply_overrides(read_raw(path), list(overrides))
     if not is_comparison(raw):
-        raise ConfigError("compare: missing; a comparison recipe is a recipe with a compare: section listing variants", source=str(path))
+        raise ConfigError(
+            "compare: missing; a comparison recipe is a recipe with a compare: section listing variants",
+            source=str(path),
+        )
     try:
         spec = CompareSpec(**(raw.pop("compare") or {}))
     except ValidationError as exc:
@@ -168,13 +189,17 @@ def plan(path: str | Path, overrides: list[str] = (), host: Any = None) -> Plan:
         grid = {**spec.grid, **variant.grid}
         for combo in itertools.product(*grid.values()) if grid else [()]:
             settings = dict(zip(grid, combo))
-            label = variant.name + (f"[{','.join(_tag(k, v) for k, v in settings.items())}]" if settings else "")
+            label = variant.name + (
+                f"[{','.join(_tag(k, v) for k, v in settings.items())}]" if settings else ""
+            )
             jobs = []
             for seed in spec.seeds:
                 try:
                     job = _job(raw, variant, settings, label, seed, spec, root, host, path)
                 except ConfigError as exc:
-                    problems.extend((f"compare.variants[{i}] ({label}): {where}", msg) for where, msg in exc.problems)
+                    problems.extend(
+                        (f"compare.variants[{i}] ({label}): {where}", msg) for where, msg in exc.problems
+                    )
                     break
                 jobs.append(job)
             result.variants[label] = jobs
@@ -183,7 +208,17 @@ def plan(path: str | Path, overrides: list[str] = (), host: Any = None) -> Plan:
     return result
 
 
-def _job(base: dict, variant: Variant, settings: dict, label: str, seed: int, spec: CompareSpec, root: Path, host: Any, path: Any) -> Job:
+def _job(
+    base: dict,
+    variant: Variant,
+    settings: dict,
+    label: str,
+    seed: int,
+    spec: CompareSpec,
+    root: Path,
+    host: Any,
+    path: Any,
+) -> Job:
     raw = copy.deepcopy(base)
     if variant.strategies is not None:
         raw["strategies"] = copy.deepcopy(variant.strategies)
@@ -193,14 +228,22 @@ def _job(base: dict, variant: Variant, settings: dict, label: str, seed: int, sp
     train["seed"] = seed
     if spec.budget:
         b = spec.budget
-        train.update({k: v for k, v in (("max_steps", b.steps), ("max_tokens", b.tokens), ("max_time", b.seconds)) if v is not None})
+        train.update(
+            {
+                k: v
+                for k, v in (("max_steps", b.steps), ("max_tokens", b.tokens), ("max_time", b.seconds))
+                if v is not None
+            }
+        )
     raw["forgetting"] = spec.forgetting.model_dump() if spec.forgetting else None
     key = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", label) + f"-s{seed}"
     raw["name"] = f"{root.name}/{key}"
     raw["output"] = str(root / "runs" / key)
     recipe = validate(raw, host=host, source=str(path))
     names = [s if isinstance(s, str) else s.get("name") for s in recipe.strategies]
-    return Job(variant=label, seed=seed, key=key, raw=raw, trains=names != ["none"], tunes_lr="train.lr" not in items)
+    return Job(
+        variant=label, seed=seed, key=key, raw=raw, trains=names != ["none"], tunes_lr="train.lr" not in items
+    )
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -216,7 +259,9 @@ class Runner:
     def log(self, message: str) -> None:
         print(f"adaptkit: {message}", file=sys.stderr, flush=True)
 
-    def run(self, job: Job, tag: str = "", overrides: dict[str, Any] | None = None, poll: Any = None) -> dict[str, Any]:
+    def run(
+        self, job: Job, tag: str = "", overrides: dict[str, Any] | None = None, poll: Any = None
+    ) -> dict[str, Any]:
         """Train one job (unless its identical recipe already finished) and return its row."""
         raw = copy.deepcopy(job.raw)
         key = job.key + tag
@@ -234,10 +279,19 @@ class Runner:
             shutil.rmtree(run_dir)
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
         recipe_file.write_text(text)
-        left = f", about {_duration(self.spent / self.executed * (self.total - self.done + 1))} left" if self.executed else ""
+        left = (
+            f", about {_duration(self.spent / self.executed * (self.total - self.done + 1))} left"
+            if self.executed
+            else ""
+        )
         self.log(f"[{self.done}/{self.total}] {key}{left}")
         t0 = time.monotonic()
-        rc, error = run_child(command(recipe_file, self.plugins, self.plan.spec.launch), self.plan.root / "logs" / f"{key}.log", poll, self.echo)
+        rc, error = run_child(
+            command(recipe_file, self.plugins, self.plan.spec.launch),
+            self.plan.root / "logs" / f"{key}.log",
+            poll,
+            self.echo,
+        )
         self.spent += time.monotonic() - t0
         self.executed += 1
         row = row_from_run(run_dir, job.variant, job.seed, self.plan.root, error=error if rc else None)
@@ -282,7 +336,11 @@ def execute(p: Plan, plugins: list[str] = (), echo: bool = True) -> dict[str, An
             tried = {lr: runner.run(first, f"-lr{lr:g}", {"train.lr": lr}) for lr in p.spec.lr_sweep}
             best_lr = max(tried, key=lambda lr: _score(tried[lr]))
             chosen, first_row = {"train.lr": best_lr}, tried[best_lr]
-            tuning[label] = {"method": "lr_sweep", "chosen": chosen, "tried": {f"{lr:g}": tried[lr].get("best_metric") for lr in tried}}
+            tuning[label] = {
+                "method": "lr_sweep",
+                "chosen": chosen,
+                "tried": {f"{lr:g}": tried[lr].get("best_metric") for lr in tried},
+            }
             runner.log(f"{label}: learning rate {best_lr:g} chosen from {p.spec.lr_sweep}")
         elif first.trains and p.spec.search:
             from adaptkit.search import optimise
@@ -304,8 +362,13 @@ def write_plan(p: Plan, rows: list[dict[str, Any]], tuning: dict[str, Any]) -> N
     """Record which run directory holds each row, so ``adaptkit report`` can rebuild the report."""
     from adaptkit.checkpoint import write_json
 
-    entries = [{"variant": r["variant"], "seed": r["seed"], "run_dir": r["run_dir"], "error": r.get("error")} for r in rows]
-    write_json(p.root / "comparison.json", {"name": p.name, "runs": entries, "tuning": tuning, "base": p.base})
+    entries = [
+        {"variant": r["variant"], "seed": r["seed"], "run_dir": r["run_dir"], "error": r.get("error")}
+        for r in rows
+    ]
+    write_json(
+        p.root / "comparison.json", {"name": p.name, "runs": entries, "tuning": tuning, "base": p.base}
+    )
 
 
 def collect(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -313,9 +376,14 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     root = Path(root)
     index = root / "comparison.json"
     if not index.is_file():
-        raise AdaptkitError(f"{root}: not a comparison directory (no comparison.json); run `adaptkit compare RECIPE` first")
+        raise AdaptkitError(
+            f"{root}: not a comparison directory (no comparison.json); run `adaptkit compare RECIPE` first"
+        )
     meta = json.loads(index.read_text())
-    rows = [row_from_run(root / e["run_dir"], e["variant"], e["seed"], root, error=e.get("error")) for e in meta["runs"]]
+    rows = [
+        row_from_run(root / e["run_dir"], e["variant"], e["seed"], root, error=e.get("error"))
+        for e in meta["runs"]
+    ]
     return rows, meta
 
 
@@ -323,7 +391,11 @@ def report_meta(meta: dict[str, Any]) -> dict[str, Any]:
     """What the report's header says about the comparison: model, task, data, budget, tuning."""
     base = meta.get("base", {})
     model, data = base.get("model", {}), base.get("data", {})
-    out = {"model": model.get("source"), "task": model.get("task", "classification"), "data": data.get("source")}
+    out = {
+        "model": model.get("source"),
+        "task": model.get("task", "classification"),
+        "data": data.get("source"),
+    }
     if data.get("options"):
         out["data options"] = json.dumps(data["options"])
     for label, t in (meta.get("tuning") or {}).items():
@@ -337,5 +409,7 @@ def write_report(root: str | Path) -> tuple[dict[str, Path], str]:
     from adaptkit import report
 
     rows, meta = collect(root)
-    files = report.write_report(Path(root), rows, title=f"adaptkit comparison: {meta['name']}", meta=report_meta(meta))
+    files = report.write_report(
+        Path(root), rows, title=f"adaptkit comparison: {meta['name']}", meta=report_meta(meta)
+    )
     return files, report.format_table(rows)

@@ -45,7 +45,11 @@ def _read_file(path: Path):
         cause = exc.__cause__ or exc
         if fmt == "json" and path.suffix.lower() == ".jsonl":
             _raise_bad_json_line(path)
-        raise DataError(f"{path}: could not be parsed as {path.suffix[1:]}: {type(cause).__name__}: {cause}".splitlines()[0]) from None
+        raise DataError(
+            f"{path}: could not be parsed as {path.suffix[1:]}: {type(cause).__name__}: {cause}".splitlines()[
+                0
+            ]
+        ) from None
     if len(ds) == 0:
         raise DataError(f"{path}: no rows")
     return ds
@@ -62,10 +66,14 @@ def _raise_bad_json_line(path: Path) -> None:
             try:
                 row = json.loads(line)
             except ValueError as exc:
-                raise DataError(f"{path}: could not be parsed as jsonl: line {number} is not valid JSON ({exc})") from None
+                raise DataError(
+                    f"{path}: could not be parsed as jsonl: line {number} is not valid JSON ({exc})"
+                ) from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}: could not be parsed as jsonl: line {number} is a JSON {type(row).__name__}, "
-                                "not an object of column values") from None
+                raise DataError(
+                    f"{path}: could not be parsed as jsonl: line {number} is a JSON {type(row).__name__}, "
+                    "not an object of column values"
+                ) from None
 
 
 def _has_lines(path: Path, n: int) -> bool:
@@ -86,7 +94,9 @@ def _split_files(directory: Path) -> dict[str, Path]:
             if f.stem.lower() in stems and f.suffix.lower() in FORMATS:
                 found.setdefault(split, f)
     if "train" not in found:
-        raise DataError(f"{directory}: no train.* file (expected train.jsonl, train.csv, train.tsv, train.parquet, ...)")
+        raise DataError(
+            f"{directory}: no train.* file (expected train.jsonl, train.csv, train.tsv, train.parquet, ...)"
+        )
     return found
 
 
@@ -119,7 +129,9 @@ def load_data(spec: DataSpec, host: PluginHost, seed: int) -> tuple[DatasetDict,
     if spec.max_train_examples:
         loaded["train"] = loaded["train"].select(range(min(spec.max_train_examples, len(loaded["train"]))))
     if spec.max_eval_examples:
-        loaded["validation"] = loaded["validation"].select(range(min(spec.max_eval_examples, len(loaded["validation"]))))
+        loaded["validation"] = loaded["validation"].select(
+            range(min(spec.max_eval_examples, len(loaded["validation"])))
+        )
     return loaded, files
 
 
@@ -142,7 +154,9 @@ def require_columns(dataset, columns: list[str], file: str) -> None:
     """A DataError naming the file and the missing column, with the columns that do exist."""
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
-        raise DataError(f"{file}: no column {missing[0]!r}; the columns are {dataset.column_names} (set it in the recipe's data section)")
+        raise DataError(
+            f"{file}: no column {missing[0]!r}; the columns are {dataset.column_names} (set it in the recipe's data section)"
+        )
 
 
 def apply_transforms(dataset, spec: DataSpec, host: PluginHost):
@@ -166,12 +180,18 @@ def apply_transforms(dataset, spec: DataSpec, host: PluginHost):
             unknown = sorted(set(options) - set(params))
             if unknown:
                 allowed = ", ".join(params) or "none"
-                raise ConfigError([(where, f"{name}: unknown option {unknown[0]!r}; the options are {allowed}")])
+                raise ConfigError(
+                    [(where, f"{name}: unknown option {unknown[0]!r}; the options are {allowed}")]
+                )
         try:
             fn = factory(**options)
         except (TypeError, ValueError) as exc:
             raise ConfigError([(where, f"{name}: {exc}")]) from None
-        positional = [p for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        positional = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
         try:
             dataset = dataset.map(fn, with_indices=len(positional) >= 2)
         except Exception as exc:  # datasets wraps errors raised inside map

@@ -49,8 +49,17 @@ BNB_STATE_BLOCK = 256
 #: Device memory a CUDA process uses before any tensor (context, kernels, cuBLAS workspace).
 #: Not measured here (it varies with GPU, driver and CUDA version); 512 MiB is typical.
 CUDA_CONTEXT_BYTES = 512 * MiB
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 class DoesNotFitError(AdaptkitError):
@@ -69,8 +78,10 @@ def parse_memory(text: str, what: str = "--device-memory") -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]+)\s*", str(text))
     unit = match.group(2).lower() if match else ""
     if not match or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(f"{what}: '{text}' is not a memory size; write a positive number with a unit, "
-                          f"like 24GB, 512MB or 1.5GiB (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+        raise ConfigError(
+            f"{what}: '{text}' is not a memory size; write a positive number with a unit, "
+            f"like 24GB, 512MB or 1.5GiB (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
     return int(float(match.group(1)) * _UNITS[unit])
 
 
@@ -126,15 +137,28 @@ class Estimate:
     total: int
     peak_phase: str
     frozen_by_dtype: dict[str, int] = field(default_factory=dict)
-    largest_block: int = 0  # the largest tensor a step allocates afresh: the logits, or a trainable weight's gradient
+    largest_block: int = (
+        0  # the largest tensor a step allocates afresh: the logits, or a trainable weight's gradient
+    )
     activations_per_block: int = 0
-    activations_by_block: list[int] = field(default_factory=list)  # saved in each block, bottom first (LoRA dropout apart)
+    activations_by_block: list[int] = field(
+        default_factory=list
+    )  # saved in each block, bottom first (LoRA dropout apart)
     flops_per_step: float = 0.0
     peak_tflops: float | None = None
     time_per_step_s: float | None = None
 
-    TERMS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_states", "activations",
-             "lora_dropout", "logits", "checkpoint_pages", "overhead")
+    TERMS = (
+        "frozen_weights",
+        "trainable_weights",
+        "gradients",
+        "optimizer_states",
+        "activations",
+        "lora_dropout",
+        "logits",
+        "checkpoint_pages",
+        "overhead",
+    )
 
     def terms(self) -> dict[str, int]:
         """Every byte term by name, in a fixed order."""
@@ -164,7 +188,12 @@ class Suggestion:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping."""
-        return {"change": self.change, "overrides": self.overrides, "total": self.estimate.total, "fits": self.fits}
+        return {
+            "change": self.change,
+            "overrides": self.overrides,
+            "total": self.estimate.total,
+            "fits": self.fits,
+        }
 
 
 # -- the model on the meta device ----------------------------------------------------------------
@@ -217,10 +246,14 @@ def _fused_attention_function():
             q, k, v, _, _ = ctx.saved_tensors
             return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    def attention(
+        module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+    ):
         if _ACTIVE:
             b, h, s, d = query.shape
-            causal = 0.5 if (is_causal if is_causal is not None else getattr(module, "is_causal", False)) else 1.0
+            causal = (
+                0.5 if (is_causal if is_causal is not None else getattr(module, "is_causal", False)) else 1.0
+            )
             flops = 4 * b * h * s * key.shape[2] * d * causal
             _ACTIVE[-1].flops_fwd += flops
             if query.requires_grad:
@@ -233,9 +266,20 @@ def _fused_attention_function():
                 from adaptkit.attention import dropout_attention, handled_here
 
                 if handled_here(module, query, key, attention_mask, dropout, is_causal, **kwargs):
-                    return dropout_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal), None
-                return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                              is_causal=is_causal, **kwargs)
+                    return dropout_attention(
+                        module, query, key, value, attention_mask, dropout, scaling, is_causal
+                    ), None
+                return sdpa_attention_forward(
+                    module,
+                    query,
+                    key,
+                    value,
+                    attention_mask,
+                    dropout=dropout,
+                    scaling=scaling,
+                    is_causal=is_causal,
+                    **kwargs,
+                )
         return FusedAttention.apply(query, key, value).transpose(1, 2), None
 
     return attention
@@ -298,7 +342,9 @@ def load_config(spec: Any, task: Any) -> Any:
     try:
         config = transformers.AutoConfig.from_pretrained(path, **common)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.source: cannot read the config of '{spec.source}' to estimate from: {exc}".splitlines()[0]) from None
+        raise ConfigError(
+            f"model.source: cannot read the config of '{spec.source}' to estimate from: {exc}".splitlines()[0]
+        ) from None
     if spec.dropout is not None:
         for key in dropout_keys(config):
             setattr(config, key, spec.dropout)
@@ -339,8 +385,13 @@ class Estimator:
     ``peak_tflops`` the device's matmul rate for the time estimate (default: measured; 0 skips it).
     """
 
-    def __init__(self, host: PluginHost | None = None, device: str | None = None, overhead_bytes: int | None = None,
-                 peak_tflops: float | None = None):
+    def __init__(
+        self,
+        host: PluginHost | None = None,
+        device: str | None = None,
+        overhead_bytes: int | None = None,
+        peak_tflops: float | None = None,
+    ):
         import torch
 
         from adaptkit.adapted import _default_host
@@ -450,8 +501,15 @@ class Estimator:
     # -- building ---------------------------------------------------------------------------
 
     def _prepare(self, recipe: Recipe) -> _Prepared:
-        key = json.dumps(recipe.model_dump(mode="json", include={"model", "strategies"}) | {
-            "task": recipe.model.task, "labels": recipe.data.labels, "schedule": _schedule_key(recipe.train)}, sort_keys=True)
+        key = json.dumps(
+            recipe.model_dump(mode="json", include={"model", "strategies"})
+            | {
+                "task": recipe.model.task,
+                "labels": recipe.data.labels,
+                "schedule": _schedule_key(recipe.train),
+            },
+            sort_keys=True,
+        )
         if key not in self._prepared:
             self._prepared[key] = self._build(recipe)
         return self._prepared[key]
@@ -469,8 +527,10 @@ class Estimator:
         config = load_config(spec, task)
         auto = getattr(transformers, task.auto_model, None)
         if auto is None or task.auto_model not in _INPUTS:
-            raise AdaptkitError(f"estimate: task '{spec.task}' (model class {task.auto_model}) is not supported; "
-                                f"supported: {', '.join(sorted(_INPUTS))}")
+            raise AdaptkitError(
+                f"estimate: task '{spec.task}' (model class {task.auto_model}) is not supported; "
+                f"supported: {', '.join(sorted(_INPUTS))}"
+            )
         _register_attention()
         with torch.device("meta"):
             model = auto.from_config(copy.deepcopy(config), dtype=torch_dtype(spec.dtype))
@@ -479,13 +539,17 @@ class Estimator:
         stack = build_strategies(self.host, recipe.strategies)
         for s in stack:
             try:
-                with torch.device("meta"):  # whatever a strategy creates (adapters, a fresh model) stays weightless
+                with torch.device(
+                    "meta"
+                ):  # whatever a strategy creates (adapters, a fresh model) stays weightless
                     model = s.apply(model)
             except AdaptkitError:
                 raise
             except Exception as exc:  # a strategy that needs real weights: say which, and why
-                raise AdaptkitError(f"estimate: strategy '{s.name}' cannot be applied to a model without weights "
-                                    f"(meta device): {type(exc).__name__}: {exc}") from None
+                raise AdaptkitError(
+                    f"estimate: strategy '{s.name}' cannot be applied to a model without weights "
+                    f"(meta device): {type(exc).__name__}: {exc}"
+                ) from None
         adapted = Adapted(model, stack, "")
         _final_stage(adapted, recipe.train)
         model.train()
@@ -496,7 +560,11 @@ class Estimator:
         frozen_by_dtype: dict[str, int] = {}
         replaced = 0
         ckpt_dtype = _checkpoint_dtype(config)
-        ckpt_size = torch.empty((), dtype=getattr(torch, ckpt_dtype)).element_size() if ckpt_dtype in ("float32", "bfloat16", "float16") else 4
+        ckpt_size = (
+            torch.empty((), dtype=getattr(torch, ckpt_dtype)).element_size()
+            if ckpt_dtype in ("float32", "bfloat16", "float16")
+            else 4
+        )
         for p in params.values():
             kind, nbytes = _stored(p)
             if kind in ("nf4", "nf4+dq", "fp4", "fp4+dq", "int8"):
@@ -505,13 +573,24 @@ class Estimator:
                 continue
             frozen_by_dtype[kind] = frozen_by_dtype.get(kind, 0) + nbytes
         for module in model.modules():  # bitsandbytes layers cannot run on meta tensors (peft's wrappers can)
-            if type(module).__module__.startswith("bitsandbytes") and type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            if type(module).__module__.startswith("bitsandbytes") and type(module).__name__ in (
+                "Linear4bit",
+                "Linear8bitLt",
+            ):
                 module.forward = _no_save_linear(module)
         trainable = [p for p in params.values() if p.requires_grad]
         return _Prepared(
-            model=model, adapted=adapted, model_type=getattr(config, "model_type", type(model).__name__),
-            auto_model=task.auto_model, config=config, block_path=path, blocks=blocks, frozen_by_dtype=frozen_by_dtype,
-            trainable=trainable, total_parameters=sum(p.numel() for p in params.values()), replaced_float_bytes=replaced,
+            model=model,
+            adapted=adapted,
+            model_type=getattr(config, "model_type", type(model).__name__),
+            auto_model=task.auto_model,
+            config=config,
+            block_path=path,
+            blocks=blocks,
+            frozen_by_dtype=frozen_by_dtype,
+            trainable=trainable,
+            total_parameters=sum(p.numel() for p in params.values()),
+            replaced_float_bytes=replaced,
             param_region={pid: r for pid, r in region.items() if pid in params},
         )
 
@@ -524,7 +603,12 @@ class Estimator:
         from adaptkit.lm_loss import chunk_rows, chunked_output_layer
 
         model, nblocks = prep.model, len(prep.blocks)
-        prof = _Profile(blocks=[0] * nblocks, lora_dropout=[0] * nblocks, block_inputs=[0] * nblocks, cpu=self.device == "cpu")
+        prof = _Profile(
+            blocks=[0] * nblocks,
+            lora_dropout=[0] * nblocks,
+            block_inputs=[0] * nblocks,
+            cpu=self.device == "cpu",
+        )
         weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
         block_of = {id(b): i for i, b in enumerate(prep.blocks)}
         vocab = _vocab(prep.config)
@@ -561,7 +645,9 @@ class Estimator:
         def block_pre(module, args, kwargs):
             i = block_of[id(module)]
             state["block"] = i
-            hidden = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            hidden = (
+                args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            )
             if isinstance(hidden, torch.Tensor):
                 prof.block_inputs[i] = hidden.numel() * hidden.element_size()
 
@@ -571,14 +657,21 @@ class Estimator:
         def enter(key):
             def hook(module, args):
                 state[key] += 1
+
             return hook
 
         def leave(key):
             def hook(module, args, output):
                 state[key] -= 1
-                if key == "lora" and isinstance(output, torch.Tensor) and args and output.untyped_storage()._cdata != args[0].untyped_storage()._cdata:
+                if (
+                    key == "lora"
+                    and isinstance(output, torch.Tensor)
+                    and args
+                    and output.untyped_storage()._cdata != args[0].untyped_storage()._cdata
+                ):
                     keep.append(output)
                     lora_outputs.add(output.untyped_storage()._cdata)
+
             return hook
 
         real_dtype: dict[int, Any] = {}
@@ -602,9 +695,15 @@ class Estimator:
             hooks.append(b.register_forward_hook(block_post))
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Dropout):
-                hooks += [module.register_forward_pre_hook(enter("dropout")), module.register_forward_hook(leave("dropout"))]
+                hooks += [
+                    module.register_forward_pre_hook(enter("dropout")),
+                    module.register_forward_hook(leave("dropout")),
+                ]
             if ".lora_dropout." in f".{name}" and not any(True for _ in module.children()):
-                hooks += [module.register_forward_pre_hook(enter("lora")), module.register_forward_hook(leave("lora"))]
+                hooks += [
+                    module.register_forward_pre_hook(enter("lora")),
+                    module.register_forward_hook(leave("lora")),
+                ]
             if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
                 hooks.append(module.register_forward_hook(matmul_hook))
                 real_dtype[id(module)] = module.weight.dtype
@@ -753,7 +852,7 @@ def _param_regions(model: Any, block_path: str, nblocks: int) -> dict[int, int]:
     first_block = next((i for i, n in enumerate(names) if n.startswith(block_path + ".")), len(names))
     for i, (name, p) in enumerate(model.named_parameters(remove_duplicate=False)):
         if name.startswith(block_path + "."):
-            r = int(name[len(block_path) + 1:].split(".", 1)[0])
+            r = int(name[len(block_path) + 1 :].split(".", 1)[0])
         else:
             r = -1 if i < first_block else nblocks
         region[id(p)] = max(region.get(id(p), -1), r)
@@ -834,10 +933,16 @@ def cpu_overhead_bytes() -> int:
     except (OSError, ValueError, KeyError):
         pass
     code = "import " + ", ".join(_STACK) + "; import psutil; print(psutil.Process().memory_info().rss)"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"},
+    )
     if res.returncode != 0:
-        raise AdaptkitError(f"estimate: could not measure the process baseline: {res.stderr.strip().splitlines()[-1:]}")
+        raise AdaptkitError(
+            f"estimate: could not measure the process baseline: {res.stderr.strip().splitlines()[-1:]}"
+        )
     value = int(res.stdout.strip().splitlines()[-1])
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"key": key, "bytes": value})
@@ -871,8 +976,11 @@ ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNA
 
 def allocator_set_by_user() -> bool:
     """Whether the environment already sets glibc's malloc (see ``ALLOCATOR_ENV``)."""
-    return bool(os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_")
-                or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
+    return bool(
+        os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        or os.environ.get("MALLOC_TRIM_THRESHOLD_")
+        or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+    )
 
 
 def set_cpu_allocator(policy: str) -> bool:
@@ -900,7 +1008,9 @@ def set_cpu_allocator(policy: str) -> bool:
         return False
     m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
     if policy == "release":  # 128 KiB: glibc's initial values
-        return bool(libc.mallopt(m_mmap_threshold, 128 * 1024)) & bool(libc.mallopt(m_trim_threshold, 128 * 1024))
+        return bool(libc.mallopt(m_mmap_threshold, 128 * 1024)) & bool(
+            libc.mallopt(m_trim_threshold, 128 * 1024)
+        )
     trim = bool(libc.mallopt(m_trim_threshold, 1 << 30))
     # glibc before 2.35 or so refuses an mmap threshold over 32 MiB: no mmap at all does the same
     return trim and bool(libc.mallopt(m_mmap_threshold, 1 << 30) or libc.mallopt(m_mmap_max, 0))
@@ -927,7 +1037,9 @@ def effective_batch(spec: Any) -> int:
     return spec.effective_batch_size or 8 * spec.gradient_accumulation
 
 
-def largest_fitting_micro_batch(estimator: Estimator, recipe: Recipe, budget: int, candidates: list[int] | None = None) -> tuple[int, Estimate] | None:
+def largest_fitting_micro_batch(
+    estimator: Estimator, recipe: Recipe, budget: int, candidates: list[int] | None = None
+) -> tuple[int, Estimate] | None:
     """The largest micro-batch (a divisor of the effective batch, or of ``candidates``) whose estimate fits ``budget``.
 
     The estimate grows with the micro-batch, so the divisors are searched by bisection. None
@@ -947,8 +1059,13 @@ def largest_fitting_micro_batch(estimator: Estimator, recipe: Recipe, budget: in
 
 def _with_micro(recipe: Recipe, micro: int) -> Recipe:
     total = effective_batch(recipe.train)
-    train = recipe.train.model_copy(update={"micro_batch_size": micro, "gradient_accumulation": max(1, total // micro),
-                                            "effective_batch_size": None})
+    train = recipe.train.model_copy(
+        update={
+            "micro_batch_size": micro,
+            "gradient_accumulation": max(1, total // micro),
+            "effective_batch_size": None,
+        }
+    )
     return recipe.model_copy(update={"train": train})
 
 
@@ -976,8 +1093,12 @@ def suggest(estimator: Estimator, recipe: Recipe, budget: int) -> list[Suggestio
 
     if not current.model.gradient_checkpointing:
         r = _with(current, ["model.gradient_checkpointing=true"], estimator.host)
-        if add("gradient checkpointing (recompute each block's activations in the backward pass; about a third more compute)",
-               ["model.gradient_checkpointing=true"], r, estimator.estimate(r)):
+        if add(
+            "gradient checkpointing (recompute each block's activations in the backward pass; about a third more compute)",
+            ["model.gradient_checkpointing=true"],
+            r,
+            estimator.estimate(r),
+        ):
             return out
     spec = current.train
     if isinstance(spec.micro_batch_size, int) and spec.micro_batch_size > 1:
@@ -987,8 +1108,12 @@ def suggest(estimator: Estimator, recipe: Recipe, budget: int) -> list[Suggestio
         micro = found[0] if found else min(smaller, default=1)
         overrides = [f"train.micro_batch_size={micro}", f"train.gradient_accumulation={total // micro}"]
         r = _with(current, overrides, estimator.host)
-        if add(f"micro-batch {micro} with {total // micro} accumulation steps (the same {total} examples per step)",
-               overrides, r, estimator.estimate(r)):
+        if add(
+            f"micro-batch {micro} with {total // micro} accumulation steps (the same {total} examples per step)",
+            overrides,
+            r,
+            estimator.estimate(r),
+        ):
             return out
     eight_bit = {"adamw": "adamw_8bit", "paged_adamw": "paged_adamw_8bit"}.get(current.train.optimizer)
     if eight_bit:
@@ -1002,7 +1127,9 @@ def suggest(estimator: Estimator, recipe: Recipe, budget: int) -> list[Suggestio
         if "quantize" in config_class.model_fields and options.get("quantize") != "4bit":
             overrides = [f"strategies.{i}.quantize=4bit"]
             r = _with(current, overrides, estimator.host)
-            if add(f"4-bit base (QLoRA: {options['name']} over NF4 weights)", overrides, r, estimator.estimate(r)):
+            if add(
+                f"4-bit base (QLoRA: {options['name']} over NF4 weights)", overrides, r, estimator.estimate(r)
+            ):
                 return out
             break
     length = current.data.max_length
@@ -1012,8 +1139,12 @@ def suggest(estimator: Estimator, recipe: Recipe, budget: int) -> list[Suggestio
         r = _with(current, overrides, estimator.host)
         est = estimator.estimate(r)
         if est.total <= budget or new_length == tried[-1]:
-            add(f"shorter sequences (data.max_length {new_length} instead of {length}; longer examples are truncated)",
-                overrides, r, est)
+            add(
+                f"shorter sequences (data.max_length {new_length} instead of {length}; longer examples are truncated)",
+                overrides,
+                r,
+                est,
+            )
             break
     return out
 
@@ -1053,7 +1184,9 @@ def plan_memory(run: Any, fresh_dir: bool, loaded: bool) -> tuple[Any, dict[str,
 
     estimator = None
     try:
-        estimator = Estimator(run.host, device="cuda" if device.type == "cuda" else "cpu", overhead_bytes=0, peak_tflops=0)
+        estimator = Estimator(
+            run.host, device="cuda" if device.type == "cuda" else "cpu", overhead_bytes=0, peak_tflops=0
+        )
     except Exception as exc:  # an estimate that cannot be made never blocks training
         run.log(f"adaptkit: memory estimate skipped: {type(exc).__name__}: {exc}")
 
@@ -1063,28 +1196,40 @@ def plan_memory(run: Any, fresh_dir: bool, loaded: bool) -> tuple[Any, dict[str,
         if saved:
             micro = saved
             info["chosen_before"] = True
-            run.log(f"adaptkit: micro_batch_size auto: using {micro}, as chosen before ({run.run_dir / BATCH_FILE})")
+            run.log(
+                f"adaptkit: micro_batch_size auto: using {micro}, as chosen before ({run.run_dir / BATCH_FILE})"
+            )
         else:
             micro = _choose(run, estimator, recipe, budget, total)
             if acc.num_processes > 1:  # every rank must accumulate alike: the smallest choice wins
                 micro = smallest_across_processes(acc, micro)
-            run.log(f"adaptkit: micro_batch_size auto: {micro} x {total // micro} accumulation steps ({total} examples "
-                    f"per step{'' if budget is None else ', within ' + format_bytes(budget)})")
+            run.log(
+                f"adaptkit: micro_batch_size auto: {micro} x {total // micro} accumulation steps ({total} examples "
+                f"per step{'' if budget is None else ', within ' + format_bytes(budget)})"
+            )
         spec = spec.model_copy(update={"micro_batch_size": micro, "gradient_accumulation": total // micro})
         acc.gradient_accumulation_steps = spec.gradient_accumulation
-        info.update(micro_batch_size=micro, gradient_accumulation=total // micro, effective_batch_size=total,
-                    run_id=recipe_id(recipe))
+        info.update(
+            micro_batch_size=micro,
+            gradient_accumulation=total // micro,
+            effective_batch_size=total,
+            run_id=recipe_id(recipe),
+        )
 
     if spec.preflight and not loaded and estimator is not None and budget is not None:
         resolved = recipe.model_copy(update={"train": spec})
         try:
             est = estimator.estimate(resolved)
-        except Exception as exc:  # a model or strategy the estimator cannot build: training reports its own errors
+        except (
+            Exception
+        ) as exc:  # a model or strategy the estimator cannot build: training reports its own errors
             run.log(f"adaptkit: memory estimate skipped: {type(exc).__name__}: {exc}")
             return spec, info
         info["estimate_mb"] = est.total / MiB
         if est.total > budget:
-            raise DoesNotFitError(does_not_fit_message(est, budget, suggest(estimator, resolved, budget), device.type))
+            raise DoesNotFitError(
+                does_not_fit_message(est, budget, suggest(estimator, resolved, budget), device.type)
+            )
         # keeping freed memory for reuse makes CPU steps faster but holds more than the live peak:
         # worth it only where glibc would unmap a step's blocks; a run that would not fit otherwise
         # pays for returning freed memory at once (see set_cpu_allocator)
@@ -1094,8 +1239,10 @@ def plan_memory(run: Any, fresh_dir: bool, loaded: bool) -> tuple[Any, dict[str,
             if policy and set_cpu_allocator(policy):
                 info["allocator"] = policy
             if info.get("allocator") == "release":
-                run.log(f"adaptkit: memory is tight (about {format_bytes(est.total)} of {format_bytes(budget)}): freed memory "
-                        "goes back to the system at once, which makes steps slower")
+                run.log(
+                    f"adaptkit: memory is tight (about {format_bytes(est.total)} of {format_bytes(budget)}): freed memory "
+                    "goes back to the system at once, which makes steps slower"
+                )
     return spec, info
 
 
@@ -1106,8 +1253,17 @@ def smallest_across_processes(acc: Any, value: int) -> int:
     return -int(acc.reduce(torch.tensor(-value, device=acc.device), "max").item())
 
 
-def confirm_micro_batch(run: Any, spec: Any, info: dict[str, Any], model: Any, optimizer: Any, dataset: Any,
-                        collate: Any, pending: list[Any], loss_fn: Any) -> Any:
+def confirm_micro_batch(
+    run: Any,
+    spec: Any,
+    info: dict[str, Any],
+    model: Any,
+    optimizer: Any,
+    dataset: Any,
+    collate: Any,
+    pending: list[Any],
+    loss_fn: Any,
+) -> Any:
     """After ``plan_memory``, with model and optimizer prepared: trial steps confirm ``auto``'s micro-batch.
 
     Steps down through the divisors of the effective batch while a trial step runs out of memory
@@ -1118,14 +1274,18 @@ def confirm_micro_batch(run: Any, spec: Any, info: dict[str, Any], model: Any, o
 
     acc = run.accelerator
     if acc.distributed_type.value not in UNSHARDED:
-        run.log(f"adaptkit: micro_batch_size auto: no trial step under {acc.distributed_type.value} "
-                f"(one process holds only a shard); the estimate's {spec.micro_batch_size} stands")
+        run.log(
+            f"adaptkit: micro_batch_size auto: no trial step under {acc.distributed_type.value} "
+            f"(one process holds only a shard); the estimate's {spec.micro_batch_size} stands"
+        )
         return spec
     total = info["effective_batch_size"]
     candidates = [d for d in divisors(total) if d <= spec.micro_batch_size]
     failure = None
     try:
-        micro, info["tried"] = probe_micro_batch(acc, model, optimizer, dataset, collate, candidates, pending, run.log, loss_fn)
+        micro, info["tried"] = probe_micro_batch(
+            acc, model, optimizer, dataset, collate, candidates, pending, run.log, loss_fn
+        )
     except DoesNotFitError as exc:
         if acc.num_processes == 1:
             raise
@@ -1133,11 +1293,15 @@ def confirm_micro_batch(run: Any, spec: Any, info: dict[str, Any], model: Any, o
     if acc.num_processes > 1:
         micro = smallest_across_processes(acc, micro)
         if micro == 0:
-            raise failure or DoesNotFitError("train.micro_batch_size auto: another process ran out of memory in a trial "
-                                             "step even with a micro-batch of 1; see its message")
+            raise failure or DoesNotFitError(
+                "train.micro_batch_size auto: another process ran out of memory in a trial "
+                "step even with a micro-batch of 1; see its message"
+            )
     if micro == spec.micro_batch_size:
         return spec
-    run.log(f"adaptkit: micro_batch_size auto: {micro} x {total // micro} accumulation steps, as trial steps showed")
+    run.log(
+        f"adaptkit: micro_batch_size auto: {micro} x {total // micro} accumulation steps, as trial steps showed"
+    )
     acc.gradient_accumulation_steps = total // micro
     info.update(micro_batch_size=micro, gradient_accumulation=total // micro)
     return spec.model_copy(update={"micro_batch_size": micro, "gradient_accumulation": total // micro})
@@ -1152,13 +1316,17 @@ def _choose(run: Any, estimator: Estimator | None, recipe: Recipe, budget: int |
     try:
         found = largest_fitting_micro_batch(estimator, recipe, budget)
     except Exception as exc:  # the estimator cannot build this model: fall back rather than refuse
-        run.log(f"adaptkit: micro_batch_size auto: no estimate ({type(exc).__name__}: {exc}), using {fallback}")
+        run.log(
+            f"adaptkit: micro_batch_size auto: no estimate ({type(exc).__name__}: {exc}), using {fallback}"
+        )
         return fallback
     if found is None:
         one = _with_micro(recipe, 1)
         est = estimator.estimate(one)
-        raise DoesNotFitError("train.micro_batch_size auto: not even a micro-batch of 1 fits; "
-                              + does_not_fit_message(est, budget, suggest(estimator, one, budget), estimator.device))
+        raise DoesNotFitError(
+            "train.micro_batch_size auto: not even a micro-batch of 1 fits; "
+            + does_not_fit_message(est, budget, suggest(estimator, one, budget), estimator.device)
+        )
     return found[0]
 
 
@@ -1167,7 +1335,14 @@ def write_memory_plan(run_dir: Path, info: dict[str, Any]) -> None:
     from adaptkit.checkpoint import write_json
 
     if info.get("micro_batch_size_auto") and not info.get("chosen_before"):
-        keys = ("run_id", "micro_batch_size", "gradient_accumulation", "effective_batch_size", "budget_mb", "tried")
+        keys = (
+            "run_id",
+            "micro_batch_size",
+            "gradient_accumulation",
+            "effective_batch_size",
+            "budget_mb",
+            "tried",
+        )
         write_json(Path(run_dir) / BATCH_FILE, {k: info.get(k) for k in keys})
 
 
@@ -1185,58 +1360,93 @@ def _read_batch_file(path: Path, run_id: str, total: int) -> int | None:
 def does_not_fit_message(est: Estimate, budget: int, suggestions: list[Suggestion], device: str) -> str:
     """One message: the estimate against the budget, its largest terms, and the changes that would fit."""
     terms = sorted(est.terms().items(), key=lambda kv: -kv[1])[:3]
-    lines = [f"this run needs about {format_bytes(est.total)} at its peak ({est.peak_phase}) but {format_bytes(budget)} "
-             f"is available on the {device}; largest terms: " + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in terms)]
+    lines = [
+        f"this run needs about {format_bytes(est.total)} at its peak ({est.peak_phase}) but {format_bytes(budget)} "
+        f"is available on the {device}; largest terms: "
+        + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in terms)
+    ]
     if suggestions:
         lines.append("changes that lower it, cheapest first (each on top of the previous):")
         for s in suggestions:
-            lines.append(f"  {' '.join(s.overrides)}  -> {format_bytes(s.estimate.total)}"
-                         f"{' (fits)' if s.fits else ''}  # {s.change}")
+            lines.append(
+                f"  {' '.join(s.overrides)}  -> {format_bytes(s.estimate.total)}"
+                f"{' (fits)' if s.fits else ''}  # {s.change}"
+            )
     if not any(s.fits for s in suggestions):
-        lines.append("nothing listed here makes it fit; use a smaller model or a device with more memory "
-                     "(or set train.preflight: false to try anyway)")
+        lines.append(
+            "nothing listed here makes it fit; use a smaller model or a device with more memory "
+            "(or set train.preflight: false to try anyway)"
+        )
     return "\n".join(lines)
 
 
 # -- the table -------------------------------------------------------------------------------------
 
 
-def render(est: Estimate, budget: int | None, suggestions: list[Suggestion], budget_label: str = "", auto: bool = False) -> str:
+def render(
+    est: Estimate,
+    budget: int | None,
+    suggestions: list[Suggestion],
+    budget_label: str = "",
+    auto: bool = False,
+) -> str:
     """The estimate as a readable table, with the device, the dominant term, the time and the suggestions."""
     chosen = " (auto: the largest that fits)" if auto else ""
-    lines = [f"{est.model_type}, strategies {'+'.join(est.strategies)}: {est.total_parameters:,} parameters, "
-             f"{est.trainable_parameters:,} trainable ({100 * est.trainable_parameters / max(est.total_parameters, 1):.2f}%)",
-             f"micro-batch {est.micro_batch_size}{chosen} x {est.seq_len} tokens, accumulation {est.gradient_accumulation}, "
-             f"optimizer {est.optimizer}, mixed precision {est.mixed_precision}, "
-             f"gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}, device {est.device}", ""]
+    lines = [
+        f"{est.model_type}, strategies {'+'.join(est.strategies)}: {est.total_parameters:,} parameters, "
+        f"{est.trainable_parameters:,} trainable ({100 * est.trainable_parameters / max(est.total_parameters, 1):.2f}%)",
+        f"micro-batch {est.micro_batch_size}{chosen} x {est.seq_len} tokens, accumulation {est.gradient_accumulation}, "
+        f"optimizer {est.optimizer}, mixed precision {est.mixed_precision}, "
+        f"gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}, device {est.device}",
+        "",
+    ]
     width = max(len(t) for t in est.TERMS) + 2
     for name, value in est.terms().items():
         note = ""
         if name == "frozen_weights" and est.frozen_by_dtype:
-            note = "  (" + ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(est.frozen_by_dtype.items(), key=lambda kv: -kv[1]) if v) + ")"
+            note = (
+                "  ("
+                + ", ".join(
+                    f"{k} {format_bytes(v)}"
+                    for k, v in sorted(est.frozen_by_dtype.items(), key=lambda kv: -kv[1])
+                    if v
+                )
+                + ")"
+            )
         elif name == "activations":
             note = f"  ({format_bytes(est.activations_per_block)} per block)"
         lines.append(f"  {name.replace('_', ' '):<{width}}{format_bytes(value):>12}{note}")
-    lines.append(f"  {'peak':<{width}}{format_bytes(est.total):>12}  ({est.peak_phase}; terms are not all live at once)")
+    lines.append(
+        f"  {'peak':<{width}}{format_bytes(est.total):>12}  ({est.peak_phase}; terms are not all live at once)"
+    )
     if budget is not None:
         verdict = "fits" if est.total <= budget else "does NOT fit"
         lines.append(f"  {'device':<{width}}{format_bytes(budget):>12}  {budget_label}-> {verdict}")
     lines.append(f"dominant term: {est.dominant.replace('_', ' ')}")
     if est.time_per_step_s is not None:
-        lines.append(f"time per optimizer step: {est.time_per_step_s:.3g} s at {est.peak_tflops:.3g} TFLOP/s "
-                     f"({est.flops_per_step / 1e12:.3g} TFLOP per step; a lower bound, at the device's matmul peak)")
+        lines.append(
+            f"time per optimizer step: {est.time_per_step_s:.3g} s at {est.peak_tflops:.3g} TFLOP/s "
+            f"({est.flops_per_step / 1e12:.3g} TFLOP per step; a lower bound, at the device's matmul peak)"
+        )
     if suggestions:
         lines += ["", "to make it fit (cheapest first, each on top of the previous):"]
         for s in suggestions:
-            lines.append(f"  {' '.join(s.overrides):<60} -> {format_bytes(s.estimate.total):>12}{'  fits' if s.fits else ''}")
+            lines.append(
+                f"  {' '.join(s.overrides):<60} -> {format_bytes(s.estimate.total):>12}{'  fits' if s.fits else ''}"
+            )
             lines.append(f"      {s.change}")
         if not any(s.fits for s in suggestions):
             lines.append("  none of these is enough: a smaller model or more memory is needed")
     return "\n".join(lines)
 
 
-def estimate_report(recipe: Recipe, host: PluginHost, device_memory: str | None = None, device: str | None = None,
-                    peak_tflops: float | None = None) -> tuple[Estimate, int, list[Suggestion], dict[str, Any]]:
+def estimate_report(
+    recipe: Recipe,
+    host: PluginHost,
+    device_memory: str | None = None,
+    device: str | None = None,
+    peak_tflops: float | None = None,
+) -> tuple[Estimate, int, list[Suggestion], dict[str, Any]]:
     """What ``adaptkit estimate`` shows: the estimate against the device, and suggestions when it does not fit.
 
     ``device_memory`` is a size (``24GB``); without it, what the device has free now. A
@@ -1248,7 +1458,9 @@ def estimate_report(recipe: Recipe, host: PluginHost, device_memory: str | None 
     if budget is None:
         import torch
 
-        budget = free_memory(torch.device(estimator.device, 0) if estimator.device == "cuda" else torch.device("cpu"))
+        budget = free_memory(
+            torch.device(estimator.device, 0) if estimator.device == "cuda" else torch.device("cpu")
+        )
         label = f"free on this {estimator.device} now "
     else:
         label = f"--device-memory {device_memory} "
@@ -1258,6 +1470,11 @@ def estimate_report(recipe: Recipe, host: PluginHost, device_memory: str | None 
         recipe = _with_micro(recipe, found[0] if found else 1)
     est = estimator.estimate(recipe)
     suggestions = suggest(estimator, recipe, budget) if est.total > budget else []
-    report = {"estimate": est.to_dict(), "device_memory": budget, "fits": est.total <= budget,
-              "micro_batch_size_auto": auto, "suggestions": [s.to_dict() for s in suggestions]}
+    report = {
+        "estimate": est.to_dict(),
+        "device_memory": budget,
+        "fits": est.total <= budget,
+        "micro_batch_size_auto": auto,
+        "suggestions": [s.to_dict() for s in suggestions],
+    }
     return est, budget, suggestions, {"label": label, **report}

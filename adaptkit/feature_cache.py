@@ -93,7 +93,9 @@ class FeatureCache:
             digest.update(f"{name}{tuple(row.shape)}".encode() + raw.numpy().tobytes())
         return digest.digest()
 
-    def compute(self, args: tuple, kwargs: dict, missing: list[int], keys: list[bytes], positions: list) -> None:
+    def compute(
+        self, args: tuple, kwargs: dict, missing: list[int], keys: list[bytes], positions: list
+    ) -> None:
         """Run the real backbone on the whole batch and keep the rows the cache lacks.
 
         The whole batch (not just the missing rows) goes through, so that the first epoch computes
@@ -115,7 +117,9 @@ class FeatureCache:
             for name, value in fields.items():
                 # per-token outputs (batch x positions x features) keep only the real positions: the
                 # padding differs from batch to batch
-                per_token = positions[i] is not None and value.dim() >= 3 and value.shape[1] == positions[i].shape[0]
+                per_token = (
+                    positions[i] is not None and value.dim() >= 3 and value.shape[1] == positions[i].shape[0]
+                )
                 value = value[i][positions[i]] if per_token else value[i]
                 if per_token:
                     self.per_token.add(name)
@@ -144,13 +148,34 @@ def check_cacheable(model: nn.Module, pending: list) -> nn.Module:
     field = "train.cache_features"
     backbone = backbone_of(model)
     if backbone is None:
-        raise ConfigError([(field, f"{type(model).__name__} has no separate backbone (transformers' base_model_prefix) to cache")])
+        raise ConfigError(
+            [
+                (
+                    field,
+                    f"{type(model).__name__} has no separate backbone (transformers' base_model_prefix) to cache",
+                )
+            ]
+        )
     ids = {id(p) for p in backbone.parameters()}
     if any(id(p) in ids for p in pending):
-        raise ConfigError([(field, "a strategy unfreezes backbone parameters later (gradual unfreezing): "
-                                   "their features change, so they cannot be cached")])
+        raise ConfigError(
+            [
+                (
+                    field,
+                    "a strategy unfreezes backbone parameters later (gradual unfreezing): "
+                    "their features change, so they cannot be cached",
+                )
+            ]
+        )
     trainable = [n for n, p in backbone.named_parameters() if p.requires_grad]
     if trainable:
-        raise ConfigError([(field, f"needs a frozen backbone (head-only training, e.g. freeze with train_head), but "
-                                   f"{len(trainable)} backbone parameters train (e.g. {trainable[0]})")])
+        raise ConfigError(
+            [
+                (
+                    field,
+                    f"needs a frozen backbone (head-only training, e.g. freeze with train_head), but "
+                    f"{len(trainable)} backbone parameters train (e.g. {trainable[0]})",
+                )
+            ]
+        )
     return backbone

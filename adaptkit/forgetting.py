@@ -36,7 +36,9 @@ def general_texts(source: str, max_texts: int) -> list[str]:
     else:
         path = Path(source)
         if not path.is_file():
-            raise DataError(f"forgetting.source: {source}: no such file (use 'pydoc' or a .txt/.jsonl/.csv file)")
+            raise DataError(
+                f"forgetting.source: {source}: no such file (use 'pydoc' or a .txt/.jsonl/.csv file)"
+            )
         if path.suffix.lower() == ".txt":
             paragraphs = re.split(r"\n\s*\n", path.read_text(errors="replace"))
         else:
@@ -44,17 +46,23 @@ def general_texts(source: str, max_texts: int) -> list[str]:
 
             ds = _read_file(path)
             if "text" not in ds.column_names:
-                raise DataError(f"{path}: forgetting text needs a 'text' column; the columns are {ds.column_names}")
+                raise DataError(
+                    f"{path}: forgetting text needs a 'text' column; the columns are {ds.column_names}"
+                )
             paragraphs = [t for t in ds["text"] if isinstance(t, str)]
     # Prose only: skip code listings and grammar rules, which say little about language skills.
-    prose = [" ".join(p.split()) for p in paragraphs if len(p) >= 200 and not p.lstrip().startswith((">>>", "::"))]
+    prose = [
+        " ".join(p.split()) for p in paragraphs if len(p) >= 200 and not p.lstrip().startswith((">>>", "::"))
+    ]
     if not prose:
         raise DataError(f"forgetting.source: {source}: no paragraph of at least 200 characters")
     step = max(1, len(prose) // max_texts)  # spread the sample over the whole source
     return prose[::step][:max_texts]
 
 
-def measure(model: Any, processor: Any, texts: list[str], max_length: int, causal: bool) -> dict[str, Any] | None:
+def measure(
+    model: Any, processor: Any, texts: list[str], max_length: int, causal: bool
+) -> dict[str, Any] | None:
     """Loss (causal LMs) or mean-pooled features (others) of ``model`` on ``texts``; None without a tokenizer."""
     import torch
 
@@ -68,7 +76,9 @@ def measure(model: Any, processor: Any, texts: list[str], max_length: int, causa
         for text in texts:  # one at a time: no padding to mask, and memory stays flat
             enc = processor(text, truncation=True, max_length=max_length, return_tensors="pt").to(device)
             if causal:
-                out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=enc["input_ids"])
+                out = model(
+                    input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=enc["input_ids"]
+                )
                 n = int(enc["input_ids"].shape[1]) - 1  # predicted tokens
                 losses += float(out.loss) * n
                 tokens += n
@@ -87,10 +97,17 @@ def compare(before: dict[str, Any], after: dict[str, Any], source: str) -> dict[
 
     if "loss" in before:
         delta = after["loss"] - before["loss"]
-        return {"value": delta, "measure": f"increase of LM loss (nats/token) on {source} text",
-                "loss_before": before["loss"], "loss_after": after["loss"],
-                "perplexity_ratio": math.exp(min(delta, 50))}
+        return {
+            "value": delta,
+            "measure": f"increase of LM loss (nats/token) on {source} text",
+            "loss_before": before["loss"],
+            "loss_after": after["loss"],
+            "perplexity_ratio": math.exp(min(delta, 50)),
+        }
     import torch
 
     cos = torch.nn.functional.cosine_similarity(before["features"], after["features"], dim=-1)
-    return {"value": float(1 - cos.mean()), "measure": f"1 - cosine of mean-pooled hidden states on {source} text"}
+    return {
+        "value": float(1 - cos.mean()),
+        "measure": f"1 - cosine of mean-pooled hidden states on {source} text",
+    }

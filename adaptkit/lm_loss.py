@@ -100,8 +100,9 @@ def _hidden_states(hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+def causal_lm_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean cross-entropy of next-token prediction, as transformers' ``ForCausalLMLoss`` computes it.
 
     ``hidden`` (batch, seq, hidden) are the states the output layer (``weight``, ``bias``) would
@@ -121,7 +122,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        exact = torch.promote_types(dtype, torch.float32)  # half logits are upcast for the loss, as transformers does
+        exact = torch.promote_types(
+            dtype, torch.float32
+        )  # half logits are upcast for the loss, as transformers does
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n = hidden.shape[0]
         with torch.autocast(device, enabled=False):
@@ -131,11 +134,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty_like(hidden) if need_h else None
             grad_w = torch.zeros(weight.shape, dtype=exact, device=weight.device) if need_w else None
             grad_b = torch.zeros(bias.shape, dtype=exact, device=bias.device) if need_b else None
-            buffer = torch.empty((min(chunk, n), w.shape[0]), dtype=exact, device=hidden.device) if n else None
+            buffer = (
+                torch.empty((min(chunk, n), w.shape[0]), dtype=exact, device=hidden.device) if n else None
+            )
             for start in range(0, n, chunk):
-                h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
+                h, t = hidden[start : start + chunk].to(dtype), targets[start : start + chunk]
                 # one logits buffer for all chunks: a fresh block per chunk costs its page faults again
-                logits = buffer[:len(t)]
+                logits = buffer[: len(t)]
                 if dtype == exact:
                     torch.mm(h, w.t(), out=logits)
                     if b is not None:
@@ -154,9 +159,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = g.to(dtype)
                 if need_h:
                     if grad_h.dtype == dtype:
-                        torch.mm(g, w, out=grad_h[start:start + chunk])
+                        torch.mm(g, w, out=grad_h[start : start + chunk])
                     else:
-                        grad_h[start:start + chunk] = g @ w
+                        grad_h[start : start + chunk] = g @ w
                 if need_w:
                     if dtype == exact:
                         grad_w.addmm_(g.t(), h)
@@ -171,6 +176,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         scale = grad_out / ctx.rows
-        grads, ctx.grads = ctx.grads, None  # released as they are handed over: autograd may keep them as .grad
-        out = [None if g is None else g.mul_(scale.to(g.dtype)).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        grads, ctx.grads = (
+            ctx.grads,
+            None,
+        )  # released as they are handed over: autograd may keep them as .grad
+        out = [
+            None if g is None else g.mul_(scale.to(g.dtype)).to(dtype) for g, dtype in zip(grads, ctx.dtypes)
+        ]
         return (*out, None, None)

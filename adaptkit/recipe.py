@@ -28,15 +28,32 @@ class ModelSpec(Section):
     """``model``: what to load and which task head it gets."""
 
     source: str = Field(description="hub id, local directory, GGUF file or packaged model name")
-    task: str = Field("classification", description="a registered task: classification, causal_lm, language_modeling, ...")
-    num_labels: Optional[int] = Field(None, ge=1, description="classes of a classification head (default: from the data)")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the frozen weights")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
-    trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off unless you trust it)")
-    allow_bin: bool = Field(False, description="also load pickled PyTorch weights (pytorch_model.bin) when a model has no "
-                                               "safetensors; unpickling can run code, so only for files you trust")
-    revision: Optional[str] = Field(None, description="hub revision; a 40-hex commit is required with trust_remote_code")
-    dropout: Optional[float] = Field(None, ge=0, lt=1, description="override the model's dropout probabilities")
+    task: str = Field(
+        "classification", description="a registered task: classification, causal_lm, language_modeling, ..."
+    )
+    num_labels: Optional[int] = Field(
+        None, ge=1, description="classes of a classification head (default: from the data)"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the frozen weights"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward to save memory"
+    )
+    trust_remote_code: bool = Field(
+        False, description="run Python code shipped with the model (off unless you trust it)"
+    )
+    allow_bin: bool = Field(
+        False,
+        description="also load pickled PyTorch weights (pytorch_model.bin) when a model has no "
+        "safetensors; unpickling can run code, so only for files you trust",
+    )
+    revision: Optional[str] = Field(
+        None, description="hub revision; a 40-hex commit is required with trust_remote_code"
+    )
+    dropout: Optional[float] = Field(
+        None, ge=0, lt=1, description="override the model's dropout probabilities"
+    )
 
     @model_validator(mode="after")
     def _pinned_remote_code(self) -> ModelSpec:
@@ -44,14 +61,18 @@ class ModelSpec(Section):
         # directory (where a revision means nothing) may run its code without a pinned commit.
         pinned = self.revision is not None and re.fullmatch(r"[0-9a-f]{40}", self.revision)
         if self.trust_remote_code and not pinned and not Path(self.source).is_dir():
-            raise ValueError("with trust_remote_code, pin 'revision' to a 40-hex commit so the code that runs cannot change")
+            raise ValueError(
+                "with trust_remote_code, pin 'revision' to a 40-hex commit so the code that runs cannot change"
+            )
         return self
 
 
 class DataSpec(Section):
     """``data``: where examples come from and which columns hold what."""
 
-    source: str = Field(description="a file (.jsonl .json .csv .tsv .parquet), a directory of split files, or a registered source")
+    source: str = Field(
+        description="a file (.jsonl .json .csv .tsv .parquet), a directory of split files, or a registered source"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="options for a registered data source")
     text: str = Field("text", description="column with the input text")
     text_pair: Optional[str] = Field(None, description="column with the second text of a pair")
@@ -59,49 +80,93 @@ class DataSpec(Section):
     image: str = Field("image", description="column with the image (image classification)")
     prompt: str = Field("prompt", description="column with the prompt (causal-LM fine-tuning)")
     response: str = Field("response", description="column with the response (causal-LM fine-tuning)")
-    messages: Optional[str] = Field(None, description="column with chat messages [{role, content}] instead of prompt/response")
-    labels: Optional[list[str]] = Field(None, description="label names in id order (default: sorted values found)")
+    messages: Optional[str] = Field(
+        None, description="column with chat messages [{role, content}] instead of prompt/response"
+    )
+    labels: Optional[list[str]] = Field(
+        None, description="label names in id order (default: sorted values found)"
+    )
     max_length: int = Field(128, ge=8, description="tokens per example after truncation")
-    validation_size: float = Field(0.1, gt=0, lt=1, description="fraction held out when the data has no validation split")
-    max_train_examples: Optional[int] = Field(None, ge=1, description="use only the first N training examples")
-    max_eval_examples: Optional[int] = Field(None, ge=1, description="use only the first N validation examples")
-    transforms: list[dict[str, Any]] = Field(default_factory=list, description="training-data transforms [{name, ...options}]")
+    validation_size: float = Field(
+        0.1, gt=0, lt=1, description="fraction held out when the data has no validation split"
+    )
+    max_train_examples: Optional[int] = Field(
+        None, ge=1, description="use only the first N training examples"
+    )
+    max_eval_examples: Optional[int] = Field(
+        None, ge=1, description="use only the first N validation examples"
+    )
+    transforms: list[dict[str, Any]] = Field(
+        default_factory=list, description="training-data transforms [{name, ...options}]"
+    )
 
 
 class TrainSpec(Section):
     """``train``: the optimisation loop."""
 
-    epochs: float = Field(1, gt=0, description="passes over the training data (ignored when max_steps is set)")
+    epochs: float = Field(
+        1, gt=0, description="passes over the training data (ignored when max_steps is set)"
+    )
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
-    max_tokens: Optional[int] = Field(None, ge=1, description="stop once this many training tokens were seen (a budget matched across a comparison)")
-    max_time: Optional[float] = Field(None, gt=0, description="stop after this many seconds of training (a wall-time budget)")
+    max_tokens: Optional[int] = Field(
+        None,
+        ge=1,
+        description="stop once this many training tokens were seen (a budget matched across a comparison)",
+    )
+    max_time: Optional[float] = Field(
+        None, gt=0, description="stop after this many seconds of training (a wall-time budget)"
+    )
     micro_batch_size: Union[int, Literal["auto"]] = Field(
-        8, description="examples per forward pass, or auto: the largest divisor of effective_batch_size that fits in memory"
+        8,
+        description="examples per forward pass, or auto: the largest divisor of effective_batch_size that fits in memory",
     )
-    gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step (with auto: chosen)")
+    gradient_accumulation: int = Field(
+        1, ge=1, description="micro-batches per optimizer step (with auto: chosen)"
+    )
     effective_batch_size: Optional[int] = Field(
-        None, ge=1, description="examples per optimizer step and process with micro_batch_size auto (default 8 x gradient_accumulation)"
+        None,
+        ge=1,
+        description="examples per optimizer step and process with micro_batch_size auto (default 8 x gradient_accumulation)",
     )
-    preflight: bool = Field(True, description="estimate memory before loading the model and refuse a run that will not fit")
+    preflight: bool = Field(
+        True, description="estimate memory before loading the model and refuse a run that will not fit"
+    )
     memory_limit_mb: Optional[float] = Field(
-        None, gt=0, description="memory (MiB) the run may add to the process, for the pre-flight check and micro_batch_size auto "
-        "(default: what the device has free)"
+        None,
+        gt=0,
+        description="memory (MiB) the run may add to the process, for the pre-flight check and micro_batch_size auto "
+        "(default: what the device has free)",
     )
     cache_features: bool = Field(
-        False, description="head-only training: run the frozen backbone once per example and train the head on its cached "
-        "outputs (the backbone runs without dropout)"
+        False,
+        description="head-only training: run the frozen backbone once per example and train the head on its cached "
+        "outputs (the backbone runs without dropout)",
     )
     lr: float = Field(5e-5, gt=0, le=10, description="peak learning rate")
-    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate schedule after warmup")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="learning-rate schedule after warmup"
+    )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps spent warming up")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms)")
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"] = Field("adamw", description="optimizer")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast precision (trainable weights stay float32)")
-    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="clip gradients to this norm (null: no clipping)")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"] = Field(
+        "adamw", description="optimizer"
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="autocast precision (trainable weights stay float32)"
+    )
+    max_grad_norm: Optional[float] = Field(
+        1.0, gt=0, description="clip gradients to this norm (null: no clipping)"
+    )
     seed: int = Field(0, description="seed for initialisation, data order and dropout")
-    eval_every: Optional[int] = Field(None, ge=1, description="evaluate every N steps (default: at the end of each epoch)")
-    early_stopping_patience: Optional[int] = Field(None, ge=1, description="stop after N evaluations without improvement")
-    metric: Optional[str] = Field(None, description="metric that decides the best evaluation (default: the task's)")
+    eval_every: Optional[int] = Field(
+        None, ge=1, description="evaluate every N steps (default: at the end of each epoch)"
+    )
+    early_stopping_patience: Optional[int] = Field(
+        None, ge=1, description="stop after N evaluations without improvement"
+    )
+    metric: Optional[str] = Field(
+        None, description="metric that decides the best evaluation (default: the task's)"
+    )
     save_every: Optional[int] = Field(None, ge=1, description="write a checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
     log_every: int = Field(10, ge=1, description="log training loss every N steps")
@@ -115,7 +180,9 @@ class TrainSpec(Section):
     def _effective_batch_needs_auto(self) -> "TrainSpec":
         # with a fixed micro-batch the effective batch is micro x accumulation; a second number could contradict it
         if self.effective_batch_size is not None and self.micro_batch_size != "auto":
-            raise ValueError("effective_batch_size is for micro_batch_size: auto; with a fixed micro-batch set gradient_accumulation")
+            raise ValueError(
+                "effective_batch_size is for micro_batch_size: auto; with a fixed micro-batch set gradient_accumulation"
+            )
         return self
 
     @field_validator("micro_batch_size")
@@ -139,7 +206,10 @@ class TrainSpec(Section):
 class ForgettingSpec(Section):
     """``forgetting``: measure how far training moved the model on general text (see adaptkit.forgetting)."""
 
-    source: str = Field("pydoc", description="'pydoc' (Python's documentation topics, always available) or a .txt/.jsonl/.csv file with a text column")
+    source: str = Field(
+        "pydoc",
+        description="'pydoc' (Python's documentation topics, always available) or a .txt/.jsonl/.csv file with a text column",
+    )
     max_texts: int = Field(16, ge=1, description="paragraphs to measure on")
     max_length: int = Field(64, ge=8, description="tokens per paragraph")
 
@@ -148,12 +218,18 @@ class Recipe(Section):
     """A whole recipe."""
 
     name: Optional[str] = Field(None, description="run name (default: the recipe file's stem)")
-    extends: Optional[str] = Field(None, description="a recipe this one overrides (path relative to this file)")
+    extends: Optional[str] = Field(
+        None, description="a recipe this one overrides (path relative to this file)"
+    )
     model: ModelSpec
     data: DataSpec
-    strategies: list[Union[str, dict[str, Any]]] = Field(min_length=1, description="strategies applied in order")
+    strategies: list[Union[str, dict[str, Any]]] = Field(
+        min_length=1, description="strategies applied in order"
+    )
     train: TrainSpec = Field(default_factory=TrainSpec)
-    forgetting: Optional[ForgettingSpec] = Field(None, description="measure forgetting on general text (comparisons turn it on)")
+    forgetting: Optional[ForgettingSpec] = Field(
+        None, description="measure forgetting on general text (comparisons turn it on)"
+    )
     output: str = Field("runs/{name}", description="run directory; {name} is replaced by the run name")
 
     @property
@@ -169,7 +245,11 @@ def deep_merge(base: dict, override: dict) -> dict:
     """Merge ``override`` into ``base``: mappings merge key by key, everything else is replaced."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 
@@ -180,7 +260,10 @@ def read_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"recipe file not found: {path}")
     raw = load_yaml(path.read_text(), source=str(path))
     if not isinstance(raw, dict):
-        raise ConfigError("a recipe must be a mapping of sections (model, data, strategies, train, output)", source=str(path))
+        raise ConfigError(
+            "a recipe must be a mapping of sections (model, data, strategies, train, output)",
+            source=str(path),
+        )
     parent = raw.get("extends")
     if parent:
         parent_path = (path.parent / parent).resolve()
@@ -212,7 +295,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             last = i == len(parts) - 1
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"override '{key}': index '{part}' is out of range (the list has {len(node)} items)")
+                    raise ConfigError(
+                        f"override '{key}': index '{part}' is out of range (the list has {len(node)} items)"
+                    )
                 idx = int(part)
                 if isinstance(node[idx], str) and not last:
                     node[idx] = {"name": node[idx]}
@@ -223,7 +308,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 if last:
                     node[part] = parse_scalar(value)
                 else:
-                    node[part] = deep_merge(node[part], {}) if isinstance(node.get(part), dict) else node.get(part, {})
+                    node[part] = (
+                        deep_merge(node[part], {}) if isinstance(node.get(part), dict) else node.get(part, {})
+                    )
                     if isinstance(node[part], list):
                         node[part] = list(node[part])
                     node = node[part]
@@ -249,7 +336,9 @@ def validate(raw: dict, host: Any = None, source: str | None = None) -> Recipe:
             if err["type"] == "extra_forbidden":
                 merged[loc] += _allowed_keys(err["loc"][:-1])
         problems.extend(merged.items())
-    if host is not None and isinstance(raw.get("strategies"), list) and raw["strategies"]:  # [] is the schema's problem
+    if (
+        host is not None and isinstance(raw.get("strategies"), list) and raw["strategies"]
+    ):  # [] is the schema's problem
         try:
             build_strategies(host, raw["strategies"])
         except ConfigError as exc:
@@ -284,7 +373,13 @@ def _error_path(loc: tuple, raw: Any) -> str:
 
 def _allowed_keys(section: tuple) -> str:
     """``; the keys of train are: epochs, ...`` for the section an unknown key was found in."""
-    sections = {(): Recipe, ("model",): ModelSpec, ("data",): DataSpec, ("train",): TrainSpec, ("forgetting",): ForgettingSpec}
+    sections = {
+        (): Recipe,
+        ("model",): ModelSpec,
+        ("data",): DataSpec,
+        ("train",): TrainSpec,
+        ("forgetting",): ForgettingSpec,
+    }
     cls = sections.get(tuple(section))
     if cls is None:
         return ""

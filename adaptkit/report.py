@@ -26,14 +26,34 @@ from typing import Any, Iterable
 
 # Numeric columns of a run, averaged over the finished seeds of a variant.
 NUMERIC_COLUMNS = (
-    "trainable_parameters", "total_parameters", "trainable_percent", "peak_memory_mb",
-    "wall_time_s", "samples_per_s", "tokens_per_s", "final_metric", "best_metric",
-    "eval_loss", "train_loss", "overfit_gap", "forgetting", "saved_bytes",
+    "trainable_parameters",
+    "total_parameters",
+    "trainable_percent",
+    "peak_memory_mb",
+    "wall_time_s",
+    "samples_per_s",
+    "tokens_per_s",
+    "final_metric",
+    "best_metric",
+    "eval_loss",
+    "train_loss",
+    "overfit_gap",
+    "forgetting",
+    "saved_bytes",
 )
 # Columns of results.csv, in order; keys a row has beyond these are appended after them.
 CSV_COLUMNS = (
-    "variant", "seed", "status", "error", "strategies", *NUMERIC_COLUMNS,
-    "metric", "greater_is_better", "memory_kind", "forgetting_measure", "run_dir",
+    "variant",
+    "seed",
+    "status",
+    "error",
+    "strategies",
+    *NUMERIC_COLUMNS,
+    "metric",
+    "greater_is_better",
+    "memory_kind",
+    "forgetting_measure",
+    "run_dir",
 )
 BASELINE = "none"  # the variant that evaluates the pretrained model untouched
 PLOT_NAMES = ("loss_curves", "metric_vs_params", "memory_throughput", "forgetting_vs_gain")
@@ -192,7 +212,9 @@ def _throughput_key(variants: list[dict]) -> str:
 
     Variants that measured no throughput at all (``none`` trains no step) do not decide the unit.
     """
-    measured = [v for v in variants if v["tokens_per_s_mean"] is not None or v["samples_per_s_mean"] is not None]
+    measured = [
+        v for v in variants if v["tokens_per_s_mean"] is not None or v["samples_per_s_mean"] is not None
+    ]
     if measured and all(v["tokens_per_s_mean"] is not None for v in measured):
         return "tokens_per_s"
     return "samples_per_s"
@@ -220,7 +242,11 @@ def _table(variants: list[dict]) -> tuple[list[str], list[list[str]], list[bool]
     columns: list[tuple[str, bool, Any]] = [
         ("variant", False, lambda v: v["variant"]),
         ("strategies", False, lambda v: "+".join(v["strategies"]) or "-"),
-        ("seeds", True, lambda v: str(v["n_ok"]) if not v["n_failed"] else f"{v['n_ok']}/{v['n_ok'] + v['n_failed']}"),
+        (
+            "seeds",
+            True,
+            lambda v: str(v["n_ok"]) if not v["n_failed"] else f"{v['n_ok']}/{v['n_ok'] + v['n_failed']}",
+        ),
         ("trainable", True, _trainable_cell),
         ("peak MB", True, lambda v: _fixed(v["peak_memory_mb_mean"], 0)),
         ("wall s", True, lambda v: _fixed(v["wall_time_s_mean"], 1)),
@@ -275,17 +301,25 @@ def _markdown_table(variants: list[dict]) -> str:
     def esc(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(esc(h) for h in headers) + " |",
-             "|" + "|".join("---:" if num else ":---" for num in numeric) + "|"]
+    lines = [
+        "| " + " | ".join(esc(h) for h in headers) + " |",
+        "|" + "|".join("---:" if num else ":---" for num in numeric) + "|",
+    ]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in cells]
     return "\n".join(lines)
 
 
 _MEMORY_KINDS = {
-    "cpu_rss": ("CPU RSS", "the peak resident set size of the variant's process on the CPU "
-                           "(includes Python, the libraries and the data)"),
-    "gpu_allocated": ("GPU allocated", "the peak GPU memory torch allocated (torch.cuda.max_memory_allocated; "
-                                       "without the CUDA context and the allocator's cache)"),
+    "cpu_rss": (
+        "CPU RSS",
+        "the peak resident set size of the variant's process on the CPU "
+        "(includes Python, the libraries and the data)",
+    ),
+    "gpu_allocated": (
+        "GPU allocated",
+        "the peak GPU memory torch allocated (torch.cuda.max_memory_allocated; "
+        "without the CUDA context and the allocator's cache)",
+    ),
 }
 
 
@@ -294,8 +328,14 @@ def _notes(variants: list[dict]) -> list[str]:
     metric = _metric_name(variants)
     direction = "higher" if _greater_is_better(variants) else "lower"
     kinds = sorted({v["memory_kind"] for v in variants if v["memory_kind"]})
-    memory = "; ".join(f"{_MEMORY_KINDS[k][0]} runs: {_MEMORY_KINDS[k][1]}" if len(kinds) > 1 else _MEMORY_KINDS[k][1]
-                       for k in kinds if k in _MEMORY_KINDS) or "peak memory of the variant's process"
+    memory = (
+        "; ".join(
+            f"{_MEMORY_KINDS[k][0]} runs: {_MEMORY_KINDS[k][1]}" if len(kinds) > 1 else _MEMORY_KINDS[k][1]
+            for k in kinds
+            if k in _MEMORY_KINDS
+        )
+        or "peak memory of the variant's process"
+    )
     measures = sorted({v["forgetting_measure"] for v in variants if v["forgetting_measure"]})
     unit = "tokens" if _throughput_key(variants) == "tokens_per_s" else "samples"
     return [
@@ -306,8 +346,11 @@ def _notes(variants: list[dict]) -> list[str]:
         f"wall s: wall-clock time of the variant's training loop (evaluations during training included; loading and the final evaluation not); {unit}/s: {unit} trained on per second.",
         f"{metric}: the task metric on the validation split at the end of training ({direction} is better); "
         f"best {metric}: the best value over all evaluations.",
-        *([f"vs none: mean final {metric} minus that of the untouched pretrained model (variant 'none')."]
-          if _has_baseline(variants) else []),
+        *(
+            [f"vs none: mean final {metric} minus that of the untouched pretrained model (variant 'none')."]
+            if _has_baseline(variants)
+            else []
+        ),
         "eval loss: validation loss at the end; overfit gap: eval loss minus training loss "
         "(positive: the model fits its training data better than unseen data).",
         "forgetting: change of loss on general text against the untouched base model; positive means "
@@ -319,8 +362,18 @@ def _notes(variants: list[dict]) -> list[str]:
 
 # ---------------------------------------------------------------- plots
 
-_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+_PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 
 
 def _png(fig: Any) -> bytes:
@@ -334,8 +387,15 @@ def _label_points(ax: Any, points: list[tuple[str, float, float, str]]) -> None:
     """Name each point; alternate above/below so neighbours' labels do not sit on each other,
     on a light backing so a line running under a label does not strike it through."""
     for i, (name, x, y, colour) in enumerate(points):
-        ax.annotate(name, (x, y), xytext=(7, 7 if i % 2 == 0 else -13), textcoords="offset points",
-                    fontsize=9, color=colour, bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
+        ax.annotate(
+            name,
+            (x, y),
+            xytext=(7, 7 if i % 2 == 0 else -13),
+            textcoords="offset points",
+            fontsize=9,
+            color=colour,
+            bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
+        )
 
 
 def _plot_loss_curves(fig: Any, ok: list[dict], runs: list[dict], colour: dict[str, str]) -> None:
@@ -349,65 +409,127 @@ def _plot_loss_curves(fig: Any, ok: list[dict], runs: list[dict], colour: dict[s
         curves = run.get("curves") if isinstance(run.get("curves"), dict) else {}
         drawn = False
         for split, style in (("train", "-"), ("eval", "--")):
-            points = [(_number(p[0]), _number(p[1])) for p in curves.get(split) or []
-                      if isinstance(p, (list, tuple)) and len(p) == 2]
+            points = [
+                (_number(p[0]), _number(p[1]))
+                for p in curves.get(split) or []
+                if isinstance(p, (list, tuple)) and len(p) == 2
+            ]
             points = [(x, y) for x, y in points if x is not None and y is not None]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, linestyle=style, marker="o" if len(points) == 1 else None, color=colour[v["variant"]])
+                ax.plot(
+                    xs,
+                    ys,
+                    linestyle=style,
+                    marker="o" if len(points) == 1 else None,
+                    color=colour[v["variant"]],
+                )
                 drawn = True
         if drawn:
-            handles.append(Line2D([], [], color=colour[v["variant"]], label=f"{v['variant']} (seed {run.get('seed')})"))
+            handles.append(
+                Line2D([], [], color=colour[v["variant"]], label=f"{v['variant']} (seed {run.get('seed')})")
+            )
     ax.set(title="Loss: training (solid), validation (dashed)", xlabel="optimizer step", ylabel="loss")
     ax.grid(alpha=0.3)
     if handles:
-        handles += [Line2D([], [], color="black", label="train"), Line2D([], [], color="black", linestyle="--", label="eval")]
+        handles += [
+            Line2D([], [], color="black", label="train"),
+            Line2D([], [], color="black", linestyle="--", label="eval"),
+        ]
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     else:
         ax.text(0.5, 0.5, "no loss curves recorded", ha="center", va="center", transform=ax.transAxes)
 
 
-def _plot_metric_vs_params(fig: Any, ok: list[dict], colour: dict[str, str], metric: str, higher: bool) -> None:
+def _plot_metric_vs_params(
+    fig: Any, ok: list[dict], colour: dict[str, str], metric: str, higher: bool
+) -> None:
     ax = fig.add_subplot()
-    scored = [v for v in ok if v["final_metric_mean"] is not None and v["trainable_parameters_mean"] is not None]
-    on_log = sorted((v for v in scored if v["trainable_parameters_mean"] > 0), key=lambda v: v["trainable_parameters_mean"])
+    scored = [
+        v for v in ok if v["final_metric_mean"] is not None and v["trainable_parameters_mean"] is not None
+    ]
+    on_log = sorted(
+        (v for v in scored if v["trainable_parameters_mean"] > 0),
+        key=lambda v: v["trainable_parameters_mean"],
+    )
     for v in on_log:
-        ax.errorbar([v["trainable_parameters_mean"]], [v["final_metric_mean"]], yerr=[v["final_metric_std"] or 0.0],
-                    fmt="o", color=colour[v["variant"]], capsize=4, markersize=6, zorder=3)
-    _label_points(ax, [(v["variant"], v["trainable_parameters_mean"], v["final_metric_mean"], colour[v["variant"]])
-                       for v in on_log])
+        ax.errorbar(
+            [v["trainable_parameters_mean"]],
+            [v["final_metric_mean"]],
+            yerr=[v["final_metric_std"] or 0.0],
+            fmt="o",
+            color=colour[v["variant"]],
+            capsize=4,
+            markersize=6,
+            zorder=3,
+        )
+    _label_points(
+        ax,
+        [
+            (v["variant"], v["trainable_parameters_mean"], v["final_metric_mean"], colour[v["variant"]])
+            for v in on_log
+        ],
+    )
     front = [v for v in on_log if v["pareto"]]
     if front:
         xs, ys = [v["trainable_parameters_mean"] for v in front], [v["final_metric_mean"] for v in front]
         # a staircase: with at most x trainable parameters, the best metric reached so far
-        ax.plot(xs, ys, drawstyle="steps-post", color="black", alpha=0.6, linewidth=1.2, zorder=2, label="Pareto front")
+        ax.plot(
+            xs,
+            ys,
+            drawstyle="steps-post",
+            color="black",
+            alpha=0.6,
+            linewidth=1.2,
+            zorder=2,
+            label="Pareto front",
+        )
         ax.scatter(xs, ys, s=150, facecolors="none", edgecolors="black", linewidths=1.2, zorder=4)
     # zero trainable parameters (the untouched model) has no place on a log axis: a reference line instead
     for v in scored:
         if v["trainable_parameters_mean"] <= 0:
-            ax.axhline(v["final_metric_mean"], color=colour[v["variant"]], linestyle=":", linewidth=1.5,
-                       label=f"{v['variant']}: 0 trainable" + (", on the front" if v["pareto"] else ""))
+            ax.axhline(
+                v["final_metric_mean"],
+                color=colour[v["variant"]],
+                linestyle=":",
+                linewidth=1.5,
+                label=f"{v['variant']}: 0 trainable" + (", on the front" if v["pareto"] else ""),
+            )
     if on_log:
         ax.set_xscale("log")
-    ax.set(title=f"Final {metric} ({'higher' if higher else 'lower'} is better) vs trainable parameters",
-           xlabel="trainable parameters (log scale)", ylabel=metric)
+    ax.set(
+        title=f"Final {metric} ({'higher' if higher else 'lower'} is better) vs trainable parameters",
+        xlabel="trainable parameters (log scale)",
+        ylabel=metric,
+    )
     ax.grid(alpha=0.3, which="both")
     ax.margins(x=0.15, y=0.12)
     if front or len(on_log) < len(scored):
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
     if not scored:
-        ax.text(0.5, 0.5, "no finished variant with a metric", ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "no finished variant with a metric", ha="center", va="center", transform=ax.transAxes
+        )
 
 
 def _plot_memory_throughput(fig: Any, ok: list[dict], colour: dict[str, str], tp: str) -> None:
-    kinds = sorted({_MEMORY_KINDS.get(v["memory_kind"], (v["memory_kind"],))[0] for v in ok if v["memory_kind"]})
-    panels = (("peak_memory_mb", "peak memory, MB" + (f" ({', '.join(kinds)})" if kinds else "")),
-              (tp, tp.replace("_per_s", " per second")))
+    kinds = sorted(
+        {_MEMORY_KINDS.get(v["memory_kind"], (v["memory_kind"],))[0] for v in ok if v["memory_kind"]}
+    )
+    panels = (
+        ("peak_memory_mb", "peak memory, MB" + (f" ({', '.join(kinds)})" if kinds else "")),
+        (tp, tp.replace("_per_s", " per second")),
+    )
     for ax, (key, label) in zip(fig.subplots(1, 2), panels):
         bars = [v for v in ok if v[f"{key}_mean"] is not None]
         names = [v["variant"] for v in bars]
-        drawn = ax.bar(names, [v[f"{key}_mean"] for v in bars], yerr=[v[f"{key}_std"] for v in bars], capsize=3,
-                       color=[colour[n] for n in names])
+        drawn = ax.bar(
+            names,
+            [v[f"{key}_mean"] for v in bars],
+            yerr=[v[f"{key}_std"] for v in bars],
+            capsize=3,
+            color=[colour[n] for n in names],
+        )
         ax.bar_label(drawn, fmt="%.0f", fontsize=8, padding=2)
         ax.set_title(label, fontsize=10)
         ax.margins(y=0.15)
@@ -419,18 +541,31 @@ def _plot_memory_throughput(fig: Any, ok: list[dict], colour: dict[str, str], tp
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
 
 
-def _plot_forgetting(fig: Any, pairs: list[dict], colour: dict[str, str], xkey: str, metric: str, higher: bool) -> None:
+def _plot_forgetting(
+    fig: Any, pairs: list[dict], colour: dict[str, str], xkey: str, metric: str, higher: bool
+) -> None:
     ax = fig.add_subplot()
     ax.axhline(0, color="grey", linewidth=0.8)
     if xkey == "gain_over_none":
         ax.axvline(0, color="grey", linewidth=0.8)
     for v in pairs:
-        ax.errorbar([v[xkey]], [v["forgetting_mean"]], yerr=[v["forgetting_std"] or 0.0], fmt="o",
-                    color=colour[v["variant"]], capsize=4, markersize=6)
+        ax.errorbar(
+            [v[xkey]],
+            [v["forgetting_mean"]],
+            yerr=[v["forgetting_std"] or 0.0],
+            fmt="o",
+            color=colour[v["variant"]],
+            capsize=4,
+            markersize=6,
+        )
     _label_points(ax, [(v["variant"], v[xkey], v["forgetting_mean"], colour[v["variant"]]) for v in pairs])
     best = "bottom right" if higher else "bottom left"
     xlabel = f"{metric} gain over the untouched model" if xkey == "gain_over_none" else f"final {metric}"
-    ax.set(title=f"Forgetting vs task gain (best: {best})", xlabel=xlabel, ylabel="forgetting (loss change, general text)")
+    ax.set(
+        title=f"Forgetting vs task gain (best: {best})",
+        xlabel=xlabel,
+        ylabel="forgetting (loss change, general text)",
+    )
     ax.grid(alpha=0.3)
     ax.margins(0.15)
 
@@ -557,7 +692,7 @@ p.skipped { color: #4a5561; font-style: italic; }
 _CAPTIONS = {
     "loss_curves": "Training (solid) and validation (dashed) loss, one seed per variant.",
     "metric_vs_params": "Final metric against trainable parameters; error bars span ± one standard "
-                        "deviation over seeds; circled points and the step line are the Pareto front.",
+    "deviation over seeds; circled points and the step line are the Pareto front.",
     "memory_throughput": "Peak memory and throughput per variant (± one standard deviation over seeds).",
     "forgetting_vs_gain": "Forgetting on general text against the task gain over the untouched model.",
 }
@@ -573,21 +708,37 @@ def _html_cell(text: str, numeric: bool) -> str:
 def _html_table(variants: list[dict]) -> str:
     headers, cells, numeric = _table(variants)
     out = ["<table><thead><tr>"]
-    out += [f'<th class="num">{html.escape(h)}</th>' if num else f"<th>{html.escape(h)}</th>" for h, num in zip(headers, numeric)]
+    out += [
+        f'<th class="num">{html.escape(h)}</th>' if num else f"<th>{html.escape(h)}</th>"
+        for h, num in zip(headers, numeric)
+    ]
     out.append("</tr></thead><tbody>")
     first_number = headers.index("trainable")
     for v, row in zip(variants, cells):
-        classes = [c for c, on in (("failed", not v["n_ok"]), ("partial", v["n_failed"] and v["n_ok"]),
-                                   ("baseline", v["variant"] == BASELINE)) if on]
+        classes = [
+            c
+            for c, on in (
+                ("failed", not v["n_ok"]),
+                ("partial", v["n_failed"] and v["n_ok"]),
+                ("baseline", v["variant"] == BASELINE),
+            )
+            if on
+        ]
         out.append(f'<tr class="{" ".join(classes)}">' if classes else "<tr>")
-        name = html.escape(row[0]) + (' <span class="star" title="Pareto front">&#9733;</span>' if v["pareto"] else "")
+        name = html.escape(row[0]) + (
+            ' <span class="star" title="Pareto front">&#9733;</span>' if v["pareto"] else ""
+        )
         out.append(f"<td>{name}</td>")
         out += [_html_cell(c, num) for c, num in zip(row[1:first_number], numeric[1:first_number])]
         if not v["n_ok"]:  # nothing was measured: one wide cell says why instead of a row of dashes
-            out.append(f'<td class="error" colspan="{len(headers) - first_number}">{html.escape(row[-1])}</td>')
+            out.append(
+                f'<td class="error" colspan="{len(headers) - first_number}">{html.escape(row[-1])}</td>'
+            )
         else:
             out += [_html_cell(c, num) for c, num in zip(row[first_number:-1], numeric[first_number:-1])]
-            status = "ok" if not v["n_failed"] else f"{v['n_failed']} of {v['n_ok'] + v['n_failed']} seeds failed"
+            status = (
+                "ok" if not v["n_failed"] else f"{v['n_failed']} of {v['n_ok'] + v['n_failed']} seeds failed"
+            )
             out.append(f'<td class="status">{html.escape(status)}</td>')
         out.append("</tr>")
     out.append("</tbody></table>")
@@ -596,30 +747,48 @@ def _html_table(variants: list[dict]) -> str:
 
 def _html(title: str, meta: dict, variants: list[dict], plots: dict[str, bytes]) -> str:
     e = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{e(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+    ]
     if meta:
-        out.append('<dl class="meta">' + "".join(f"<dt>{e(str(k))}</dt><dd>{e(str(v))}</dd>" for k, v in meta.items()) + "</dl>")
-    legend = ['<span class="star">&#9733;</span> on the Pareto front of final metric vs trainable parameters.']
+        out.append(
+            '<dl class="meta">'
+            + "".join(f"<dt>{e(str(k))}</dt><dd>{e(str(v))}</dd>" for k, v in meta.items())
+            + "</dl>"
+        )
+    legend = [
+        '<span class="star">&#9733;</span> on the Pareto front of final metric vs trainable parameters.'
+    ]
     if any(not v["n_ok"] for v in variants):
         legend.append("Red rows failed on every seed.")
     if any(v["variant"] == BASELINE for v in variants):
         legend.append("Italic: the untouched pretrained model.")
-    out += ['<h2>Results</h2><div class="scroll">', _html_table(variants), "</div>",
-            f'<p class="legend">{" ".join(legend)}</p>']
+    out += [
+        '<h2>Results</h2><div class="scroll">',
+        _html_table(variants),
+        "</div>",
+        f'<p class="legend">{" ".join(legend)}</p>',
+    ]
     failures = [(v["variant"], err) for v in variants for err in v["errors"]]
     if failures:
         out.append('<h2>Failures</h2><ul class="notes">')
-        out += [f"<li><b>{e(name)}</b> (seed {e(str(err['seed']))}): {e(_first_line(err['error']))}</li>"
-                for name, err in failures]
+        out += [
+            f"<li><b>{e(name)}</b> (seed {e(str(err['seed']))}): {e(_first_line(err['error']))}</li>"
+            for name, err in failures
+        ]
         out.append("</ul>")
     out.append('<h2>Plots</h2><div class="plots">')
     for name in PLOT_NAMES:
         if name in plots:
             data = base64.b64encode(plots[name]).decode("ascii")
-            out.append(f'<figure><img alt="{e(name.replace("_", " "))}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{e(_CAPTIONS[name])}</figcaption></figure>")
+            out.append(
+                f'<figure><img alt="{e(name.replace("_", " "))}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{e(_CAPTIONS[name])}</figcaption></figure>"
+            )
     out.append("</div>")
     if "forgetting_vs_gain" not in plots:
         out.append(f'<p class="skipped">{e(_SKIPPED_FORGETTING)}</p>')

@@ -48,7 +48,9 @@ def open_run(run_dir: str | Path, host: PluginHost, data: str | None = None) -> 
     task.prepare_model(loaded.model, loaded.processor)
     adapted = Adapted.load(loaded.model, run_dir / "final", host=host)
     adapted.model.eval()
-    return OpenRun(recipe, task, loaded.processor, adapted, splits, files, trained_batch_size(run_dir, recipe))
+    return OpenRun(
+        recipe, task, loaded.processor, adapted, splits, files, trained_batch_size(run_dir, recipe)
+    )
 
 
 def trained_batch_size(run_dir: Path, recipe: Recipe) -> int:
@@ -67,7 +69,9 @@ def evaluate_run(run: OpenRun, split: str = "validation") -> dict[str, float]:
     from adaptkit.training import Run, evaluate
 
     ds = run.task.encode(run.splits[split], run.processor, run.files[split])
-    loader = torch.utils.data.DataLoader(ds, batch_size=run.batch_size, collate_fn=run.task.collate(run.processor))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=run.batch_size, collate_fn=run.task.collate(run.processor)
+    )
     acc = Accelerator()
     ctx = Run(recipe=run.recipe, host=None, run_dir=Path("."), accelerator=acc, task=run.task)
     model, loader = acc.prepare(run.adapted.model, loader)
@@ -78,11 +82,15 @@ def predict(run: OpenRun, texts: list[str]) -> list[dict[str, Any]]:
     """Classify texts: the predicted label and its probability for each."""
     import torch
 
-    enc = run.processor(texts, truncation=True, max_length=run.recipe.data.max_length, padding=True, return_tensors="pt")
+    enc = run.processor(
+        texts, truncation=True, max_length=run.recipe.data.max_length, padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         probs = run.adapted.model(**enc).logits.softmax(-1)
     names = run.task.names
-    return [{"text": t, "label": names[int(p.argmax())], "score": float(p.max())} for t, p in zip(texts, probs)]
+    return [
+        {"text": t, "label": names[int(p.argmax())], "score": float(p.max())} for t, p in zip(texts, probs)
+    ]
 
 
 def generate(run: OpenRun, prompt: str, max_new_tokens: int = 64) -> str:
@@ -91,7 +99,12 @@ def generate(run: OpenRun, prompt: str, max_new_tokens: int = 64) -> str:
 
     tok = run.processor
     if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         input_ids = ids["input_ids"]
     else:
         input_ids = tok(prompt, return_tensors="pt")["input_ids"]
@@ -99,12 +112,19 @@ def generate(run: OpenRun, prompt: str, max_new_tokens: int = 64) -> str:
     context = getattr(run.adapted.model.config, "max_position_embeddings", None)
     if context:
         if input_ids.shape[1] >= context:
-            raise AdaptkitError(f"the prompt has {input_ids.shape[1]} tokens; this model reads at most {context}")
+            raise AdaptkitError(
+                f"the prompt has {input_ids.shape[1]} tokens; this model reads at most {context}"
+            )
         max_new_tokens = min(max_new_tokens, context - input_ids.shape[1])
     with torch.no_grad():
-        out = run.adapted.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    return tok.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+        out = run.adapted.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id or tok.eos_token_id,
+        )
+    return tok.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def export(run: OpenRun, out: str | Path, merge: bool) -> Path:

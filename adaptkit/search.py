@@ -30,7 +30,9 @@ def suggest(trial: Any, space: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def optimise(runner: Runner, job: Job, search: Search) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+def optimise(
+    runner: Runner, job: Job, search: Search
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     """Run the search for one variant; return (best parameters, best trial's row, all trials)."""
     import optuna
 
@@ -41,7 +43,9 @@ def optimise(runner: Runner, job: Job, search: Search) -> tuple[dict[str, Any], 
     from adaptkit.training import selection_metric
 
     task = runner.plan.host.lookup("tasks", job.raw["model"].get("task", "classification")).obj
-    train = TrainSpec(**{**job.raw.get("train", {}), "metric": search.metric or job.raw.get("train", {}).get("metric")})
+    train = TrainSpec(
+        **{**job.raw.get("train", {}), "metric": search.metric or job.raw.get("train", {}).get("metric")}
+    )
     metric, greater = selection_metric(train, task)
     extra = {"train.metric": search.metric} if search.metric else {}
     study = optuna.create_study(
@@ -50,7 +54,9 @@ def optimise(runner: Runner, job: Job, search: Search) -> tuple[dict[str, Any], 
         load_if_exists=True,
         direction=search.direction or ("maximize" if greater else "minimize"),
         sampler=optuna.samplers.TPESampler(seed=job.seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if search.pruning else optuna.pruners.NopPruner(),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        if search.pruning
+        else optuna.pruners.NopPruner(),
     )
     rows: dict[int, dict[str, Any]] = {}
 
@@ -83,7 +89,10 @@ def optimise(runner: Runner, job: Job, search: Search) -> tuple[dict[str, Any], 
     remaining = search.trials - len([t for t in study.trials if t.state.is_finished()])
     for _ in range(max(remaining, 0)):
         study.optimize(objective, n_trials=1, catch=(RuntimeError,))
-    trials = [{"number": t.number, "params": t.params, "value": t.value, "state": t.state.name} for t in study.trials]
+    trials = [
+        {"number": t.number, "params": t.params, "value": t.value, "state": t.state.name}
+        for t in study.trials
+    ]
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         from adaptkit.errors import AdaptkitError
@@ -94,5 +103,7 @@ def optimise(runner: Runner, job: Job, search: Search) -> tuple[dict[str, Any], 
     if best_row is None:  # finished in an earlier invocation: its row comes back from its directory
         from adaptkit.variant_process import row_from_run
 
-        best_row = row_from_run(Path(root / "runs" / f"{job.key}-trial{best.number}"), job.variant, job.seed, root)
+        best_row = row_from_run(
+            Path(root / "runs" / f"{job.key}-trial{best.number}"), job.variant, job.seed, root
+        )
     return {**best.params, **extra}, best_row, trials

@@ -74,7 +74,9 @@ class Task:
         """Task metrics from all evaluation predictions."""
         return {}
 
-    def generation_metrics(self, model: Any, processor: Any, split: Any, metrics: Mapping[str, Callable]) -> dict[str, float]:
+    def generation_metrics(
+        self, model: Any, processor: Any, split: Any, metrics: Mapping[str, Callable]
+    ) -> dict[str, float]:
         """Metrics that need the model to generate (evaluation by generation); ``{}`` by default.
 
         Called by the training loop after each evaluation with the plain model (unwrapped from
@@ -101,7 +103,9 @@ def extract_answer(text: str) -> str:
     return ""
 
 
-def generate_texts(model: Any, processor: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+def generate_texts(
+    model: Any, processor: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16
+) -> list[str]:
     """Greedy continuations of token-id prompts, batched with left padding, each ending at EOS.
 
     Returns the decoded new text of each prompt (special tokens removed). Works on plain and
@@ -112,8 +116,13 @@ def generate_texts(model: Any, processor: Any, prompts: list[list[int]], max_new
 
     pad_id = processor.pad_token_id if processor.pad_token_id is not None else processor.eos_token_id
     # a config of its own: greedy, whatever sampling defaults the checkpoint ships with
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=pad_id, eos_token_id=processor.eos_token_id)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=processor.eos_token_id,
+    )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -121,7 +130,7 @@ def generate_texts(model: Any, processor: Any, prompts: list[list[int]], max_new
     try:
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start:start + batch_size]
+                chunk = prompts[start : start + batch_size]
                 width = max(len(p) for p in chunk)
                 ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
                 mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
@@ -178,7 +187,9 @@ class LabelledTask(Task):
             return value
         if str(value) in self.ids:
             return self.ids[str(value)]
-        raise DataError(f"{file}: row {row + 1}, column '{self.data.label}': unknown label {value!r}; the labels are {self.names}")
+        raise DataError(
+            f"{file}: row {row + 1}, column '{self.data.label}': unknown label {value!r}; the labels are {self.names}"
+        )
 
     def predictions(self, outputs, batch):
         return outputs.logits.argmax(-1), batch["labels"]
@@ -259,16 +270,23 @@ class CausalLM(Task):
     def _messages(self, row: dict) -> list[dict]:
         if self.data.messages:
             return row[self.data.messages]
-        return [{"role": "user", "content": row[self.data.prompt]}, {"role": "assistant", "content": row[self.data.response]}]
+        return [
+            {"role": "user", "content": row[self.data.prompt]},
+            {"role": "assistant", "content": row[self.data.response]},
+        ]
 
     def encode_row(self, row: dict, processor: Any) -> tuple[list[int], list[int]]:
         """Token ids and labels of one row (labels are -100 outside assistant turns)."""
         if getattr(processor, "chat_template", None):
             return self._encode_chat(self._messages(row), processor)
         if self.data.messages:
-            raise DataError("data.messages needs a tokenizer with a chat template; use prompt/response columns instead")
+            raise DataError(
+                "data.messages needs a tokenizer with a chat template; use prompt/response columns instead"
+            )
         prompt = processor(row[self.data.prompt], add_special_tokens=True)["input_ids"]
-        response = processor(row[self.data.response], add_special_tokens=False)["input_ids"] + [processor.eos_token_id]
+        response = processor(row[self.data.response], add_special_tokens=False)["input_ids"] + [
+            processor.eos_token_id
+        ]
         return prompt + response, [IGNORE] * len(prompt) + response
 
     def _encode_chat(self, messages: list[dict], processor: Any) -> tuple[list[int], list[int]]:
@@ -296,7 +314,9 @@ class CausalLM(Task):
                 messages.pop()
             return _chat_ids(processor, messages, True)
         if self.data.messages:
-            raise DataError("data.messages needs a tokenizer with a chat template; use prompt/response columns instead")
+            raise DataError(
+                "data.messages needs a tokenizer with a chat template; use prompt/response columns instead"
+            )
         return processor(row[self.data.prompt], add_special_tokens=True)["input_ids"]
 
     def generation_metrics(self, model, processor, split, metrics):
@@ -311,12 +331,18 @@ class CausalLM(Task):
             return {}
         names = sorted(set(split[SCORER_COLUMN]))
         if len(names) != 1:
-            raise DataError(f"validation split: column '{SCORER_COLUMN}' must name one metric for every row, found {names}")
+            raise DataError(
+                f"validation split: column '{SCORER_COLUMN}' must name one metric for every row, found {names}"
+            )
         if names[0] not in metrics:
-            raise DataError(f"validation split: column '{SCORER_COLUMN}' names '{names[0]}', which is no registered metric; "
-                            f"the metrics are {', '.join(sorted(metrics))}")
+            raise DataError(
+                f"validation split: column '{SCORER_COLUMN}' names '{names[0]}', which is no registered metric; "
+                f"the metrics are {', '.join(sorted(metrics))}"
+            )
         cols = split.column_names
-        max_new = max(split[MAX_NEW_TOKENS_COLUMN]) if MAX_NEW_TOKENS_COLUMN in cols else DEFAULT_MAX_NEW_TOKENS
+        max_new = (
+            max(split[MAX_NEW_TOKENS_COLUMN]) if MAX_NEW_TOKENS_COLUMN in cols else DEFAULT_MAX_NEW_TOKENS
+        )
         prompts = [self.prompt_ids(row, processor) for row in split]
         answers = [extract_answer(t) for t in generate_texts(model, processor, prompts, max_new)]
         return {"answer_accuracy": float(metrics[names[0]](answers, list(split[REFERENCE_COLUMN])))}
@@ -328,7 +354,9 @@ class CausalLM(Task):
             input_ids, labels = self.encode_row(row, processor)
             input_ids, labels = input_ids[:max_len], labels[:max_len]
             if all(label == IGNORE for label in labels):
-                raise DataError(f"{file}: row {idx + 1} has no token to learn (empty response, or the prompt fills max_length={max_len})")
+                raise DataError(
+                    f"{file}: row {idx + 1} has no token to learn (empty response, or the prompt fills max_length={max_len})"
+                )
             return {"input_ids": input_ids, "labels": labels}
 
         try:
@@ -427,12 +455,18 @@ class ImageClassification(LabelledTask):
             elif isinstance(value, str) and value:
                 image = Image.open(self.folders.get(file, Path.cwd()) / value)
             else:
-                raise DataError(f"{where}: expected an image file path, image bytes or an image, got {type(value).__name__} {str(value)[:60]!r}")
+                raise DataError(
+                    f"{where}: expected an image file path, image bytes or an image, got {type(value).__name__} {str(value)[:60]!r}"
+                )
             if not decode:
                 return image
             image.load()
             return image.convert(self.mode)
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for missing, truncated or non-image files
+        except (
+            OSError,
+            ValueError,
+            SyntaxError,
+        ) as exc:  # PIL's errors for missing, truncated or non-image files
             raise DataError(f"{where}: cannot read the image: {type(exc).__name__}: {exc}") from None
 
     def encode(self, split, processor, file):
@@ -442,7 +476,9 @@ class ImageClassification(LabelledTask):
         if isinstance(split.features.get(col), datasets.Image):
             split = split.cast_column(col, datasets.Image(decode=False))  # decoded below, a batch at a time
         split = split.select_columns([col, label]).add_column(_ROW, list(range(len(split))))
-        for row, (value, name) in enumerate(zip(split[col], split[label])):  # fail before training, naming the row
+        for row, (value, name) in enumerate(
+            zip(split[col], split[label])
+        ):  # fail before training, naming the row
             self._label_id(name, row, file)
             self.open_image(value, row, file, decode=False)
 

@@ -19,18 +19,39 @@ def tiny_config(family: str, **overrides: Any):
     import transformers as tf
 
     if family == "bert":
-        cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=64)
+        cfg = tf.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
     elif family == "gpt2":
         cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=2, n_positions=64)
         cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 0, VOCAB - 1, VOCAB - 1
     elif family == "llama":
-        cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                             tie_word_embeddings=False, pad_token_id=0)
+        cfg = tf.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+        )
     elif family == "vit":
-        cfg = tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=3,
-                           num_attention_heads=2, intermediate_size=64)
+        cfg = tf.ViTConfig(
+            image_size=16,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
     else:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
     for key, value in overrides.items():
@@ -38,7 +59,9 @@ def tiny_config(family: str, **overrides: Any):
     return cfg
 
 
-def tiny_model(family: str, task: str = "classification", seed: int = 0, num_labels: int = 3, **overrides: Any):
+def tiny_model(
+    family: str, task: str = "classification", seed: int = 0, num_labels: int = 3, **overrides: Any
+):
     """A randomly initialised tiny model, in eval mode, float32.
 
     ``task`` is ``classification`` (sequence or image classification), ``causal_lm`` (gpt2,
@@ -50,7 +73,9 @@ def tiny_model(family: str, task: str = "classification", seed: int = 0, num_lab
     cfg = tiny_config(family, **overrides)
     if task == "classification":
         cfg.num_labels = num_labels
-        auto = tf.AutoModelForImageClassification if family == "vit" else tf.AutoModelForSequenceClassification
+        auto = (
+            tf.AutoModelForImageClassification if family == "vit" else tf.AutoModelForSequenceClassification
+        )
     elif task == "causal_lm":
         auto = tf.AutoModelForCausalLM
     elif task == "base":
@@ -68,7 +93,11 @@ def tiny_inputs(model, batch_size: int = 4, seq_len: int = 8, seed: int = 0) -> 
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     if getattr(cfg, "model_type", "") == "vit":
-        x = {"pixel_values": torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g)}
+        x = {
+            "pixel_values": torch.randn(
+                batch_size, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g
+            )
+        }
     else:
         ids = torch.randint(1, cfg.vocab_size, (batch_size, seq_len), generator=g)
         mask = torch.ones_like(ids)
@@ -115,18 +144,28 @@ def tiny_tokenizer(family: str = "bert", chat: bool = False):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if family == "bert":
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
         )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", eos_token="</s>", model_max_length=64,
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        eos_token="</s>",
+        model_max_length=64,
     )
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def save_tiny_pretrained(path, family: str = "bert", task: str = "classification", seed: int = 0, chat: bool = False, **overrides):
+def save_tiny_pretrained(
+    path, family: str = "bert", task: str = "classification", seed: int = 0, chat: bool = False, **overrides
+):
     """Save a tiny model and its tokenizer as a transformers directory a recipe can name as ``model.source``.
 
     ``vit`` gets an image processor (resize to the model's image size, normalise) instead of a tokenizer.
@@ -194,5 +233,13 @@ def write_sentiment(path, n: int, seed: int):
         for _ in range(n):
             label = rng.randint(0, 1)
             words = [rng.choice(POSITIVE if label else NEGATIVE) for _ in range(3)]
-            f.write(json.dumps({"text": f"the movie was {words[0]} and {words[1]} {words[2]}", "label": ["neg", "pos"][label]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "text": f"the movie was {words[0]} and {words[1]} {words[2]}",
+                        "label": ["neg", "pos"][label],
+                    }
+                )
+                + "\n"
+            )
     return path

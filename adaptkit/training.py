@@ -109,7 +109,12 @@ def recipe_id(recipe: Recipe) -> str:
 def selection_metric(spec: Any, task: Any) -> tuple[str, bool]:
     """The metric that decides the best evaluation (``train.metric`` or the task's), and whether larger is better."""
     key = spec.metric or task.metric
-    return key, task.greater_is_better if key == task.metric else key != "eval_loss" and "loss" not in key and "perplexity" not in key
+    return (
+        key,
+        task.greater_is_better
+        if key == task.metric
+        else key != "eval_loss" and "loss" not in key and "perplexity" not in key,
+    )
 
 
 def scale_gradients(params: Any, factor: float) -> None:
@@ -141,7 +146,11 @@ def build_optimizer(groups: list[dict], spec: Any):
         return torch.optim.SGD(groups, lr=spec.lr, momentum=0.9)
     import bitsandbytes as bnb
 
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
+    cls = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw": bnb.optim.PagedAdamW,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+    }
     return cls[spec.optimizer](groups, lr=spec.lr)
 
 
@@ -152,7 +161,9 @@ def trackers(spec: Any) -> list[str]:
     installed = {"tensorboard": is_tensorboard_available}
     for name in spec.report_to:
         if not installed[name]():
-            raise ConfigError([("train.report_to", f"'{name}' is not installed; pip install {name}, or leave it out")])
+            raise ConfigError(
+                [("train.report_to", f"'{name}' is not installed; pip install {name}, or leave it out")]
+            )
     return list(spec.report_to)
 
 
@@ -180,10 +191,17 @@ def prepare_model_and_data(run: Run, loaded_model: Any = None):
     use_cpu_dropout_attention(loaded.model)
     if recipe.forgetting:  # the reference: the pretrained model before any strategy touches it
         run.forgetting_texts = general_texts(recipe.forgetting.source, recipe.forgetting.max_texts)
-        run.forgetting_base = measure(loaded.model, loaded.processor, run.forgetting_texts, recipe.forgetting.max_length,
-                                      causal=task.auto_model == "AutoModelForCausalLM")
+        run.forgetting_base = measure(
+            loaded.model,
+            loaded.processor,
+            run.forgetting_texts,
+            recipe.forgetting.max_length,
+            causal=task.auto_model == "AutoModelForCausalLM",
+        )
     adapted = apply(loaded.model, recipe.strategies, host=host)
-    train_ds = task.encode(apply_transforms(splits["train"], recipe.data, host), loaded.processor, files["train"])
+    train_ds = task.encode(
+        apply_transforms(splits["train"], recipe.data, host), loaded.processor, files["train"]
+    )
     eval_ds = task.encode(splits["validation"], loaded.processor, files["validation"])
     run.task, run.processor, run.adapted = task, loaded.processor, adapted
     run.eval_rows = splits["validation"]
@@ -230,7 +248,9 @@ def evaluate(run: Run, model: Any, loader: Any) -> dict[str, float]:
         # process answers all rows with the same greedy decoding, so all get the same metrics
         # without a gather; FSDP-sharded weights are not supported here.
         registered = {name: reg.obj for name, reg in run.host.registries["metrics"].items()}
-        metrics.update(task.generation_metrics(acc.unwrap_model(model), run.processor, run.eval_rows, registered))
+        metrics.update(
+            task.generation_metrics(acc.unwrap_model(model), run.processor, run.eval_rows, registered)
+        )
     return metrics
 
 
@@ -318,11 +338,22 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     if spec.mixed_precision == "fp16" and not torch.accelerator.is_available():
         # Accelerate runs no fp16 autocast on the CPU: the run would train in float32 while its
         # summary said fp16
-        raise ConfigError([("train.mixed_precision", "fp16 needs a GPU (Accelerate has no fp16 autocast on the CPU); "
-                                                     "on the CPU use bf16 or no")])
-    acc = Accelerator(mixed_precision=spec.mixed_precision, gradient_accumulation_steps=spec.gradient_accumulation,
-                      cpu=not torch.accelerator.is_available(), log_with=report_to or None,
-                      project_dir=str(run.run_dir / "tracking") if report_to else None)
+        raise ConfigError(
+            [
+                (
+                    "train.mixed_precision",
+                    "fp16 needs a GPU (Accelerate has no fp16 autocast on the CPU); "
+                    "on the CPU use bf16 or no",
+                )
+            ]
+        )
+    acc = Accelerator(
+        mixed_precision=spec.mixed_precision,
+        gradient_accumulation_steps=spec.gradient_accumulation,
+        cpu=not torch.accelerator.is_available(),
+        log_with=report_to or None,
+        project_dir=str(run.run_dir / "tracking") if report_to else None,
+    )
     run.accelerator = acc
     set_seed(spec.seed)
     # before any weight loads: micro_batch_size auto is resolved, and a run that will not fit stops here
@@ -338,15 +369,21 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-        half = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32), None)
+        half = next(
+            (p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32), None
+        )
         if half is not None and not acc.native_amp:
             # float32 layers between frozen half-precision ones: a matmul mixing the two dtypes fails
             # unless autocast (which Accelerate only runs for a mixed_precision it supports here) casts
             model.forward = torch.autocast(acc.device.type, dtype=half)(model.forward)
-            run.log(f"adaptkit: the frozen weights stay {str(half).removeprefix('torch.')}; the forward pass runs under autocast")
+            run.log(
+                f"adaptkit: the frozen weights stay {str(half).removeprefix('torch.')}; the forward pass runs under autocast"
+            )
 
     # head-only training: the frozen backbone runs once per example, not once per epoch
-    cache = FeatureCache(check_cacheable(model, adapted.pending_parameters())) if spec.cache_features else None
+    cache = (
+        FeatureCache(check_cacheable(model, adapted.pending_parameters())) if spec.cache_features else None
+    )
 
     sampler = EpochSampler(len(train_ds), spec.seed)
     collate = run.task.collate(run.processor)
@@ -354,10 +391,21 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     def loaders(batch_size: int) -> tuple[Any, Any]:
         # Own generators: a DataLoader without one draws a seed from the global RNG each time it is
         # iterated, which would shift dropout masks between a resumed and an uninterrupted run.
-        return (torch.utils.data.DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                                            generator=torch.Generator().manual_seed(spec.seed)),
-                torch.utils.data.DataLoader(eval_ds, batch_size=batch_size, collate_fn=collate,
-                                            generator=torch.Generator().manual_seed(spec.seed)))
+        return (
+            torch.utils.data.DataLoader(
+                train_ds,
+                batch_size=batch_size,
+                sampler=sampler,
+                collate_fn=collate,
+                generator=torch.Generator().manual_seed(spec.seed),
+            ),
+            torch.utils.data.DataLoader(
+                eval_ds,
+                batch_size=batch_size,
+                collate_fn=collate,
+                generator=torch.Generator().manual_seed(spec.seed),
+            ),
+        )
 
     # Parameters a strategy unfreezes later must be known to DDP when it wraps the model: they
     # require grad from the start, and their gradients are dropped until they are unfrozen.
@@ -372,7 +420,9 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     wrapped, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, *loaders(spec.micro_batch_size))
     loss_fn = training_loss(model, run.task, acc.distributed_type.value, acc.autocast)
     if memory.get("micro_batch_size_auto") and not memory.get("chosen_before") and trains:
-        chosen = confirm_micro_batch(run, spec, memory, wrapped, optimizer, train_ds, collate, adapted.pending_parameters(), loss_fn)
+        chosen = confirm_micro_batch(
+            run, spec, memory, wrapped, optimizer, train_ds, collate, adapted.pending_parameters(), loss_fn
+        )
         if chosen != spec:
             spec = chosen
             train_dl, eval_dl = acc.prepare(*loaders(spec.micro_batch_size))
@@ -383,7 +433,15 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     # Not passed to prepare(): accelerate would step it once per process (C16).
     scheduler = build_scheduler(optimizer, spec, total_steps) if trains else None
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "bad_evals": 0, "samples": 0, "tokens": 0}
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "best": None,
+        "bad_evals": 0,
+        "samples": 0,
+        "tokens": 0,
+    }
     ckpt_root = run.run_dir / "checkpoints"
     rid = recipe_id(recipe)
     # --fresh deletes the old run only now that data, model and strategies loaded: a recipe that
@@ -398,7 +456,9 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         load_optimizer_state(optimizer.optimizer, read_part(path, "optimizer"), read_json(path, "optimizer"))
         scheduler.load_state_dict(read_json(path, "scheduler"))
         state.update(read_json(path, "trainer_state"))
-        set_rng_state(read_part(path, f"rng-{acc.process_index}"), read_json(path, f"rng-{acc.process_index}"))
+        set_rng_state(
+            read_part(path, f"rng-{acc.process_index}"), read_json(path, f"rng-{acc.process_index}")
+        )
         run.history = read_json(path, "history")
         run.log(f"adaptkit: resuming from {path} (step {state['step']})")
     elif acc.is_main_process:  # an earlier attempt that left no checkpoint: its curves start over
@@ -420,12 +480,23 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(entry) + "\n")
         # trackers take numbers only; accelerate.log writes on the main process and is a no-op without trackers
-        acc.log({k: v for k, v in entry.items() if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)},
-                step=entry["step"])
+        acc.log(
+            {
+                k: v
+                for k, v in entry.items()
+                if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)
+            },
+            step=entry["step"],
+        )
 
     def train_state() -> TrainState:
-        return TrainState(step=state["step"], epoch=state["epoch"], steps_per_epoch=steps_per_epoch,
-                          total_steps=total_steps, num_processes=acc.num_processes)
+        return TrainState(
+            step=state["step"],
+            epoch=state["epoch"],
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            num_processes=acc.num_processes,
+        )
 
     def save_checkpoint() -> None:
         step = state["step"]
@@ -441,8 +512,16 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
             if acc.is_main_process:
                 adapted.save(tmp / "model")
                 opt_t, opt_j = optimizer_state(optimizer.optimizer)
-                save_parts(tmp, {"optimizer": opt_t}, {"optimizer": opt_j, "scheduler": scheduler.state_dict(),
-                                                       "trainer_state": state, "history": run.history})
+                save_parts(
+                    tmp,
+                    {"optimizer": opt_t},
+                    {
+                        "optimizer": opt_j,
+                        "scheduler": scheduler.state_dict(),
+                        "trainer_state": state,
+                        "history": run.history,
+                    },
+                )
             acc.wait_for_everyone()
             if acc.is_main_process:
                 final = finalize(tmp, ckpt_root / f"step-{step:08d}", {"run_id": rid, "step": step})
@@ -498,7 +577,14 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         stop = state["step"] >= total_steps
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=state["step"], desc=recipe.name or "train", disable=not acc.is_main_process or not (sys.stderr.isatty() or os.environ.get("ADAPTKIT_PROGRESS")), leave=False)
+        bar = tqdm(
+            total=total_steps,
+            initial=state["step"],
+            desc=recipe.name or "train",
+            disable=not acc.is_main_process
+            or not (sys.stderr.isatty() or os.environ.get("ADAPTKIT_PROGRESS")),
+            leave=False,
+        )
         while not stop:
             sampler.set_epoch(state["epoch"])
             gated = fire("epoch_start")
@@ -516,16 +602,24 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
                 if state["batch_in_epoch"] % spec.gradient_accumulation == 0:
                     gated = fire("step_start")
                     ref = acc.reduce(n.clone(), "mean").clamp(min=1)
-                    window = torch.zeros(3, dtype=torch.float32, device=acc.device)  # sum of loss x n, items, tokens
+                    window = torch.zeros(
+                        3, dtype=torch.float32, device=acc.device
+                    )  # sum of loss x n, items, tokens
                 with acc.accumulate(wrapped):
                     # only the loss is kept: holding the whole output would keep this step's logits (for
                     # a 49k-token vocabulary, batch x seq x 49k floats) alive through the next forward
                     loss = loss_fn(wrapped, batch)
                     acc.backward(loss * n / ref)
-                    tokens = batch["attention_mask"].sum() if "attention_mask" in batch else torch.zeros((), device=acc.device)
+                    tokens = (
+                        batch["attention_mask"].sum()
+                        if "attention_mask" in batch
+                        else torch.zeros((), device=acc.device)
+                    )
                     window += torch.stack([loss.detach().float() * n, n, tokens.float()])
                     if acc.sync_gradients:
-                        totals = acc.reduce(window.clone(), "sum")  # over the ranks: every rank logs and stops alike
+                        totals = acc.reduce(
+                            window.clone(), "sum"
+                        )  # over the ranks: every rank logs and stops alike
                         # The step's one wait for the device (each .item() is one; they cost a GPU its
                         # queued work). It comes before the optimizer, so a non-finite loss changes no weight.
                         loss_sum, items, window_tokens, first = torch.cat([totals, ref.view(1)]).tolist()
@@ -542,7 +636,9 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
                         if rescale != 1.0:  # exactly 1 for one micro-batch on one process
                             scale_gradients(wrapped.parameters(), rescale)
                         if spec.max_grad_norm:
-                            acc.clip_grad_norm_([p for p in wrapped.parameters() if p.grad is not None], spec.max_grad_norm)
+                            acc.clip_grad_norm_(
+                                [p for p in wrapped.parameters() if p.grad is not None], spec.max_grad_norm
+                            )
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 state["batch_in_epoch"] += 1
@@ -553,7 +649,10 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
                 state["step"] += 1
                 state["tokens"] += int(window_tokens)
                 bar.update(1)
-                logs = {"loss": loss_sum / max(items, 1), "lr": scheduler.get_last_lr()[0]}  # a mean over items, as the loss
+                logs = {
+                    "loss": loss_sum / max(items, 1),
+                    "lr": scheduler.get_last_lr()[0],
+                }  # a mean over items, as the loss
                 if state["step"] % spec.log_every == 0 or state["step"] == total_steps:
                     log_metrics({"step": state["step"], "epoch": state["epoch"], **logs})
                 for err in host.notify("adaptkit_on_step_end", run=run, step=state["step"], logs=logs):
@@ -579,13 +678,20 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     finally:
         if cache:
             cache.remove()
-            run.log(f"adaptkit: feature cache: {len(cache.rows)} examples, {cache.nbytes / 2**20:.1f} MiB; "
-                    f"{cache.misses} computed, {cache.hits} from the cache")
+            run.log(
+                f"adaptkit: feature cache: {len(cache.rows)} examples, {cache.nbytes / 2**20:.1f} MiB; "
+                f"{cache.misses} computed, {cache.hits} from the cache"
+            )
     final_metrics = next(h for h in reversed(run.history) if "eval_loss" in h)
     forgetting = None
     if run.forgetting_base is not None:
-        after = measure(acc.unwrap_model(wrapped), run.processor, run.forgetting_texts, recipe.forgetting.max_length,
-                        causal=run.task.auto_model == "AutoModelForCausalLM")
+        after = measure(
+            acc.unwrap_model(wrapped),
+            run.processor,
+            run.forgetting_texts,
+            recipe.forgetting.max_length,
+            causal=run.task.auto_model == "AutoModelForCausalLM",
+        )
         forgetting = compare_forgetting(run.forgetting_base, after, recipe.forgetting.source)
     digest = param_digest(acc.unwrap_model(wrapped))
     digests = acc.gather_for_metrics([digest], use_gather_object=True) if distributed else [digest]
@@ -597,7 +703,8 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         "total_steps": total_steps,
         "strategies": [s.name for s in adapted.strategies],
         # in multi-process runs, pending parameters require grad only for DDP's sake
-        "trainable_parameters": adapted.num_trainable() - sum(p.numel() for p in adapted.pending_parameters() if p.requires_grad),
+        "trainable_parameters": adapted.num_trainable()
+        - sum(p.numel() for p in adapted.pending_parameters() if p.requires_grad),
         "total_parameters": adapted.num_total(),
         "final_metrics": final_metrics,
         "best_metric": state["best"],
@@ -620,8 +727,14 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         "memory_kind": "gpu_allocated" if acc.device.type == "cuda" else "cpu_rss",
         "memory_plan": memory,
         "forgetting": forgetting,
-        "feature_cache": {"examples": len(cache.rows), "bytes": cache.nbytes, "computed": cache.misses, "cached": cache.hits}
-        if cache else None,
+        "feature_cache": {
+            "examples": len(cache.rows),
+            "bytes": cache.nbytes,
+            "computed": cache.misses,
+            "cached": cache.hits,
+        }
+        if cache
+        else None,
     }
     if acc.is_main_process:
         with write_failures_reported(run.run_dir / "final", ckpt_root):
@@ -633,5 +746,3 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
         run.log(f"adaptkit: {err}")
     acc.end_training()
     return summary
-
-

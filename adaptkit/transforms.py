@@ -20,6 +20,7 @@ from typing import Any, Callable
 from adaptkit.errors import DataError
 from adaptkit.hookspecs import hookimpl
 
+
 def _text(example: dict[str, Any], column: str) -> str | None:
     """The text in ``column`` (None stays None), or a DataError listing the columns there are."""
     if column not in example:
@@ -30,7 +31,9 @@ def _text(example: dict[str, Any], column: str) -> str | None:
     return value
 
 
-def word_dropout(p: float = 0.1, column: str = "text", seed: int = 0) -> Callable[[dict[str, Any], int], dict[str, Any]]:
+def word_dropout(
+    p: float = 0.1, column: str = "text", seed: int = 0
+) -> Callable[[dict[str, Any], int], dict[str, Any]]:
     """Drop each word (whitespace-separated) of a text column with probability ``p``; at least one word stays."""
     if not 0 <= p < 1:
         raise ValueError(f"p must be at least 0 and less than 1, got {p!r}")

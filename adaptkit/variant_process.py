@@ -23,11 +23,23 @@ def command(recipe_file: Path, plugins: list[str], launch: list[str]) -> list[st
     """The command that trains one recipe: ``python -m adaptkit train``, under ``accelerate launch`` when asked."""
     plugin_args = [a for p in plugins for a in ("-p", p)]
     if launch:
-        return [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "adaptkit", *plugin_args, "train", str(recipe_file)]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *launch,
+            "-m",
+            "adaptkit",
+            *plugin_args,
+            "train",
+            str(recipe_file),
+        ]
     return [sys.executable, "-m", "adaptkit", *plugin_args, "train", str(recipe_file)]
 
 
-def run_child(cmd: list[str], log_file: Path, poll: Callable[[], bool] | None = None, echo: bool = True) -> tuple[int, str]:
+def run_child(
+    cmd: list[str], log_file: Path, poll: Callable[[], bool] | None = None, echo: bool = True
+) -> tuple[int, str]:
     """Run ``cmd``, teeing its output to the terminal and ``log_file``; return (exit status, error line).
 
     ``poll`` is called about once a second while the child runs; when it returns True the child
@@ -69,9 +81,13 @@ def run_child(cmd: list[str], log_file: Path, poll: Callable[[], bool] | None = 
             raise
         reader.join()
     errors = [line for line in tail if line.startswith(ERROR_PREFIX)]
-    message = errors[-1][len(ERROR_PREFIX):].strip() if errors else (tail[-1].strip() if tail else "")
+    message = errors[-1][len(ERROR_PREFIX) :].strip() if errors else (tail[-1].strip() if tail else "")
     if proc.returncode < 0:  # killed by a signal: SIGKILL is usually the out-of-memory killer
-        message = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "") + (f"; last output: {message}" if message else "")
+        message = (
+            f"killed by signal {-proc.returncode}"
+            + (" (out of memory?)" if proc.returncode == -9 else "")
+            + (f"; last output: {message}" if message else "")
+        )
     return proc.returncode, message
 
 
@@ -88,7 +104,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def row_from_run(run_dir: Path, variant: str, seed: int, relative_to: Path, error: str | None = None) -> dict[str, Any]:
+def row_from_run(
+    run_dir: Path, variant: str, seed: int, relative_to: Path, error: str | None = None
+) -> dict[str, Any]:
     """The report row of one run, from its ``summary.json`` and ``metrics.jsonl``; a failed row without a summary."""
     history = read_metrics(run_dir)
     row: dict[str, Any] = {
@@ -127,7 +145,9 @@ def row_from_run(run_dir: Path, variant: str, seed: int, relative_to: Path, erro
         best_metric=s.get("best_metric"),
         eval_loss=final.get("eval_loss"),
         train_loss=train_loss,
-        overfit_gap=final["eval_loss"] - train_loss if train_loss is not None and "eval_loss" in final else None,
+        overfit_gap=final["eval_loss"] - train_loss
+        if train_loss is not None and "eval_loss" in final
+        else None,
         forgetting=forgetting.get("value"),
         forgetting_measure=forgetting.get("measure"),
         saved_bytes=s.get("saved_bytes"),

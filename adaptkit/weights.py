@@ -43,7 +43,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     """Save tensors as safetensors, atomically.
 
     safetensors writes the file from the tensors' own memory: a model is not copied (an
@@ -57,7 +59,9 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict
     out, storages = {}, set()
     for name, t in tensors.items():
         if t.numel() == 0:
-            raise CheckpointError(f"refusing to save '{name}': it is empty (a sharded parameter that was not gathered?)")
+            raise CheckpointError(
+                f"refusing to save '{name}': it is empty (a sharded parameter that was not gathered?)"
+            )
         t = t.detach().to("cpu").contiguous()
         if t.untyped_storage().data_ptr() in storages:
             t = t.clone()

@@ -40,27 +40,83 @@ class Case:
     lora_dropout: float = 0.0  # adaptkit's default, as peft's
     dtype: str = "float32"  # of the frozen weights (model.dtype)
     mixed_precision: str = "no"  # Accelerate's autocast: no or bf16
-    quantize: bool = False  # QLoRA: the blocks' linear layers in 4-bit NF4 (double quantization), computing in bfloat16
+    quantize: bool = (
+        False  # QLoRA: the blocks' linear layers in 4-bit NF4 (double quantization), computing in bfloat16
+    )
     gradient_checkpointing: bool = False
 
 
 CASES = {
     # sized for a 2-core CPU: a LoRA step of SmolLM2-135M on 2 x 256 tokens takes about 4 s there
-    "lora": Case("lora", "smollm2-135m-instruct", "language_modeling", "lora", seq=256, batch=2, steps=8, warmup=2),
+    "lora": Case(
+        "lora", "smollm2-135m-instruct", "language_modeling", "lora", seq=256, batch=2, steps=8, warmup=2
+    ),
     # the same with 8 sequences a step: larger matrix products, closer to the machine's matmul peak
-    "lora-b8": Case("lora-b8", "smollm2-135m-instruct", "language_modeling", "lora", seq=256, batch=8, steps=4, warmup=1),
+    "lora-b8": Case(
+        "lora-b8", "smollm2-135m-instruct", "language_modeling", "lora", seq=256, batch=8, steps=4, warmup=1
+    ),
     # with LoRA dropout 0.05 (the QLoRA paper's): on a CPU its random masks take about a fifth of a step
-    "lora-dropout": Case("lora-dropout", "smollm2-135m-instruct", "language_modeling", "lora", seq=256, batch=2, steps=8, warmup=2,
-                         lora_dropout=0.05),
-    "full": Case("full", "smollm2-135m-instruct", "language_modeling", "full", seq=256, batch=2, steps=6, warmup=1, lr=1e-5),
-    "classification": Case("classification", "all-minilm-l6-v2", "classification", "top2", seq=128, batch=16, steps=20, warmup=3,
-                           lr=5e-4),
+    "lora-dropout": Case(
+        "lora-dropout",
+        "smollm2-135m-instruct",
+        "language_modeling",
+        "lora",
+        seq=256,
+        batch=2,
+        steps=8,
+        warmup=2,
+        lora_dropout=0.05,
+    ),
+    "full": Case(
+        "full",
+        "smollm2-135m-instruct",
+        "language_modeling",
+        "full",
+        seq=256,
+        batch=2,
+        steps=6,
+        warmup=1,
+        lr=1e-5,
+    ),
+    "classification": Case(
+        "classification",
+        "all-minilm-l6-v2",
+        "classification",
+        "top2",
+        seq=128,
+        batch=16,
+        steps=20,
+        warmup=3,
+        lr=5e-4,
+    ),
     # one GPU (benchmarks/gpu.py): a bf16 base with bf16 autocast, 16 x 512 tokens a step
-    "gpu-lora": Case("gpu-lora", "smollm2-135m-instruct", "language_modeling", "lora", seq=512, batch=16, steps=30, warmup=5,
-                     dtype="bfloat16", mixed_precision="bf16"),
+    "gpu-lora": Case(
+        "gpu-lora",
+        "smollm2-135m-instruct",
+        "language_modeling",
+        "lora",
+        seq=512,
+        batch=16,
+        steps=30,
+        warmup=5,
+        dtype="bfloat16",
+        mixed_precision="bf16",
+    ),
     # the same on a 4-bit base with gradient checkpointing: the QLoRA setting
-    "gpu-qlora": Case("gpu-qlora", "smollm2-135m-instruct", "language_modeling", "lora", seq=512, batch=16, steps=30, warmup=5,
-                      dtype="bfloat16", mixed_precision="bf16", quantize=True, gradient_checkpointing=True),
+    "gpu-qlora": Case(
+        "gpu-qlora",
+        "smollm2-135m-instruct",
+        "language_modeling",
+        "lora",
+        seq=512,
+        batch=16,
+        steps=30,
+        warmup=5,
+        dtype="bfloat16",
+        mixed_precision="bf16",
+        quantize=True,
+        gradient_checkpointing=True,
+    ),
 }
 
 
@@ -72,14 +128,16 @@ def texts(min_chars: int, count: int) -> list[str]:
     corpus = "\n\n".join(topics[k] for k in sorted(topics))
     stride = min(min_chars, (len(corpus) - min_chars) // count)
     assert stride > 0, "not enough text for this many pieces"
-    return [corpus[i * stride:i * stride + min_chars] for i in range(count)]
+    return [corpus[i * stride : i * stride + min_chars] for i in range(count)]
 
 
 def write_data(case: Case, directory: Path) -> Path:
     """train.jsonl (enough rows for every step, none repeated) and a small validation.jsonl."""
     need = (case.steps + case.warmup) * case.batch
-    pieces = texts(case.seq * 16, need + 8)  # 16 characters a token: longer than seq tokens for BPE (about 4) and word-level (about 6) tokenizers
-    for split, rows in (("train", pieces[:need]), ("validation", pieces[need:need + 8])):
+    pieces = texts(
+        case.seq * 16, need + 8
+    )  # 16 characters a token: longer than seq tokens for BPE (about 4) and word-level (about 6) tokenizers
+    for split, rows in (("train", pieces[:need]), ("validation", pieces[need : need + 8])):
         with open(directory / f"{split}.jsonl", "w") as f:
             for i, text in enumerate(rows):
                 f.write(json.dumps({"text": text, "label": "ab"[i % 2]}) + "\n")
@@ -126,14 +184,30 @@ class Result:
     final_loss: float
 
 
-def summarise(loop: str, case: Case, stamps: list[tuple[int, float, float, float]], trainable: int, total: int,
-              loss: float) -> Result:
+def summarise(
+    loop: str,
+    case: Case,
+    stamps: list[tuple[int, float, float, float]],
+    trainable: int,
+    total: int,
+    loss: float,
+) -> Result:
     """Throughput over the steps after the warm-up ones, and the peak memory at the last step."""
     assert len(stamps) == case.steps + case.warmup, stamps
     timed = stamps[-1][1] - stamps[case.warmup - 1][1]
     cpu = stamps[-1][3] - stamps[case.warmup - 1][3]
     tokens = case.steps * case.batch * case.seq
-    return Result(loop, case.name, tokens / timed, timed / case.steps, cpu / case.steps, stamps[-1][2], trainable, total, loss)
+    return Result(
+        loop,
+        case.name,
+        tokens / timed,
+        timed / case.steps,
+        cpu / case.steps,
+        stamps[-1][2],
+        trainable,
+        total,
+        loss,
+    )
 
 
 def run_adaptkit(case: Case, workdir: Path) -> Result:
@@ -148,21 +222,39 @@ def run_adaptkit(case: Case, workdir: Path) -> Result:
     lora = {"name": "lora", "dropout": case.lora_dropout, "target_modules": LLAMA_LINEAR}
     if case.quantize:
         lora |= {"quantize": "4bit", "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
-    strategy = {"lora": [lora], "full": ["full"], "top2": [{"name": "freeze", "trainable_top_blocks": 2}]}[case.strategy]
+    strategy = {"lora": [lora], "full": ["full"], "top2": [{"name": "freeze", "trainable_top_blocks": 2}]}[
+        case.strategy
+    ]
     raw = {
         "name": f"bench-{case.name}",
-        "model": {"source": model_path(case.model), "task": case.task, "dtype": case.dtype,
-                  "gradient_checkpointing": case.gradient_checkpointing},
+        "model": {
+            "source": model_path(case.model),
+            "task": case.task,
+            "dtype": case.dtype,
+            "gradient_checkpointing": case.gradient_checkpointing,
+        },
         "data": {"source": str(write_data(case, workdir)), "max_length": case.seq},
         "strategies": strategy,
-        "train": {"max_steps": case.steps + case.warmup, "micro_batch_size": case.batch, "lr": case.lr, "seed": 0,
-                  "log_every": 1000, "mixed_precision": case.mixed_precision},
+        "train": {
+            "max_steps": case.steps + case.warmup,
+            "micro_batch_size": case.batch,
+            "lr": case.lr,
+            "seed": 0,
+            "log_every": 1000,
+            "mixed_precision": case.mixed_precision,
+        },
         "output": str(workdir / "runs" / "{name}"),
     }
     host = get_plugin_host(["_steptimes"])
     summary = train(validate(raw, host=host), host, fresh=True)
-    return summarise("adaptkit", case, _steptimes.STEPS,
-                     summary["trainable_parameters"], summary["total_parameters"], summary["final_train_loss"])
+    return summarise(
+        "adaptkit",
+        case,
+        _steptimes.STEPS,
+        summary["trainable_parameters"],
+        summary["total_parameters"],
+        summary["final_train_loss"],
+    )
 
 
 def run_baseline(case: Case, workdir: Path) -> Result:
@@ -179,8 +271,12 @@ def run_baseline(case: Case, workdir: Path) -> Result:
     path = model_path(case.model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     # data as accelerate's examples/nlp_example.py reads it: a datasets table, tokenised with map
-    rows = datasets.load_dataset("json", data_files=str(write_data(case, workdir) / "train.jsonl"), split="train",
-                                 cache_dir=str(workdir / "hf-cache"))
+    rows = datasets.load_dataset(
+        "json",
+        data_files=str(write_data(case, workdir) / "train.jsonl"),
+        split="train",
+        cache_dir=str(workdir / "hf-cache"),
+    )
     if case.task == "classification":
         model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
@@ -191,27 +287,42 @@ def run_baseline(case: Case, workdir: Path) -> Result:
         kwargs: dict = {"dtype": getattr(torch, case.dtype)}
         if case.quantize:  # the QLoRA recipe of peft's and bitsandbytes' documentation
             kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16)
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
             kwargs["device_map"] = {"": str(torch.accelerator.current_accelerator() or "cpu")}
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
         def encode(batch):
-            ids = [(x + [tokenizer.eos_token_id])[:case.seq] for x in tokenizer(batch["text"])["input_ids"]]
+            ids = [(x + [tokenizer.eos_token_id])[: case.seq] for x in tokenizer(batch["text"])["input_ids"]]
             return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": ids}
+
     data = rows.map(encode, batched=True, remove_columns=rows.column_names).with_format("torch")
     if case.strategy == "lora":
         import peft
 
         if case.quantize:
-            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=case.gradient_checkpointing)
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=case.gradient_checkpointing
+            )
         elif case.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=case.lora_dropout, target_modules=LLAMA_LINEAR, task_type="CAUSAL_LM")
+        config = peft.LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=case.lora_dropout,
+            target_modules=LLAMA_LINEAR,
+            task_type="CAUSAL_LM",
+        )
         model = peft.get_peft_model(model, config)
     elif case.strategy == "top2":
-        top = {f"bert.encoder.layer.{i}." for i in range(model.config.num_hidden_layers - 2, model.config.num_hidden_layers)}
+        top = {
+            f"bert.encoder.layer.{i}."
+            for i in range(model.config.num_hidden_layers - 2, model.config.num_hidden_layers)
+        }
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("classifier.") or any(name.startswith(t) for t in top))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -220,7 +331,9 @@ def run_baseline(case: Case, workdir: Path) -> Result:
     accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=case.mixed_precision)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     total_steps = case.steps + case.warmup
-    scheduler = transformers.get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total_steps)
+    scheduler = transformers.get_scheduler(
+        "linear", optimizer, num_warmup_steps=0, num_training_steps=total_steps
+    )
     model.train()
     stamps = []
     for step, batch in enumerate(loader, 1):
@@ -259,11 +372,13 @@ def measure(script: Path, loop: str, case: str | Case) -> Result:
     """
     case = CASES[case] if isinstance(case, str) else case
     arg = json.dumps(asdict(replace(case, model=model_path(case.model))))
-    proc = subprocess.run([sys.executable, str(script), "--worker", loop, arg], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--worker", loop, arg], capture_output=True, text=True
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{loop} {case} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return Result(**json.loads(lines[-1][len("RESULT "):]))
+    return Result(**json.loads(lines[-1][len("RESULT ") :]))
 
 
 def median(values: list[float]) -> float:
@@ -277,5 +392,8 @@ def machine() -> str:
 
     import torch
 
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     return f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"

@@ -54,11 +54,16 @@ STRATEGIES = {
     "lora+checkpointing": ([{"name": "lora", "dropout": 0.05}], {"gradient_checkpointing": True}),
     "lora-4bit": ([{"name": "lora", "dropout": 0.05, "quantize": "4bit"}], {}),
     "adapters": ([{"name": "adapters", "train_head": False}], {}),
-    "gradual_unfreeze": ([{"name": "gradual_unfreeze", "unit": "step", "every": 1, "tied_head": "untie"}], {}),
+    "gradual_unfreeze": (
+        [{"name": "gradual_unfreeze", "unit": "step", "every": 1, "tied_head": "untie"}],
+        {},
+    ),
     "peft-ia3": ([{"name": "peft", "method": "ia3"}], {}),
 }
-WORDS = ("the a river mountain quietly runs over stone while birds sing and clouds move slowly across the wide "
-         "blue sky near old towns").split()
+WORDS = (
+    "the a river mountain quietly runs over stone while birds sing and clouds move slowly across the wide "
+    "blue sky near old towns"
+).split()
 
 
 def write_data(path: Path, rows: int = 40) -> None:
@@ -78,7 +83,9 @@ def machine() -> str:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
@@ -94,10 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.15, help="allowed relative error")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the runs train")
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="train.mixed_precision")
+    parser.add_argument(
+        "--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="train.mixed_precision"
+    )
     parser.add_argument("--model", default=MODEL, help="packaged model name or model directory")
-    parser.add_argument("--allocator", choices=["live", "adaptkit"], default="live",
-                        help="live: freed memory returned at once (what the estimate predicts); adaptkit: its own choice")
+    parser.add_argument(
+        "--allocator",
+        choices=["live", "adaptkit"],
+        default="live",
+        help="live: freed memory returned at once (what the estimate predicts); adaptkit: its own choice",
+    )
     args = parser.parse_args(argv)
     from adaptkit.estimate import ALLOCATOR_ENV
 
@@ -127,19 +140,32 @@ def main(argv: list[str] | None = None) -> int:
         for label, (strategies, model_options) in chosen.items():
             name = label.replace("+", "-")
             recipe_path = work / f"{name}.yaml"
-            recipe_path.write_text(yaml.safe_dump({
-                "name": name,
-                "model": {"source": args.model, "task": "causal_lm", **model_options},
-                "data": {"source": str(work / "data.jsonl"), "max_length": args.seq},
-                "strategies": strategies,
-                "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "log_every": 1,
-                          "mixed_precision": args.mixed_precision},
-                "output": str(work / "runs" / "{name}"),
-            }, sort_keys=False))
+            recipe_path.write_text(
+                yaml.safe_dump(
+                    {
+                        "name": name,
+                        "model": {"source": args.model, "task": "causal_lm", **model_options},
+                        "data": {"source": str(work / "data.jsonl"), "max_length": args.seq},
+                        "strategies": strategies,
+                        "train": {
+                            "max_steps": args.steps,
+                            "micro_batch_size": args.batch,
+                            "log_every": 1,
+                            "mixed_precision": args.mixed_precision,
+                        },
+                        "output": str(work / "runs" / "{name}"),
+                    },
+                    sort_keys=False,
+                )
+            )
             est = estimator.estimate(load_recipe(recipe_path, host=host))
             start = time.perf_counter()
-            run = subprocess.run([sys.executable, "-m", "adaptkit", "train", str(recipe_path), "--fresh"],
-                                 capture_output=True, text=True, env=env)
+            run = subprocess.run(
+                [sys.executable, "-m", "adaptkit", "train", str(recipe_path), "--fresh"],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             if run.returncode != 0:
                 print(f"{label}: training failed:\n{run.stderr[-2000:]}", file=sys.stderr)
                 results.append({"strategy": label, "error": run.stderr[-500:]})
@@ -161,15 +187,22 @@ def main(argv: list[str] | None = None) -> int:
                 "terms_mib": {k: v / 2**20 for k, v in est.terms().items()},
             }
             results.append(row)
-            print(f"{label}: estimate {format_bytes(est.total)}, measured {format_bytes(measured)}, "
-                  f"ratio {row['ratio']:.3f}; final training loss {row['final_train_loss']:.4f}", flush=True)
+            print(
+                f"{label}: estimate {format_bytes(est.total)}, measured {format_bytes(measured)}, "
+                f"ratio {row['ratio']:.3f}; final training loss {row['final_train_loss']:.4f}",
+                flush=True,
+            )
 
     print()
     measured_as = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak resident set"
-    print(f"{args.model}, {args.device}, micro-batch {args.batch} x {args.seq} tokens, {args.steps} steps, AdamW, "
-          f"mixed precision {args.mixed_precision}; measured = summary.json peak_memory_mb ({measured_as})")
+    print(
+        f"{args.model}, {args.device}, micro-batch {args.batch} x {args.seq} tokens, {args.steps} steps, AdamW, "
+        f"mixed precision {args.mixed_precision}; measured = summary.json peak_memory_mb ({measured_as})"
+    )
     print()
-    print("| strategy | trainable | estimate (MiB) | measured (MiB) | estimate / measured | dominant term | est. s/step (at peak) | measured s/step |")
+    print(
+        "| strategy | trainable | estimate (MiB) | measured (MiB) | estimate / measured | dominant term | est. s/step (at peak) | measured s/step |"
+    )
     print("|---|---:|---:|---:|---:|---|---:|---:|")
     ok = True
     for r in results:
@@ -179,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         within = abs(r["ratio"] - 1) <= args.target
         ok &= within
-        print(f"| {r['strategy']} | {r['trainable_parameters']:,} | {r['estimate_mib']:.0f} | {r['measured_mib']:.0f} | "
-              f"{r['ratio']:.3f}{'' if within else ' (off target)'} | {r['dominant'].replace('_', ' ')} | "
-              f"{r['estimated_s_per_step']:.2f} | {r['measured_s_per_step']:.1f} |")
+        print(
+            f"| {r['strategy']} | {r['trainable_parameters']:,} | {r['estimate_mib']:.0f} | {r['measured_mib']:.0f} | "
+            f"{r['ratio']:.3f}{'' if within else ' (off target)'} | {r['dominant'].replace('_', ' ')} | "
+            f"{r['estimated_s_per_step']:.2f} | {r['measured_s_per_step']:.1f} |"
+        )
     print()
     print(f"all within {args.target:.0%}: {'yes' if ok else 'NO'}")
     if args.json:

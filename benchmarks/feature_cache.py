@@ -30,8 +30,14 @@ def recipe(out: Path, epochs: int, examples: int, cache: bool) -> dict:
     return {
         "name": "cached" if cache else "plain",
         "model": {"source": "all-minilm-l6-v2", "task": "classification", "dropout": 0.0},
-        "data": {"source": str(SST2), "text": "sentence", "label": "label", "max_length": 48,
-                 "max_train_examples": examples, "max_eval_examples": 400},
+        "data": {
+            "source": str(SST2),
+            "text": "sentence",
+            "label": "label",
+            "max_length": 48,
+            "max_train_examples": examples,
+            "max_eval_examples": 400,
+        },
         "strategies": ["freeze"],
         "train": {"epochs": epochs, "lr": 2.0e-3, "micro_batch_size": 32, "seed": 0, "cache_features": cache},
         "output": str(out / "{name}"),
@@ -42,21 +48,29 @@ def run(out: Path, epochs: int, examples: int, cache: bool) -> dict:
     """One ``adaptkit train`` in its own process; returns its summary."""
     path = out / f"{'cached' if cache else 'plain'}.yaml"
     path.write_text(json.dumps(recipe(out, epochs, examples, cache)))
-    subprocess.run([sys.executable, "-m", "adaptkit", "train", str(path), "--fresh"], check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    subprocess.run(
+        [sys.executable, "-m", "adaptkit", "train", str(path), "--fresh"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"},
+    )
     return json.loads((out / path.stem / "summary.json").read_text())
 
 
 def head(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
-    return {k: v for f in sorted((run_dir / "final").rglob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    return {
+        k: v for f in sorted((run_dir / "final").rglob("*.safetensors")) for k, v in load_file(str(f)).items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--examples", type=int, default=2000, help="training examples (the first N of SST-2's train split)")
+    parser.add_argument(
+        "--examples", type=int, default=2000, help="training examples (the first N of SST-2's train split)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs of each (alternating)")
     args = parser.parse_args()
     if not SST2.is_dir():
@@ -77,15 +91,25 @@ def main() -> None:
         a, b = head(out / "plain"), head(out / "cached")
         diff = max((a[k] - b[k]).abs().max().item() for k in a)
     fc = cached["feature_cache"]
-    print(f"\nall-MiniLM-L6-v2 linear probe on SST-2: {args.examples} training examples, 400 validation, "
-          f"{args.epochs} epochs, batch 32, max 48 tokens; {cached['trainable_parameters']:,} trainable parameters")
-    print(f"  plain:  training loop {median(times[False]):7.1f} s (runs: {', '.join(f'{t:.1f}' for t in times[False])}); "
-          f"accuracy {plain['final_metrics']['accuracy']:.4f}, eval loss {plain['final_metrics']['eval_loss']:.6f}")
-    print(f"  cached: training loop {median(times[True]):7.1f} s (runs: {', '.join(f'{t:.1f}' for t in times[True])}); "
-          f"accuracy {cached['final_metrics']['accuracy']:.4f}, eval loss {cached['final_metrics']['eval_loss']:.6f}")
-    print(f"  cache: {fc['examples']} examples, {fc['bytes'] / 2**20:.1f} MiB; {fc['computed']} computed, {fc['cached']} from the cache")
-    print(f"  speed-up plain/cached: {median(times[False]) / median(times[True]):.2f}x; "
-          f"largest difference between the two heads' weights: {diff:.2e}")
+    print(
+        f"\nall-MiniLM-L6-v2 linear probe on SST-2: {args.examples} training examples, 400 validation, "
+        f"{args.epochs} epochs, batch 32, max 48 tokens; {cached['trainable_parameters']:,} trainable parameters"
+    )
+    print(
+        f"  plain:  training loop {median(times[False]):7.1f} s (runs: {', '.join(f'{t:.1f}' for t in times[False])}); "
+        f"accuracy {plain['final_metrics']['accuracy']:.4f}, eval loss {plain['final_metrics']['eval_loss']:.6f}"
+    )
+    print(
+        f"  cached: training loop {median(times[True]):7.1f} s (runs: {', '.join(f'{t:.1f}' for t in times[True])}); "
+        f"accuracy {cached['final_metrics']['accuracy']:.4f}, eval loss {cached['final_metrics']['eval_loss']:.6f}"
+    )
+    print(
+        f"  cache: {fc['examples']} examples, {fc['bytes'] / 2**20:.1f} MiB; {fc['computed']} computed, {fc['cached']} from the cache"
+    )
+    print(
+        f"  speed-up plain/cached: {median(times[False]) / median(times[True]):.2f}x; "
+        f"largest difference between the two heads' weights: {diff:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,14 @@ LOOP_SCRIPT = Path(__file__).resolve().parent / "loop_overhead.py"
 GPU_CASES = [name for name in CASES if name.startswith("gpu-")]
 # Config changes that give a LLaMA-architecture model another size (the SmolLM2 family shares one tokenizer).
 SHAPES = {
-    "smollm2-1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
-                     "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 64},
+    "smollm2-1.7b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "head_dim": 64,
+    },
 }
 
 
@@ -84,7 +90,9 @@ def with_weights(model: str, workdir: Path, shape: str | None = None) -> tuple[s
     for key, value in SHAPES.get(shape, {}).items():
         setattr(config, key, value)
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a GPU initialises 1B weights in a blink
+    with torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu"
+    ):  # a GPU initialises 1B weights in a blink
         random_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     random_model.save_pretrained(target)
     del random_model
@@ -104,7 +112,9 @@ def base_weights(path: str) -> int:
 def main() -> None:
     """Measure the peak, run each case with both loops, print tokens/s, MFU, peak memory and the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="packaged model name or model directory")
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="packaged model name or model directory"
+    )
     parser.add_argument("--shape", choices=list(SHAPES), help="resize the model (random weights)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each loop per case (alternating)")
     parser.add_argument("--cases", nargs="+", default=GPU_CASES, choices=GPU_CASES)
@@ -116,7 +126,9 @@ def main() -> None:
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}")
+        print(
+            f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}"
+        )
     else:
         print(f"device: no GPU; a check of the script on the CPU (torch {torch.__version__})")
     with tempfile.TemporaryDirectory(prefix="adaptkit-gpu-bench-") as tmp:
@@ -127,9 +139,15 @@ def main() -> None:
         peaks = [peak()]
         print(f"peak matmul: {peaks[0] / 1e12:.1f} TFLOP/s", flush=True)
         loops = ["adaptkit", "baseline"]
-        shape = {k: v for k, v in (("batch", args.batch), ("seq", args.seq), ("steps", args.steps)) if v is not None}
+        shape = {
+            k: v
+            for k, v in (("batch", args.batch), ("seq", args.seq), ("steps", args.steps))
+            if v is not None
+        }
         cases = {name: dataclasses.replace(CASES[name], model=path, **shape) for name in args.cases}
-        results: dict[tuple[str, str], list[tuple[Result, float]]] = {(c, loop): [] for c in args.cases for loop in loops}
+        results: dict[tuple[str, str], list[tuple[Result, float]]] = {
+            (c, loop): [] for c in args.cases for loop in loops
+        }
         for name in args.cases:
             case = cases[name]
             for _ in range(args.repeats):
@@ -137,13 +155,18 @@ def main() -> None:
                     result = measure(LOOP_SCRIPT, loop, case)
                     peaks.append(peak())
                     results[name, loop].append((result, (peaks[-2] + peaks[-1]) / 2))
-                    print(f"  {name} {loop}: {result.tokens_per_s:,.0f} tokens/s, peak {result.peak_mib:,.0f} MiB, "
-                          f"loss {result.final_loss:.3f}; matmul peak after it {peaks[-1] / 1e12:.1f} TFLOP/s", flush=True)
+                    print(
+                        f"  {name} {loop}: {result.tokens_per_s:,.0f} tokens/s, peak {result.peak_mib:,.0f} MiB, "
+                        f"loss {result.final_loss:.3f}; matmul peak after it {peaks[-1] / 1e12:.1f} TFLOP/s",
+                        flush=True,
+                    )
     print(f"peak matmul over the run: {min(peaks) / 1e12:.1f} to {max(peaks) / 1e12:.1f} TFLOP/s")
     for name, case in cases.items():
-        print(f"\n[{name}] {label}: LoRA r=8 on {'/'.join(LLAMA_LINEAR)}"
-              f"{', 4-bit NF4 base, gradient checkpointing' if case.quantize else ', bfloat16 base'}, "
-              f"bf16 autocast, batch {case.batch} x {case.seq} tokens, {case.warmup} warm-up + {case.steps} timed steps")
+        print(
+            f"\n[{name}] {label}: LoRA r=8 on {'/'.join(LLAMA_LINEAR)}"
+            f"{', 4-bit NF4 base, gradient checkpointing' if case.quantize else ', bfloat16 base'}, "
+            f"bf16 autocast, batch {case.batch} x {case.seq} tokens, {case.warmup} warm-up + {case.steps} timed steps"
+        )
         summary = {}
         for loop in loops:
             runs = results[name, loop]
@@ -153,8 +176,10 @@ def main() -> None:
             mfu = median([r.tokens_per_s * per_token / p for r, p in runs])
             mem = median([r.peak_mib for r, _ in runs])
             summary[loop] = tput, mem
-            print(f"  {loop:8s} {tput:9,.0f} tokens/s  MFU {mfu:6.1%}  peak {mem:8,.0f} MiB  "
-                  f"trainable {trainable:,}  (runs: {', '.join(f'{r.tokens_per_s:,.0f}' for r, _ in runs)} tokens/s)")
+            print(
+                f"  {loop:8s} {tput:9,.0f} tokens/s  MFU {mfu:6.1%}  peak {mem:8,.0f} MiB  "
+                f"trainable {trainable:,}  (runs: {', '.join(f'{r.tokens_per_s:,.0f}' for r, _ in runs)} tokens/s)"
+            )
         (t_a, m_a), (t_b, m_b) = summary["adaptkit"], summary["baseline"]
         print(f"  adaptkit/baseline: throughput {t_a / t_b:.3f}, peak memory {m_a / m_b:.3f}")
 

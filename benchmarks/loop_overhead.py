@@ -42,18 +42,26 @@ def main() -> None:
         tput = {k: median([r.tokens_per_s for r in v]) for k, v in results.items()}
         per_cpu = {k: median([tokens / r.cpu_seconds_per_step for r in v]) for k, v in results.items()}
         rss = {k: median([r.peak_mib for r in v]) for k, v in results.items()}
-        print(f"\n[{name}] {case.model}, {case.task}, strategy {case.strategy}, batch {case.batch} x {case.seq} tokens, "
-              f"{case.warmup} warm-up + {case.steps} timed steps, {args.repeats} runs each")
-        print(f"  trainable parameters: adaptkit {a[0].trainable:,} of {a[0].total:,}, baseline {b[0].trainable:,} of {b[0].total:,}")
+        print(
+            f"\n[{name}] {case.model}, {case.task}, strategy {case.strategy}, batch {case.batch} x {case.seq} tokens, "
+            f"{case.warmup} warm-up + {case.steps} timed steps, {args.repeats} runs each"
+        )
+        print(
+            f"  trainable parameters: adaptkit {a[0].trainable:,} of {a[0].total:,}, baseline {b[0].trainable:,} of {b[0].total:,}"
+        )
         for loop, runs in results.items():
             each = ", ".join(f"{r.tokens_per_s:.1f}" for r in runs)
-            print(f"  {loop:23s} tokens/s {tput[loop]:7.1f} (runs: {each}); tokens per CPU-s {per_cpu[loop]:7.1f}; "
-                  f"peak RSS {rss[loop]:6.0f} MiB")
+            print(
+                f"  {loop:23s} tokens/s {tput[loop]:7.1f} (runs: {each}); tokens per CPU-s {per_cpu[loop]:7.1f}; "
+                f"peak RSS {rss[loop]:6.0f} MiB"
+            )
         for loop in loops:
             if loop != "baseline":
-                print(f"  {loop}/baseline: throughput {tput[loop] / tput['baseline']:.3f} (per CPU-second "
-                      f"{per_cpu[loop] / per_cpu['baseline']:.3f}; target >= 1.0), "
-                      f"peak memory {rss[loop] / rss['baseline']:.3f} (target <= 1.0)")
+                print(
+                    f"  {loop}/baseline: throughput {tput[loop] / tput['baseline']:.3f} (per CPU-second "
+                    f"{per_cpu[loop] / per_cpu['baseline']:.3f}; target >= 1.0), "
+                    f"peak memory {rss[loop] / rss['baseline']:.3f} (target <= 1.0)"
+                )
 
 
 if __name__ == "__main__":

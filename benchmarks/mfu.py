@@ -38,7 +38,9 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def peak_matmul_flops(sizes: tuple[int, ...] = (1024, 2048, 3072), seconds: float = 3.0) -> tuple[float, float, int]:
+def peak_matmul_flops(
+    sizes: tuple[int, ...] = (1024, 2048, 3072), seconds: float = 3.0
+) -> tuple[float, float, int]:
     """The best float32 matmul rate over ``sizes``: FLOP per wall second, FLOP per CPU-second, and the size."""
     import torch
 
@@ -80,7 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="runs of each loop per case (alternating)")
     parser.add_argument("--cases", nargs="+", default=["lora-b8", "lora"], choices=list(CASES))
-    parser.add_argument("--baseline", action="store_true", help="also time the hand-written loop, for comparison")
+    parser.add_argument(
+        "--baseline", action="store_true", help="also time the hand-written loop, for comparison"
+    )
     args = parser.parse_args()
     import torch
 
@@ -88,25 +92,34 @@ def main() -> None:
     for name in args.cases:
         model_path(CASES[name].model)
     peaks = [peak_matmul_flops()]
-    print(f"peak float32 matmul: {peaks[0][0] / 1e9:.1f} GFLOP/s, {peaks[0][1] / 1e9:.1f} GFLOP per CPU-second "
-          f"(n={peaks[0][2]}, {torch.get_num_threads()} threads)")
+    print(
+        f"peak float32 matmul: {peaks[0][0] / 1e9:.1f} GFLOP/s, {peaks[0][1] / 1e9:.1f} GFLOP per CPU-second "
+        f"(n={peaks[0][2]}, {torch.get_num_threads()} threads)"
+    )
     loops = ["adaptkit"] + (["baseline"] if args.baseline else [])
     # per run: its result and the peak (FLOP/s, FLOP per CPU-second) bracketing it
-    results: dict[tuple[str, str], list[tuple[Any, float, float]]] = {(name, loop): [] for name in args.cases for loop in loops}
+    results: dict[tuple[str, str], list[tuple[Any, float, float]]] = {
+        (name, loop): [] for name in args.cases for loop in loops
+    }
     for name in args.cases:
         for _ in range(args.repeats):
             for loop in loops:
                 result = measure(LOOP_SCRIPT, loop, name)
                 peaks.append(peak_matmul_flops())
                 before, after = peaks[-2], peaks[-1]
-                print(f"  {name} {loop}: {result.tokens_per_s:.1f} tokens/s; peak after it {after[0] / 1e9:.1f} GFLOP/s", flush=True)
+                print(
+                    f"  {name} {loop}: {result.tokens_per_s:.1f} tokens/s; peak after it {after[0] / 1e9:.1f} GFLOP/s",
+                    flush=True,
+                )
                 results[name, loop].append((result, (before[0] + after[0]) / 2, (before[1] + after[1]) / 2))
     rates = [p[0] / 1e9 for p in peaks]
     print(f"peak float32 matmul over the run: {min(rates):.1f} to {max(rates):.1f} GFLOP/s")
     for name in args.cases:
         case = CASES[name]
-        print(f"\n[{name}] {case.model}, strategy {case.strategy}, batch {case.batch} x {case.seq} tokens, "
-              f"{case.warmup} warm-up + {case.steps} timed steps")
+        print(
+            f"\n[{name}] {case.model}, strategy {case.strategy}, batch {case.batch} x {case.seq} tokens, "
+            f"{case.warmup} warm-up + {case.steps} timed steps"
+        )
         attn = attention_flops_per_token(case.model, case.seq)
         mfu = {}
         for loop in loops:
@@ -115,12 +128,21 @@ def main() -> None:
             tput = median([x.tokens_per_s for x, _, _ in runs])
             mfu[loop] = median([x.tokens_per_s * per_token / peak for x, peak, _ in runs])
             with_attn = median([x.tokens_per_s * (per_token + attn) / peak for x, peak, _ in runs])
-            per_cpu = median([case.batch * case.seq / x.cpu_seconds_per_step * per_token / peak_cpu for x, _, peak_cpu in runs])
-            print(f"  {loop}: {tput:.1f} tokens/s (runs: {', '.join(f'{x.tokens_per_s:.1f}' for x, _, _ in runs)}) x "
-                  f"{per_token / 1e6:.0f} MFLOP/token = {tput * per_token / 1e9:.1f} GFLOP/s: MFU {mfu[loop]:.1%} "
-                  f"(with attention's {attn / 1e6:.0f} MFLOP/token: {with_attn:.1%}); per CPU-second {per_cpu:.1%}")
+            per_cpu = median(
+                [
+                    case.batch * case.seq / x.cpu_seconds_per_step * per_token / peak_cpu
+                    for x, _, peak_cpu in runs
+                ]
+            )
+            print(
+                f"  {loop}: {tput:.1f} tokens/s (runs: {', '.join(f'{x.tokens_per_s:.1f}' for x, _, _ in runs)}) x "
+                f"{per_token / 1e6:.0f} MFLOP/token = {tput * per_token / 1e9:.1f} GFLOP/s: MFU {mfu[loop]:.1%} "
+                f"(with attention's {attn / 1e6:.0f} MFLOP/token: {with_attn:.1%}); per CPU-second {per_cpu:.1%}"
+            )
         if case.strategy == "lora":
-            print(f"  adaptkit LoRA MFU {mfu['adaptkit']:.1%}: {'meets' if mfu['adaptkit'] >= 0.55 else 'misses'} the 55% target")
+            print(
+                f"  adaptkit LoRA MFU {mfu['adaptkit']:.1%}: {'meets' if mfu['adaptkit'] >= 0.55 else 'misses'} the 55% target"
+            )
 
 
 if __name__ == "__main__":

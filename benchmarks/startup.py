@@ -47,8 +47,12 @@ def main() -> None:
             times[name].append(wall_time(cmd))
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
-        print(f"{name:26s} median {med[name] * 1000:7.1f} ms  (min {min(t) * 1000:.1f}, max {max(t) * 1000:.1f}, {len(t)} runs)")
-    print(f"ratio adaptkit strategies / python -c pass: {med['adaptkit strategies'] / med['python -c pass']:.2f}")
+        print(
+            f"{name:26s} median {med[name] * 1000:7.1f} ms  (min {min(t) * 1000:.1f}, max {max(t) * 1000:.1f}, {len(t)} runs)"
+        )
+    print(
+        f"ratio adaptkit strategies / python -c pass: {med['adaptkit strategies'] / med['python -c pass']:.2f}"
+    )
     print(f"ratio adaptkit strategies / {torch_cmd}: {med['adaptkit strategies'] / med[torch_cmd]:.2f}")
 
 

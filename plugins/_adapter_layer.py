@@ -21,8 +21,14 @@ class BottleneckAdapter(nn.Module):
     what the base model did (Houlsby et al. 2019, "near-identity initialisation").
     """
 
-    def __init__(self, dim: int, bottleneck: int, non_linearity: str, init_scale: float,
-                 device: torch.device | None = None):
+    def __init__(
+        self,
+        dim: int,
+        bottleneck: int,
+        non_linearity: str,
+        init_scale: float,
+        device: torch.device | None = None,
+    ):
         super().__init__()
         # Always float32, whatever the base model's dtype: the trained parameters need the range.
         self.down = nn.Linear(dim, bottleneck, device=device, dtype=torch.float32)

@@ -67,7 +67,9 @@ def resolve_module_names(model: nn.Module, wanted: list[str], field: str, strate
     for want in wanted:
         matched = [n for n in modules if n == want or n.endswith("." + want)]
         if not matched:
-            raise StrategyError(f"{strategy}.{field}: no module of {type(model).__name__} is named '{want}' (got {wanted!r})")
+            raise StrategyError(
+                f"{strategy}.{field}: no module of {type(model).__name__} is named '{want}' (got {wanted!r})"
+            )
         found += [n for n in matched if n not in found]
     return found
 
@@ -86,7 +88,10 @@ def owning_modules(model: nn.Module, param_names: set[str], strategy: str) -> li
     modules = dict(model.named_modules())
     result = []
     for module_name, kept in owners.items():
-        everything = [f"{module_name}.{n}" if module_name else n for n, _ in modules[module_name].named_parameters(remove_duplicate=False)]
+        everything = [
+            f"{module_name}.{n}" if module_name else n
+            for n, _ in modules[module_name].named_parameters(remove_duplicate=False)
+        ]
         partial = sorted(set(everything) - param_names)
         if partial or not module_name:
             raise StrategyError(
@@ -176,7 +181,9 @@ class PeftStrategy(Strategy):
         for extra in self.extra_modules_to_save(model):
             if extra not in modules_to_save:
                 modules_to_save.append(extra)
-        modules_to_save = [m for m in modules_to_save if not any(m.startswith(o + ".") for o in modules_to_save)]
+        modules_to_save = [
+            m for m in modules_to_save if not any(m.startswith(o + ".") for o in modules_to_save)
+        ]
         model = self.prepare(model, modules_to_save)
         config = self.peft_config(model, modules_to_save)
         for p in model.parameters():
@@ -211,7 +218,9 @@ class PeftStrategy(Strategy):
         state = _adapter_state(model)
         empty = [k for k, t in state.items() if t.numel() == 0]
         if empty:  # a sharded parameter saved without gathering (C7)
-            raise CheckpointError(f"{self.name}: refusing to save empty tensors {empty[:3]} (sharded and not gathered?)")
+            raise CheckpointError(
+                f"{self.name}: refusing to save empty tensors {empty[:3]} (sharded and not gathered?)"
+            )
         model.save_pretrained(str(directory), safe_serialization=True)
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
@@ -231,7 +240,9 @@ class PeftStrategy(Strategy):
         if not path.is_file():
             pickled = [f for f in PICKLED_WEIGHTS if (directory / f).exists()]
             if pickled:
-                raise CheckpointError(f"{directory / pickled[0]}: pickle checkpoints are refused (they can run code); convert it to safetensors")
+                raise CheckpointError(
+                    f"{directory / pickled[0]}: pickle checkpoints are refused (they can run code); convert it to safetensors"
+                )
             raise CheckpointError(f"{path}: file not found")
         if str(getattr(model.peft_config.get("default"), "peft_type", "")).endswith("P_TUNING"):
             # peft saves p-tuning's encoder *outputs*; loaded into a trainable model they would
@@ -245,17 +256,23 @@ class PeftStrategy(Strategy):
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:
-            raise CheckpointError(f"strategy '{self.name}': {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise CheckpointError(
+                f"strategy '{self.name}': {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         for key, t in tensors.items():
             if tuple(t.shape) != tuple(expected[key].shape):
-                raise CheckpointError(f"strategy '{self.name}': {path}: '{key}' has shape {tuple(t.shape)}, the model has {tuple(expected[key].shape)}")
+                raise CheckpointError(
+                    f"strategy '{self.name}': {path}: '{key}' has shape {tuple(t.shape)}, the model has {tuple(expected[key].shape)}"
+                )
         set_peft_model_state_dict(model, tensors)
         # peft only warns about keys it could not place (and places prompt embeddings outside
         # the state dict it reports on), so check the result: every saved tensor must read back.
         loaded = _adapter_state(model)
         not_loaded = [k for k, t in tensors.items() if not torch.equal(loaded[k].to(t.device, t.dtype), t)]
         if not_loaded:
-            raise CheckpointError(f"strategy '{self.name}': {not_loaded[:5]} from {path} did not load into the model")
+            raise CheckpointError(
+                f"strategy '{self.name}': {not_loaded[:5]} from {path} did not load into the model"
+            )
         upcast_trainable(model)
         return model
 
@@ -264,7 +281,9 @@ class PeftStrategy(Strategy):
     def merge(self, model: nn.Module) -> nn.Module:
         """peft's ``merge_and_unload``: a plain transformers model with the adapter folded in."""
         if not hasattr(model, "merge_and_unload"):
-            raise NotMergeableError(f"strategy '{self.name}': this peft method cannot be merged into a plain model")
+            raise NotMergeableError(
+                f"strategy '{self.name}': this peft method cannot be merged into a plain model"
+            )
         was_training = model.training
         tied_before = _tie_count(model)
         try:
@@ -299,10 +318,14 @@ def _retie(model: nn.Module, strategy: str) -> None:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if out is None or inp is None or not torch.equal(out.weight, inp.weight):
-        raise SharedParameterError(f"strategy '{strategy}': merging untied the model's tied embeddings and they now differ")
+        raise SharedParameterError(
+            f"strategy '{strategy}': merging untied the model's tied embeddings and they now differ"
+        )
     model.tie_weights()
     if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
-        raise SharedParameterError(f"strategy '{strategy}': could not tie the merged model's embeddings again")
+        raise SharedParameterError(
+            f"strategy '{strategy}': could not tie the merged model's embeddings again"
+        )
 
 
 def upcast_trainable(model: nn.Module) -> None:

@@ -53,22 +53,32 @@ class AdaptersConfig(StrategyConfig):
         description="houlsby: an adapter after the attention output and one after the feed-forward output of "
         "every block; pfeiffer: after the feed-forward output only",
     )
-    reduction_factor: int = Field(16, ge=1, description="bottleneck size is max(1, hidden size // reduction_factor)")
-    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="activation between the down- and up-projection")
+    reduction_factor: int = Field(
+        16, ge=1, description="bottleneck size is max(1, hidden size // reduction_factor)"
+    )
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field(
+        "relu", description="activation between the down- and up-projection"
+    )
     init_scale: float = Field(
         0.0,
         ge=0.0,
         description="standard deviation of the up-projection's initial weights; 0 starts it at zero, so the "
         "adapted model computes exactly what the base model did",
     )
-    train_head: bool = Field(True, description="keep the task head (everything outside the backbone) trainable")
+    train_head: bool = Field(
+        True, description="keep the task head (everything outside the backbone) trainable"
+    )
     tied_head: Literal["error", "untie", "share"] = Field(
         "error",
         description="when the trainable head shares its weight with the frozen input embeddings: "
         "error, untie (give the head its own copy) or share (train both on purpose)",
     )
-    train_norms: bool = Field(False, description="keep every normalisation layer trainable (as Houlsby et al. do)")
-    blocks: str | None = Field(None, description="dotted path of the block list, when it cannot be found automatically")
+    train_norms: bool = Field(
+        False, description="keep every normalisation layer trainable (as Houlsby et al. do)"
+    )
+    blocks: str | None = Field(
+        None, description="dotted path of the block list, when it cannot be found automatically"
+    )
     attention_output: str | None = Field(
         None,
         description="module, relative to a block, whose output the attention adapter follows "
@@ -84,7 +94,9 @@ class AdaptersConfig(StrategyConfig):
     def _attention_output_needs_houlsby(self):
         # Silently ignoring a placement the user asked for would train a different model than intended.
         if self.kind == "pfeiffer" and self.attention_output is not None:
-            raise ValueError("attention_output is only used by kind 'houlsby'; pfeiffer adapters follow the feed-forward output only")
+            raise ValueError(
+                "attention_output is only used by kind 'houlsby'; pfeiffer adapters follow the feed-forward output only"
+            )
         return self
 
 
@@ -115,15 +127,21 @@ class Adapters(Strategy):
         from adaptkit_plugins._adapter_layer import AdapterWrapped, BottleneckAdapter
 
         cfg = self.config
-        targets = [(name, module, _output_dim(module, model, name)) for name, module in self._find_targets(model)]
+        targets = [
+            (name, module, _output_dim(module, model, name)) for name, module in self._find_targets(model)
+        ]
 
         # Find everything, and refuse what cannot work, before touching the model.
         names = set(head_parameter_names(model)) if cfg.train_head else set()
         if cfg.train_norms:
             for mod_name, mod in model.named_modules():
                 if is_norm(mod):
-                    names |= {f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters(recurse=False)}
-        resolve_ties(model, names, self.config.tied_head, self.name, hint=f", or {self.name}.train_head to false")
+                    names |= {
+                        f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters(recurse=False)
+                    }
+        resolve_ties(
+            model, names, self.config.tied_head, self.name, hint=f", or {self.name}.train_head to false"
+        )
 
         kept = {id(p) for s in self._earlier for p in s.owned.values()}
         for p in model.parameters():
@@ -133,8 +151,13 @@ class Adapters(Strategy):
         for name, module, dim in targets:
             bottleneck = max(1, dim // cfg.reduction_factor)
             weight = next(module.parameters(), None)
-            adapter = BottleneckAdapter(dim, bottleneck, cfg.non_linearity, cfg.init_scale,
-                                        device=weight.device if weight is not None else None)
+            adapter = BottleneckAdapter(
+                dim,
+                bottleneck,
+                cfg.non_linearity,
+                cfg.init_scale,
+                device=weight.device if weight is not None else None,
+            )
             wrapped = AdapterWrapped(module, adapter)
             wrapped.train(module.training)
             _set_submodule(model, name, wrapped)
@@ -191,9 +214,10 @@ class Adapters(Strategy):
                         )
                 targets.append((f"{path}.{i}.{rel}", modules[rel]))
         if len({id(m) for _, m in targets}) != len(targets):
-            raise StrategyError(f"{self.name}: attention_output and ffn_output name the same module; name two different ones")
+            raise StrategyError(
+                f"{self.name}: attention_output and ffn_output name the same module; name two different ones"
+            )
         return targets
-
 
 
 def _output_dim(module, model, name: str) -> int:
@@ -213,7 +237,12 @@ def _output_dim(module, model, name: str) -> int:
     hidden = getattr(config, "hidden_size", None)
     if isinstance(hidden, int):
         return hidden
-    widths = [w for sub in module.modules() for w in (getattr(sub, "out_features", None), getattr(sub, "nf", None)) if isinstance(w, int)]
+    widths = [
+        w
+        for sub in module.modules()
+        for w in (getattr(sub, "out_features", None), getattr(sub, "nf", None))
+        if isinstance(w, int)
+    ]
     if not widths:
         raise StrategyError(
             f"adapters: cannot tell the output width of '{name}' ({type(module).__name__}): it has no out_features, "

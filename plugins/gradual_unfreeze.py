@@ -48,16 +48,25 @@ EVENTS = ("train_start", "epoch_start", "step_start")
 class GradualUnfreezeConfig(StrategyConfig):
     """When the next group unfreezes, and how the learning rate falls from the top group down."""
 
-    every: int = Field(1, ge=1, description="unfreeze the next group down every this many epochs (or steps, see 'unit')")
-    unit: Literal["epoch", "step"] = Field("epoch", description="what 'every' counts: finished epochs or optimizer steps taken")
+    every: int = Field(
+        1, ge=1, description="unfreeze the next group down every this many epochs (or steps, see 'unit')"
+    )
+    unit: Literal["epoch", "step"] = Field(
+        "epoch", description="what 'every' counts: finished epochs or optimizer steps taken"
+    )
     lr_decay: float = Field(
-        2.6, gt=0, description="discriminative fine-tuning: group i (0 = head) learns at lr / lr_decay**i; 1 disables it"
+        2.6,
+        gt=0,
+        description="discriminative fine-tuning: group i (0 = head) learns at lr / lr_decay**i; 1 disables it",
     )
     max_groups: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="stop after this many groups (e.g. 3 = head and the top 2 blocks); none: eventually train every group",
     )
-    blocks: str | None = Field(None, description="dotted path of the block list, when it cannot be found automatically")
+    blocks: str | None = Field(
+        None, description="dotted path of the block list, when it cannot be found automatically"
+    )
     tied_head: Literal["error", "untie", "share"] = Field(
         "error",
         description="when the head shares its weight with the input embeddings: error, untie (give the head its own "
@@ -86,7 +95,7 @@ class GradualUnfreeze(Strategy):
     def check(self, stack, position):
         """Refuse a strategy after this one: it would change the model (freeze it, or wrap it with
         peft and copy the head) under a schedule that keeps flipping ``requires_grad``."""
-        later = [s.name for s in stack[position + 1:]]
+        later = [s.name for s in stack[position + 1 :]]
         if later:
             raise StrategyError(
                 f"put '{self.name}' last in the stack (after {later}): it schedules what the strategies before it "
@@ -210,7 +219,7 @@ class GradualUnfreeze(Strategy):
 
     def pending_parameters(self, model):
         """Parameters of the groups that will unfreeze later (within ``max_groups``)."""
-        return [p for g in self._groups[self._stage:] for p in g.params.values()]
+        return [p for g in self._groups[self._stage :] for p in g.params.values()]
 
     def param_groups(self, model, lr):
         """One optimizer group per unfreezing group, frozen ones included, at lr / lr_decay**i."""

@@ -36,9 +36,14 @@ class LoraConfig(StrategyConfig):
     """LoRA options (peft's names in parentheses where they differ)."""
 
     r: int = Field(8, gt=0, description="rank of the low-rank update")
-    alpha: float = Field(16, gt=0, description="scaling numerator (lora_alpha): the update is scaled by alpha / r")
+    alpha: float = Field(
+        16, gt=0, description="scaling numerator (lora_alpha): the update is scaled by alpha / r"
+    )
     dropout: float = Field(
-        0.0, ge=0, lt=1, description="dropout on the adapter's input (lora_dropout; 0 as in peft: on a CPU its masks cost a fifth of a step)"
+        0.0,
+        ge=0,
+        lt=1,
+        description="dropout on the adapter's input (lora_dropout; 0 as in peft: on a CPU its masks cost a fifth of a step)",
     )
     target_modules: list[str] | None = Field(
         None,
@@ -48,19 +53,28 @@ class LoraConfig(StrategyConfig):
         default_factory=list,
         description="extra modules (names or suffixes) trained in full and saved with the adapter; the task head always is",
     )
-    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r) instead of alpha / r")
-    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA): also train a magnitude per output")
+    use_rslora: bool = Field(
+        False, description="rank-stabilised scaling alpha / sqrt(r) instead of alpha / r"
+    )
+    use_dora: bool = Field(
+        False, description="weight-decomposed LoRA (DoRA): also train a magnitude per output"
+    )
     init: Literal["default", "random", "gaussian", "orthogonal"] = Field(
         "default",
         description="adapter initialisation: default (B = 0, the model starts unchanged), gaussian, orthogonal, "
         "or random (B != 0: the model changes at once; for tests)",
     )
-    blocks: str | None = Field(None, description="dotted path of the transformer block list, when it cannot be found automatically")
+    blocks: str | None = Field(
+        None, description="dotted path of the transformer block list, when it cannot be found automatically"
+    )
     quantize: Literal["4bit", "8bit"] | None = Field(
-        None, description="QLoRA: store the linear layers of the blocks in 4 or 8 bits (bitsandbytes) under the adapters"
+        None,
+        description="QLoRA: store the linear layers of the blocks in 4 or 8 bits (bitsandbytes) under the adapters",
     )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (with quantize: 4bit)")
-    double_quant: bool = Field(True, description="quantize the 4-bit scaling constants too (with quantize: 4bit)")
+    double_quant: bool = Field(
+        True, description="quantize the 4-bit scaling constants too (with quantize: 4bit)"
+    )
     compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the quantized layers compute in (with quantize: 4bit)"
     )
@@ -87,7 +101,9 @@ class Lora(PeftStrategy):
             # A linear layer that already trains in full needs no low-rank update on top.
             targets = [n for n in block_linear_names(model, cfg.blocks) if not saved(n)]
             if not targets:
-                raise StrategyError(f"{self.name}: no linear layer inside the transformer blocks is left to adapt")
+                raise StrategyError(
+                    f"{self.name}: no linear layer inside the transformer blocks is left to adapt"
+                )
             return targets
         targets = resolve_module_names(model, cfg.target_modules, "target_modules", self.name)
         clash = [n for n in targets if saved(n)]
@@ -121,7 +137,9 @@ class Lora(PeftStrategy):
         conv1d = [n for n in targets if type(model.get_submodule(n)).__name__ == "Conv1D"]
         if conv1d and len(conv1d) != len(targets):
             # peft applies one fan_in_fan_out flag to every target
-            raise StrategyError(f"{self.name}: target_modules mix Conv1D layers {conv1d[:2]} with Linear layers; adapt one kind at a time")
+            raise StrategyError(
+                f"{self.name}: target_modules mix Conv1D layers {conv1d[:2]} with Linear layers; adapt one kind at a time"
+            )
         tied = check_ties(model, modules_to_save, self.name, "modules_to_save")
         task_type = peft_task_type(model)
         head = {n.rpartition(".")[0] for n in head_parameter_names(model)}
@@ -160,7 +178,9 @@ class Lora(PeftStrategy):
         if self.config.quantize is None:
             return super().merge(model)
         if self.config.use_dora:
-            raise NotMergeableError(f"strategy '{self.name}': merging DoRA into a quantized base is not supported; merge without quantize")
+            raise NotMergeableError(
+                f"strategy '{self.name}': merging DoRA into a quantized base is not supported; merge without quantize"
+            )
         was_training = model.training
         _dequantize_merge_lora(model, self._conv1d)
         merged = model.merge_and_unload()  # only modules_to_save wrappers are left to unwrap
@@ -198,16 +218,27 @@ def quantize_linear_layers(model: nn.Module, names: list[str], config: LoraConfi
         has_bias = old.bias is not None
         if config.quantize == "4bit":
             new = bnb.nn.Linear4bit(
-                in_features, out_features, bias=has_bias, compute_dtype=compute_dtype,
-                compress_statistics=config.double_quant, quant_type=config.quant_type, device="meta",
+                in_features,
+                out_features,
+                bias=has_bias,
+                compute_dtype=compute_dtype,
+                compress_statistics=config.double_quant,
+                quant_type=config.quant_type,
+                device="meta",
             )
             new.weight = bnb.nn.Params4bit(
-                weight.contiguous().clone(), requires_grad=False,
-                compress_statistics=config.double_quant, quant_type=config.quant_type,
+                weight.contiguous().clone(),
+                requires_grad=False,
+                compress_statistics=config.double_quant,
+                quant_type=config.quant_type,
             )
         else:
-            new = bnb.nn.Linear8bitLt(in_features, out_features, bias=has_bias, has_fp16_weights=False, threshold=0.0, device="meta")
-            new.weight = bnb.nn.Int8Params(weight.contiguous().clone(), requires_grad=False, has_fp16_weights=False)
+            new = bnb.nn.Linear8bitLt(
+                in_features, out_features, bias=has_bias, has_fp16_weights=False, threshold=0.0, device="meta"
+            )
+            new.weight = bnb.nn.Int8Params(
+                weight.contiguous().clone(), requires_grad=False, has_fp16_weights=False
+            )
         if has_bias:
             new.bias = torch.nn.Parameter(old.bias.detach().clone(), requires_grad=False)
         new = new.to(device)  # moving the bitsandbytes parameter is what quantizes it
@@ -259,14 +290,16 @@ def _dequantize_merge_lora(model: nn.Module, conv1d: set[str]) -> None:
                     if adapter in module.lora_A:
                         weight = weight + module.get_delta_weight(adapter).float()
             bias = base.bias.detach().float().clone() if base.bias is not None else None
-            original = name[len(prefix):] if name.startswith(prefix) else name
+            original = name[len(prefix) :] if name.startswith(prefix) else name
             if original in conv1d:
                 new = Conv1D(weight.shape[0], weight.shape[1])
                 new.weight.copy_(weight.t())
                 if bias is not None:
                     new.bias.copy_(bias)
             else:
-                new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
+                new = torch.nn.Linear(
+                    weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device
+                )
                 new.weight.copy_(weight)
                 if bias is not None:
                     new.bias.copy_(bias)

@@ -15,13 +15,26 @@ from pydantic import Field, field_validator, model_validator
 from adaptkit import StrategyConfig, StrategyError, hookimpl
 from adaptkit.anatomy import find_blocks, is_norm
 from adaptkit.errors import NotMergeableError, SharedParameterError
-from adaptkit_plugins._peft_common import PeftStrategy, block_linear_names, check_ties, peft_task_type, resolve_module_names
+from adaptkit_plugins._peft_common import (
+    PeftStrategy,
+    block_linear_names,
+    check_ties,
+    peft_task_type,
+    resolve_module_names,
+)
 
 if TYPE_CHECKING:
     from torch import nn
 
 #: Options adaptkit sets itself: peft's bookkeeping, and what the strategy derives from the model.
-RESERVED_OPTIONS = {"peft_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version"}
+RESERVED_OPTIONS = {
+    "peft_type",
+    "inference_mode",
+    "base_model_name_or_path",
+    "revision",
+    "auto_mapping",
+    "peft_version",
+}
 
 
 def peft_methods() -> dict[str, type]:
@@ -41,13 +54,17 @@ def _fields(config_cls: type) -> set[str]:
 class PeftMethodConfig(StrategyConfig):
     """Which peft method, and the options of its peft config class."""
 
-    method: str = Field(description="the peft method: ia3, loha, lokr, vera, prompt_tuning, prefix_tuning, p_tuning, boft, oft, ...")
+    method: str = Field(
+        description="the peft method: ia3, loha, lokr, vera, prompt_tuning, prefix_tuning, p_tuning, boft, oft, ..."
+    )
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="keyword arguments of the method's peft config class (IA3Config, LoHaConfig, ...); "
         "target_modules defaults to peft's choice for the model, else every linear layer in the blocks",
     )
-    blocks: str | None = Field(None, description="dotted path of the transformer block list, when it cannot be found automatically")
+    blocks: str | None = Field(
+        None, description="dotted path of the transformer block list, when it cannot be found automatically"
+    )
 
     @field_validator("method")
     @classmethod
@@ -68,7 +85,9 @@ class PeftMethodConfig(StrategyConfig):
             if key in RESERVED_OPTIONS:
                 raise ValueError(f"options.{key} is set by adaptkit and cannot be given")
             if key not in known:
-                raise ValueError(f"options.{key}: {config_cls.__name__} has no option '{key}'; its options: {', '.join(sorted(known))}")
+                raise ValueError(
+                    f"options.{key}: {config_cls.__name__} has no option '{key}'; its options: {', '.join(sorted(known))}"
+                )
         # Building the config checks the values too; targets are checked against the model in apply.
         try:
             config_cls(**self.options)
@@ -107,7 +126,9 @@ class PeftMethod(PeftStrategy):
                 check_ties(model, targets, self.name, "target_modules")
                 options["target_modules"] = targets
             elif not self._peft_has_default(cfg.method, model):
-                options["target_modules"] = [n for n in self._default_targets(model) if not _under(n, modules_to_save)]
+                options["target_modules"] = [
+                    n for n in self._default_targets(model) if not _under(n, modules_to_save)
+                ]
                 if "feedforward_modules" in fields and "feedforward_modules" not in options:
                     options["feedforward_modules"] = []  # IA3: scale every target's output
         if modules_to_save:
@@ -120,14 +141,22 @@ class PeftMethod(PeftStrategy):
                     f"{self.name}: {modules_to_save} hold tied embeddings; peft method {cfg.method} cannot keep the copies tied"
                 )
             options["modules_to_save"] = list(options.get("modules_to_save") or []) + modules_to_save
-        if cfg.method == "prefix_tuning" and options.get("task_type") == "SEQ_CLS" and not _takes_past_key_values(model):
+        if (
+            cfg.method == "prefix_tuning"
+            and options.get("task_type") == "SEQ_CLS"
+            and not _takes_past_key_values(model)
+        ):
             # peft hands a classifier's prefix over as the past_key_values argument, which
             # transformers 5.24 renamed (to cache) in its classifiers' forward: the first step would fail
-            raise StrategyError(f"{self.name}: prefix_tuning cannot adapt {type(model).__name__} with the installed transformers "
-                                "and peft (its forward takes no past_key_values, through which peft passes the prefix); "
-                                "use prompt_tuning, p_tuning or lora")
+            raise StrategyError(
+                f"{self.name}: prefix_tuning cannot adapt {type(model).__name__} with the installed transformers "
+                "and peft (its forward takes no past_key_values, through which peft passes the prefix); "
+                "use prompt_tuning, p_tuning or lora"
+            )
         if options.get("task_type") is None and cfg.method in _PROMPT_METHODS:
-            raise StrategyError(f"{self.name}: {cfg.method} needs a text model with a task peft knows (sequence classification or causal LM); got {type(model).__name__}")
+            raise StrategyError(
+                f"{self.name}: {cfg.method} needs a text model with a task peft knows (sequence classification or causal LM); got {type(model).__name__}"
+            )
         try:
             return config_cls(**options)
         except (TypeError, ValueError) as exc:
@@ -139,7 +168,9 @@ class PeftMethod(PeftStrategy):
         if self.config.method != "ln_tuning":
             return block_linear_names(model, self.config.blocks)
         path, blocks = find_blocks(model, self.config.blocks)
-        return [f"{path}.{i}.{n}" for i, b in enumerate(blocks) for n, m in b.named_modules() if n and is_norm(m)]
+        return [
+            f"{path}.{i}.{n}" for i, b in enumerate(blocks) for n, m in b.named_modules() if n and is_norm(m)
+        ]
 
     @staticmethod
     def _peft_has_default(method: str, model: nn.Module) -> bool:
@@ -155,12 +186,21 @@ class PeftMethod(PeftStrategy):
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the method into the weights where peft can (not for prompt-learning methods)."""
         if self.config.method in _PROMPT_METHODS:
-            raise NotMergeableError(f"strategy '{self.name}': {self.config.method} adds virtual tokens and cannot be merged into the weights")
+            raise NotMergeableError(
+                f"strategy '{self.name}': {self.config.method} adds virtual tokens and cannot be merged into the weights"
+            )
         return super().merge(model)
 
 
 #: Methods that prepend learned tokens or key/values: nothing to merge, and they need a task type.
-_PROMPT_METHODS = {"prompt_tuning", "prefix_tuning", "p_tuning", "multitask_prompt_tuning", "cpt", "adaption_prompt"}
+_PROMPT_METHODS = {
+    "prompt_tuning",
+    "prefix_tuning",
+    "p_tuning",
+    "multitask_prompt_tuning",
+    "cpt",
+    "adaption_prompt",
+}
 
 
 def _under(name: str, modules: list[str]) -> bool:

@@ -40,10 +40,17 @@ class ReasoningGymOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str = Field(description="a reasoning-gym dataset name (spell_backward, letter_counting, basic_arithmetic, ...)")
+    task: str = Field(
+        description="a reasoning-gym dataset name (spell_backward, letter_counting, basic_arithmetic, ...)"
+    )
     size: int = Field(500, ge=1, description="training rows to generate")
-    eval_size: int = Field(100, ge=1, description="validation rows to generate (questions seen in training are left out)")
-    config: dict[str, Any] = Field(default_factory=dict, description="the task's own options (its config dataclass), e.g. {max_word_len: 6}")
+    eval_size: int = Field(
+        100, ge=1, description="validation rows to generate (questions seen in training are left out)"
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the task's own options (its config dataclass), e.g. {max_word_len: 6}",
+    )
     max_new_tokens: int = Field(16, ge=1, le=4096, description="tokens generated per answer when evaluating")
 
 
@@ -52,13 +59,17 @@ def _import_reasoning_gym():
         import reasoning_gym
         from reasoning_gym.factory import DATASETS
     except ImportError:
-        raise AdaptkitError("data.source 'reasoning_gym' needs the reasoning-gym package: pip install 'adaptkit[reasoning]'") from None
+        raise AdaptkitError(
+            "data.source 'reasoning_gym' needs the reasoning-gym package: pip install 'adaptkit[reasoning]'"
+        ) from None
     return reasoning_gym, DATASETS
 
 
 def split_seed(seed: int, split: str) -> int:
     """A seed for one split, derived from the recipe seed: train and validation never share one."""
-    return int.from_bytes(hashlib.sha256(f"adaptkit-reasoning-gym:{seed}:{split}".encode()).digest()[:4], "big")
+    return int.from_bytes(
+        hashlib.sha256(f"adaptkit-reasoning-gym:{seed}:{split}".encode()).digest()[:4], "big"
+    )
 
 
 def parse_options(options: dict[str, Any]) -> ReasoningGymOptions:
@@ -69,7 +80,11 @@ def parse_options(options: dict[str, Any]) -> ReasoningGymOptions:
         problems = []
         for err in exc.errors():
             path = ".".join(["data", "options", *(str(p) for p in err["loc"])])
-            msg = "unknown option; the options are " + ", ".join(ReasoningGymOptions.model_fields) if err["type"] == "extra_forbidden" else err["msg"]
+            msg = (
+                "unknown option; the options are " + ", ".join(ReasoningGymOptions.model_fields)
+                if err["type"] == "extra_forbidden"
+                else err["msg"]
+            )
             problems.append((path, msg))
         raise ConfigError(problems) from None
     _, registry = _import_reasoning_gym()
@@ -77,15 +92,36 @@ def parse_options(options: dict[str, Any]) -> ReasoningGymOptions:
         names = sorted(registry)
         close = difflib.get_close_matches(parsed.task, names, n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ConfigError([("data.options.task", f"unknown reasoning-gym task '{parsed.task}'; {hint}"
-                                                  f"{len(names)} tasks exist, e.g. {', '.join(names[:12])}")])
+        raise ConfigError(
+            [
+                (
+                    "data.options.task",
+                    f"unknown reasoning-gym task '{parsed.task}'; {hint}"
+                    f"{len(names)} tasks exist, e.g. {', '.join(names[:12])}",
+                )
+            ]
+        )
     fields = [f.name for f in dataclasses.fields(registry[parsed.task][1])]
     for key in parsed.config:
         if key in RESERVED:
-            raise ConfigError([(f"data.options.config.{key}", "is set by adaptkit (seed from train.seed, size from data.options.size/eval_size); remove it")])
+            raise ConfigError(
+                [
+                    (
+                        f"data.options.config.{key}",
+                        "is set by adaptkit (seed from train.seed, size from data.options.size/eval_size); remove it",
+                    )
+                ]
+            )
         if key not in fields:
             allowed = ", ".join(f for f in fields if f not in RESERVED)
-            raise ConfigError([(f"data.options.config.{key}", f"not an option of reasoning-gym task '{parsed.task}'; its options are {allowed}")])
+            raise ConfigError(
+                [
+                    (
+                        f"data.options.config.{key}",
+                        f"not an option of reasoning-gym task '{parsed.task}'; its options are {allowed}",
+                    )
+                ]
+            )
     return parsed
 
 
@@ -96,33 +132,58 @@ def _dataset(task: str, config_json: str, seed: int, size: int):
     try:
         return reasoning_gym.create_dataset(task, seed=seed, size=size, **json.loads(config_json))
     except (TypeError, ValueError, AssertionError) as exc:  # reasoning-gym validates configs with asserts
-        raise ConfigError([("data.options.config", f"reasoning-gym task '{task}' rejected it: {exc or type(exc).__name__}")]) from None
+        raise ConfigError(
+            [("data.options.config", f"reasoning-gym task '{task}' rejected it: {exc or type(exc).__name__}")]
+        ) from None
 
 
 def _entry(dataset: Any, index: int, task: str) -> dict[str, Any]:
     try:
         return dataset[index]
     except Exception as exc:  # a generator bug or a config it cannot satisfy
-        raise DataError(f"reasoning-gym task '{task}' failed to generate entry {index}: {type(exc).__name__}: {exc}") from None
+        raise DataError(
+            f"reasoning-gym task '{task}' failed to generate entry {index}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
-def _rows(opts: ReasoningGymOptions, config_json: str, seed: int, size: int, wanted: int, exclude: set[str] | None) -> dict[str, list]:
+def _rows(
+    opts: ReasoningGymOptions, config_json: str, seed: int, size: int, wanted: int, exclude: set[str] | None
+) -> dict[str, list]:
     """Up to ``wanted`` rows from one dataset; with ``exclude``, questions in it and repeats are left out."""
     dataset = _dataset(opts.task, config_json, seed, size)
-    rows: dict[str, list] = {"prompt": [], "response": [], "scorer": [], "reference": [], "max_new_tokens": []}
+    rows: dict[str, list] = {
+        "prompt": [],
+        "response": [],
+        "scorer": [],
+        "reference": [],
+        "max_new_tokens": [],
+    }
     seen = set(exclude or ())
     for index in range(size):
         if len(rows["prompt"]) == wanted:
             break
         entry = _entry(dataset, index, opts.task)
-        if exclude is not None:  # training rows may repeat (as the task draws them); validation rows must be new
+        if (
+            exclude is not None
+        ):  # training rows may repeat (as the task draws them); validation rows must be new
             if entry["question"] in seen:
                 continue
             seen.add(entry["question"])
         rows["prompt"].append(entry["question"])
         rows["response"].append(str(entry["answer"]))
         rows["scorer"].append(SOURCE)
-        rows["reference"].append(json.dumps({"task": opts.task, "config": json.loads(config_json), "seed": seed, "size": size, "index": index}, sort_keys=True))
+        rows["reference"].append(
+            json.dumps(
+                {
+                    "task": opts.task,
+                    "config": json.loads(config_json),
+                    "seed": seed,
+                    "size": size,
+                    "index": index,
+                },
+                sort_keys=True,
+            )
+        )
         rows["max_new_tokens"].append(opts.max_new_tokens)
     return rows
 
@@ -139,11 +200,22 @@ def load(options: dict[str, Any], seed: int):
     opts = parse_options(options)
     config_json = json.dumps(opts.config, sort_keys=True)
     train = _rows(opts, config_json, split_seed(seed, "train"), opts.size, opts.size, None)
-    validation = _rows(opts, config_json, split_seed(seed, "validation"), 4 * opts.eval_size, opts.eval_size, set(train["prompt"]))
+    validation = _rows(
+        opts,
+        config_json,
+        split_seed(seed, "validation"),
+        4 * opts.eval_size,
+        opts.eval_size,
+        set(train["prompt"]),
+    )
     if not validation["prompt"]:
-        raise DataError(f"data.options: every validation question of reasoning-gym task '{opts.task}' also appears in the "
-                        f"{opts.size} training rows; lower data.options.size or widen data.options.config")
-    return datasets.DatasetDict({"train": datasets.Dataset.from_dict(train), "validation": datasets.Dataset.from_dict(validation)})
+        raise DataError(
+            f"data.options: every validation question of reasoning-gym task '{opts.task}' also appears in the "
+            f"{opts.size} training rows; lower data.options.size or widen data.options.config"
+        )
+    return datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(train), "validation": datasets.Dataset.from_dict(validation)}
+    )
 
 
 def score(predictions: Sequence[str], references: Sequence[str]) -> float:

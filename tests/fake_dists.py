@@ -46,7 +46,10 @@ BROKEN = {
         "def adaptkit_register_strategies(register):\n    register('unmarked', object, object)\n",
         "not decorated with @adaptkit.hookimpl",
     ),
-    "newer_api": ("ADAPTKIT_API = 99\n" + GOOD.format(name="from_the_future"), "needs adaptkit plugin API 99"),
+    "newer_api": (
+        "ADAPTKIT_API = 99\n" + GOOD.format(name="from_the_future"),
+        "needs adaptkit plugin API 99",
+    ),
     "register_raises": (
         "from adaptkit import hookimpl\n\n@hookimpl\ndef adaptkit_register_strategies(register):\n"
         "    raise RuntimeError('boom in register')\n",
@@ -57,7 +60,10 @@ BROKEN = {
         "    register('notstrat', dict, StrategyConfig)\n",
         "is not a subclass of adaptkit.Strategy",
     ),
-    "shadows_builtin": (GOOD.format(name="freeze"), "strategy 'freeze' is registered by both plugin 'freeze' (adaptkit"),
+    "shadows_builtin": (
+        GOOD.format(name="freeze"),
+        "strategy 'freeze' is registered by both plugin 'freeze' (adaptkit",
+    ),
 }
 
 
@@ -70,8 +76,13 @@ class FakeSite:
         self.modules: list[str] = []
         monkeypatch.syspath_prepend(str(root))
 
-    def add(self, dist: str, entry_points: dict[str, str], modules: dict[str, str] | None = None,
-            version: str = "1.0") -> None:
+    def add(
+        self,
+        dist: str,
+        entry_points: dict[str, str],
+        modules: dict[str, str] | None = None,
+        version: str = "1.0",
+    ) -> None:
         """Install ``dist`` with ``entry_points`` (plugin name -> module) in the ``adaptkit`` group."""
         for module, source in (modules or {}).items():
             (self.root / f"{module}.py").write_text(textwrap.dedent(source))

@@ -64,7 +64,12 @@ def test_trainable_parameters_are_exactly_the_adapters_and_the_head(host, family
     assert all(p.dtype == torch.float32 for p in strategy.owned.values())
 
     attn, ffn = EXPECTED_TARGETS[family]
-    path = {"bert": "bert.encoder.layer", "gpt2": "transformer.h", "llama": "model.layers", "vit": "vit.layers"}[family]
+    path = {
+        "bert": "bert.encoder.layer",
+        "gpt2": "transformer.h",
+        "llama": "model.layers",
+        "vit": "vit.layers",
+    }[family]
     adapter_modules = {n.rsplit(".adapter.", 1)[0] for n in trainable if ".adapter." in n}
     wanted = {f"{path}.{i}.{ffn}" for i in range(model.config.num_hidden_layers)}
     if kind == "houlsby":
@@ -120,7 +125,9 @@ def test_every_trainable_parameter_gets_a_gradient(host, family, checkpointing):
     # A zero up-projection gives the down-projection an exactly zero first gradient (its only path
     # to the loss goes through up.weight), so start the adapters slightly off identity here; gelu
     # for the reason given in test_training_moves_only_the_trainable_parameters.
-    adapted = adaptkit.apply(model, "adapters", host=host, kind="houlsby", init_scale=1e-2, non_linearity="gelu")
+    adapted = adaptkit.apply(
+        model, "adapters", host=host, kind="houlsby", init_scale=1e-2, non_linearity="gelu"
+    )
     if checkpointing:
         reentrant = checkpointing == "reentrant"
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -214,7 +221,9 @@ def test_bfloat16_model_keeps_float32_adapters(host):
 def test_after_freeze_the_head_stays_trainable_and_owned_by_freeze(host, tmp_path):
     model = tiny_model("bert", seed=1)
     inputs = tiny_inputs(model)
-    adapted = adaptkit.apply(model, ["freeze", {"name": "adapters", "train_head": False, "kind": "pfeiffer"}], host=host)
+    adapted = adaptkit.apply(
+        model, ["freeze", {"name": "adapters", "train_head": False, "kind": "pfeiffer"}], host=host
+    )
     freeze, adapters = adapted.strategies
     assert set(freeze.owned) == {"classifier.weight", "classifier.bias"}
     assert all(".adapter." in n for n in adapters.owned)
@@ -332,8 +341,15 @@ def test_overrides_place_the_adapters_where_named(host):
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         before = model(x)
-    adapted = adaptkit.apply(model, "adapters", host=host, blocks="body.stack", attention_output="mix", ffn_output="ff.2",
-                             reduction_factor=4)
+    adapted = adaptkit.apply(
+        model,
+        "adapters",
+        host=host,
+        blocks="body.stack",
+        attention_output="mix",
+        ffn_output="ff.2",
+        reduction_factor=4,
+    )
     with torch.no_grad():
         assert torch.equal(adapted.model(x), before)
     # "mix" has no out_features and ToyNet no config: its width is that of its last projection.
@@ -347,16 +363,24 @@ def test_overrides_place_the_adapters_where_named(host):
 
 def test_explicit_names_on_a_transformers_model_match_the_generic_ones(host):
     generic = adaptkit.apply(tiny_model("llama"), "adapters", host=host)
-    explicit = adaptkit.apply(tiny_model("llama"), "adapters", host=host, blocks="model.layers",
-                              attention_output="self_attn.o_proj", ffn_output="mlp.down_proj")
+    explicit = adaptkit.apply(
+        tiny_model("llama"),
+        "adapters",
+        host=host,
+        blocks="model.layers",
+        attention_output="self_attn.o_proj",
+        ffn_output="mlp.down_proj",
+    )
     assert set(explicit.strategies[0].owned) == set(generic.strategies[0].owned)
 
 
 @pytest.mark.parametrize(
     ("options", "field"),
-    [({"attention_output": "self_attn.nope"}, "attention_output"),
-     ({"ffn_output": "mlp.nope"}, "ffn_output"),
-     ({"blocks": "model.nope"}, "blocks")],
+    [
+        ({"attention_output": "self_attn.nope"}, "attention_output"),
+        ({"ffn_output": "mlp.nope"}, "ffn_output"),
+        ({"blocks": "model.nope"}, "blocks"),
+    ],
 )
 def test_unknown_override_names_its_field(host, options, field):
     model = tiny_model("llama")
@@ -370,12 +394,14 @@ def test_unknown_override_names_its_field(host, options, field):
 
 @pytest.mark.parametrize(
     ("options", "path"),
-    [({"reduction_factor": 0}, "reduction_factor"),
-     ({"kind": "lora"}, "kind"),
-     ({"non_linearity": "softmax"}, "non_linearity"),
-     ({"init_scale": -1.0}, "init_scale"),
-     ({"bottleneck": 8}, "bottleneck"),
-     ({"kind": "pfeiffer", "attention_output": "attn.c_proj"}, "attention_output")],
+    [
+        ({"reduction_factor": 0}, "reduction_factor"),
+        ({"kind": "lora"}, "kind"),
+        ({"non_linearity": "softmax"}, "non_linearity"),
+        ({"init_scale": -1.0}, "init_scale"),
+        ({"bottleneck": 8}, "bottleneck"),
+        ({"kind": "pfeiffer", "attention_output": "attn.c_proj"}, "attention_output"),
+    ],
 )
 def test_bad_config_is_a_config_error(host, options, path):
     with pytest.raises(ConfigError) as info:

@@ -11,7 +11,14 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from adaptkit.attention import ATTENTION_NAME, DropoutAttention, attention_forward, dropout_attention, handled_here, use_cpu_dropout_attention
+from adaptkit.attention import (
+    ATTENTION_NAME,
+    DropoutAttention,
+    attention_forward,
+    dropout_attention,
+    handled_here,
+    use_cpu_dropout_attention,
+)
 from adaptkit.testing import tiny_inputs, tiny_model
 
 B, HEADS, S, D = 3, 4, 10, 8
@@ -56,8 +63,10 @@ def test_it_is_the_written_out_attention_with_the_same_dropout_mask(mask_name):
     mask = MASKS[mask_name]()
     module = SimpleNamespace(is_causal=False)
     outs, grads = [], []
-    for fn in (lambda q, k, v: dropout_attention(module, q, k, v, mask, 0.25, 0.3, None),
-               lambda q, k, v: written_out(q, k, v, mask, 0.25, 0.3)):
+    for fn in (
+        lambda q, k, v: dropout_attention(module, q, k, v, mask, 0.25, 0.3, None),
+        lambda q, k, v: written_out(q, k, v, mask, 0.25, 0.3),
+    ):
         q, k, v = qkv()
         torch.manual_seed(0)
         out = fn(q, k, v)
@@ -68,7 +77,9 @@ def test_it_is_the_written_out_attention_with_the_same_dropout_mask(mask_name):
     for mine, ref in zip(*grads):
         torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
     q, k, v = qkv()
-    assert not torch.allclose(outs[0], written_out(q, k, v, mask, 0.0, 0.3))  # some probabilities were dropped
+    assert not torch.allclose(
+        outs[0], written_out(q, k, v, mask, 0.0, 0.3)
+    )  # some probabilities were dropped
 
 
 def test_grouped_key_value_heads_and_is_causal_as_sdpa_reads_them():
@@ -80,7 +91,7 @@ def test_grouped_key_value_heads_and_is_causal_as_sdpa_reads_them():
     got = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    ref = written_out(q, k, v, None, 0.1, D ** -0.5, groups=2, causal=True, seed=3)
+    ref = written_out(q, k, v, None, 0.1, D**-0.5, groups=2, causal=True, seed=3)
     ref.sum().backward()
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
     for a, t in zip(got, (q, k, v)):
@@ -90,7 +101,9 @@ def test_grouped_key_value_heads_and_is_causal_as_sdpa_reads_them():
     v2[:, :, -1] += 1
     torch.manual_seed(3)
     moved = dropout_attention(module, q.detach(), k.detach(), v2, None, 0.1, None, None)
-    assert torch.equal(moved[:, :-1], mine.detach()[:, :-1]) and not torch.equal(moved[:, -1], mine.detach()[:, -1])
+    assert torch.equal(moved[:, :-1], mine.detach()[:, :-1]) and not torch.equal(
+        moved[:, -1], mine.detach()[:, -1]
+    )
 
 
 def test_the_backward_formula_passes_gradcheck():
@@ -138,11 +151,19 @@ def test_it_keeps_no_attention_sized_float_tensor_for_the_backward():
     _, math = saved_bytes(lambda: sdpa_attention_forward(module, q, k, v, mask, dropout=0.1)[0])
     attention_sized = B * HEADS * S * S
     # q, k, v and the output (float32), a log-sum-exp per row, the mask given, and the keep mask as booleans
-    assert sum(n for _, n in mine.values()) == 4 * 4 * B * HEADS * S * D + 4 * B * HEADS * S + mask.numel() + attention_sized
-    assert [n for dtype, n in mine.values() if dtype == torch.bool and n == attention_sized] == [attention_sized]
+    assert (
+        sum(n for _, n in mine.values())
+        == 4 * 4 * B * HEADS * S * D + 4 * B * HEADS * S + mask.numel() + attention_sized
+    )
+    assert [n for dtype, n in mine.values() if dtype == torch.bool and n == attention_sized] == [
+        attention_sized
+    ]
     assert not [n for dtype, n in mine.values() if dtype != torch.bool and n >= 4 * attention_sized]
     # torch's math path (what SDPA runs on a CPU with dropout) keeps attention-sized floats
-    assert sum(n for dtype, n in math.values() if dtype != torch.bool and n >= 4 * attention_sized) >= 2 * 4 * attention_sized
+    assert (
+        sum(n for dtype, n in math.values() if dtype != torch.bool and n >= 4 * attention_sized)
+        >= 2 * 4 * attention_sized
+    )
 
 
 def test_every_other_call_goes_to_sdpa():
@@ -150,7 +171,10 @@ def test_every_other_call_goes_to_sdpa():
     module = SimpleNamespace(is_causal=False)
     mask = padding_mask()
     # no dropout (evaluation): bitwise what transformers' SDPA attention gives
-    assert torch.equal(attention_forward(module, q, k, v, mask, dropout=0.0)[0], sdpa_attention_forward(module, q, k, v, mask)[0])
+    assert torch.equal(
+        attention_forward(module, q, k, v, mask, dropout=0.0)[0],
+        sdpa_attention_forward(module, q, k, v, mask)[0],
+    )
     assert not handled_here(module, q, k, mask, 0.0, None)
     assert handled_here(module, q, k, mask, 0.1, None)
     # half precision, a position bias, a soft cap, a mask that trains, a prefill with more keys than queries
@@ -183,7 +207,9 @@ def test_a_model_switched_to_it_trains_and_evaluates_as_before(family, tmp_path)
     attention_sized = 4 * 2 * 8 * 8  # batch x heads x sequence x sequence
     assert [n for dtype, n in saved.values() if dtype == torch.bool and n == attention_sized]
     assert not [n for dtype, n in saved.values() if dtype != torch.bool and n == 4 * attention_sized]
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
+    )
     # what it saves names no attention function of adaptkit's: plain transformers loads it
     model.save_pretrained(tmp_path)
     assert ATTENTION_NAME not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
@@ -214,10 +240,17 @@ def test_training_switches_a_model_with_dropout_and_learns(tmp_path, host):
 
     save_tiny_pretrained(tmp_path / "bert", "bert")
     write_sentiment(tmp_path / "train.jsonl", 160, seed=0)
-    recipe = validate({"model": {"source": str(tmp_path / "bert"), "task": "classification"},
-                       "data": {"source": str(tmp_path / "train.jsonl"), "max_length": 16},
-                       "strategies": ["full"], "train": {"epochs": 4, "micro_batch_size": 16, "lr": 3e-3, "seed": 0},
-                       "name": "bert-dropout", "output": str(tmp_path / "runs" / "{name}")}, host=host)
+    recipe = validate(
+        {
+            "model": {"source": str(tmp_path / "bert"), "task": "classification"},
+            "data": {"source": str(tmp_path / "train.jsonl"), "max_length": 16},
+            "strategies": ["full"],
+            "train": {"epochs": 4, "micro_batch_size": 16, "lr": 3e-3, "seed": 0},
+            "name": "bert-dropout",
+            "output": str(tmp_path / "runs" / "{name}"),
+        },
+        host=host,
+    )
     loaded = load_recipe_model(recipe, host)
     assert loaded.model.config.attention_probs_dropout_prob == 0.1
     summary = train(recipe, host, fresh=True, loaded_model=loaded)

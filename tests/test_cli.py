@@ -28,8 +28,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def adaptkit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     assert ADAPTKIT.exists(), f"{ADAPTKIT} is missing: run scripts/setup.sh"
-    return subprocess.run([str(ADAPTKIT), *args], capture_output=True, text=True, timeout=60,
-                          env=env if env is not None else clean_env())
+    return subprocess.run(
+        [str(ADAPTKIT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env if env is not None else clean_env(),
+    )
 
 
 def strategies_json(*args: str, env=None) -> dict[str, dict]:
@@ -54,16 +59,28 @@ def test_strategies_lists_the_example_plugin_with_its_distribution_and_fields():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     i = lines.index(f"bitfit  [plugin bitfit, {EXAMPLE_DIST} {version}]")
-    assert lines[i + 1].strip() == "BitFit: train only the bias terms, plus the task head (Ben Zaken et al., 2021)."
-    assert lines[i + 2].strip() == "train_head: bool = True  also train the task head (everything outside the backbone)"
+    assert (
+        lines[i + 1].strip()
+        == "BitFit: train only the bias terms, plus the task head (Ben Zaken et al., 2021)."
+    )
+    assert (
+        lines[i + 2].strip()
+        == "train_head: bool = True  also train the task head (everything outside the backbone)"
+    )
     assert any(line.startswith("freeze  [plugin freeze, adaptkit ") for line in lines)
     assert "Traceback" not in result.stderr
 
     rows = strategies_json()
     assert rows["bitfit"]["plugin"] == "bitfit"
     assert (rows["bitfit"]["distribution"], rows["bitfit"]["version"]) == (EXAMPLE_DIST, version)
-    assert rows["bitfit"]["fields"] == [{"name": "train_head", "type": "bool", "default": "True",
-                                         "description": "also train the task head (everything outside the backbone)"}]
+    assert rows["bitfit"]["fields"] == [
+        {
+            "name": "train_head",
+            "type": "bool",
+            "default": "True",
+            "description": "also train the task head (everything outside the backbone)",
+        }
+    ]
     assert {f["name"]: f["type"] for f in rows["freeze"]["fields"]}["trainable_modules"] == "list[str]"
     assert rows["full"]["fields"] == []
 
@@ -73,9 +90,14 @@ def test_plugins_lists_where_each_plugin_comes_from():
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert rows["bitfit"] == {
-        "name": "bitfit", "module": "adaptkit_example_plugin", "source": "entry point", "distribution": EXAMPLE_DIST,
-        "version": importlib.metadata.version(EXAMPLE_DIST), "hooks": ["adaptkit_register_strategies"],
-        "status": "ok", "error": None,
+        "name": "bitfit",
+        "module": "adaptkit_example_plugin",
+        "source": "entry point",
+        "distribution": EXAMPLE_DIST,
+        "version": importlib.metadata.version(EXAMPLE_DIST),
+        "hooks": ["adaptkit_register_strategies"],
+        "status": "ok",
+        "error": None,
     }
     assert rows["freeze"]["source"] == "builtin" and rows["freeze"]["status"] == "ok"
     text = adaptkit("plugins")
@@ -99,8 +121,13 @@ def test_autoload_switch_and_p_flags():
 
 
 def test_python_m_adaptkit_runs_the_same_cli():
-    result = subprocess.run([sys.executable, "-m", "adaptkit", "strategies"], capture_output=True, text=True,
-                            env=clean_env(), timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "adaptkit", "strategies"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
     assert result.returncode == 0 and "bitfit  [plugin bitfit" in result.stdout
 
 
@@ -109,9 +136,16 @@ def test_python_m_adaptkit_runs_the_same_cli():
 
 def test_broken_plugins_get_one_line_each_and_the_cli_keeps_working(site):
     for kind, (source, _) in BROKEN.items():
-        site.add(f"fake-{kind.replace('_', '-')}", {f"fake_{kind}": f"adaptkit_fake_{kind}"},
-                 {f"adaptkit_fake_{kind}": source})
-    site.add("fake-good", {"fake_good": "adaptkit_fake_good"}, {"adaptkit_fake_good": GOOD.format(name="fake_good")})
+        site.add(
+            f"fake-{kind.replace('_', '-')}",
+            {f"fake_{kind}": f"adaptkit_fake_{kind}"},
+            {f"adaptkit_fake_{kind}": source},
+        )
+    site.add(
+        "fake-good",
+        {"fake_good": "adaptkit_fake_good"},
+        {"adaptkit_fake_good": GOOD.format(name="fake_good")},
+    )
     env = site.env()
 
     result = adaptkit("strategies", env=env)
@@ -122,7 +156,9 @@ def test_broken_plugins_get_one_line_each_and_the_cli_keeps_working(site):
     for kind, (_, fragment) in BROKEN.items():
         lines = [line for line in result.stderr.splitlines() if f"plugin 'fake_{kind}'" in line]
         assert len(lines) == 1, (kind, result.stderr)
-        assert lines[0].startswith(f"adaptkit: warning: plugin 'fake_{kind}' (fake-{kind.replace('_', '-')} 1.0) failed to load: ")
+        assert lines[0].startswith(
+            f"adaptkit: warning: plugin 'fake_{kind}' (fake-{kind.replace('_', '-')} 1.0) failed to load: "
+        )
         assert fragment in lines[0], lines[0]
 
     result = adaptkit("plugins", "--json", env=env)
@@ -136,7 +172,9 @@ def test_broken_plugins_get_one_line_each_and_the_cli_keeps_working(site):
 
     text = adaptkit("plugins", env=env).stdout
     assert "fake_import_error  [entry point, fake-import-error 1.0]  broken" in text
-    assert "    error: import failed: ModuleNotFoundError: No module named 'adaptkit_no_such_module_xyz'" in text
+    assert (
+        "    error: import failed: ModuleNotFoundError: No module named 'adaptkit_no_such_module_xyz'" in text
+    )
 
 
 # -- light start --------------------------------------------------------------------------------
@@ -164,7 +202,7 @@ def import_chain(importtime: str, module: str) -> str:
     for i, (depth, name) in enumerate(rows):
         if name == module:
             chain = [name]
-            for d, n in rows[i + 1:]:  # importtime prints a module before the one importing it
+            for d, n in rows[i + 1 :]:  # importtime prints a module before the one importing it
                 if d < depth:
                     chain.append(n)
                     depth = d
@@ -174,9 +212,18 @@ def import_chain(importtime: str, module: str) -> str:
 
 def test_light_commands_do_not_import_torch(site):
     # with a third-party plugin too: the example plugin and a fake one are imported, torch is not
-    site.add("fake-good", {"fake_good": "adaptkit_fake_good"}, {"adaptkit_fake_good": GOOD.format(name="fake_good")})
-    result = subprocess.run([sys.executable, "-X", "importtime", "-c", LIGHT], capture_output=True, text=True,
-                            env=site.env(), timeout=60)
+    site.add(
+        "fake-good",
+        {"fake_good": "adaptkit_fake_good"},
+        {"adaptkit_fake_good": GOOD.format(name="fake_good")},
+    )
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", LIGHT],
+        capture_output=True,
+        text=True,
+        env=site.env(),
+        timeout=60,
+    )
     chain = import_chain(result.stderr, "torch")
     assert result.returncode == 0 and not chain, f"torch imported via {chain or '?'}\n{result.stderr[-2000:]}"
 
@@ -186,7 +233,11 @@ def builtin_plugin_modules() -> list[str]:
 
     import adaptkit_plugins
 
-    public = {f"adaptkit_plugins.{m.name}" for m in pkgutil.iter_modules(adaptkit_plugins.__path__) if not m.name.startswith("_")}
+    public = {
+        f"adaptkit_plugins.{m.name}"
+        for m in pkgutil.iter_modules(adaptkit_plugins.__path__)
+        if not m.name.startswith("_")
+    }
     listed = {module for _, module in DEFAULT_PLUGINS if importlib.util.find_spec(module) is not None}
     return sorted(public | listed)
 
@@ -196,9 +247,16 @@ def test_builtin_plugin_modules_import_without_torch():
     assert {"adaptkit_plugins.freeze", "adaptkit_plugins.full"} <= set(modules)
     for module in modules:
         code = f"import sys, {module}; assert 'torch' not in sys.modules"
-        result = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
-                                env=clean_env(), timeout=60)
-        assert result.returncode == 0, f"{module}: torch imported via {import_chain(result.stderr, 'torch') or '?'}\n{result.stderr[-1500:]}"
+        result = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", code],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+        )
+        assert result.returncode == 0, (
+            f"{module}: torch imported via {import_chain(result.stderr, 'torch') or '?'}\n{result.stderr[-1500:]}"
+        )
 
 
 def test_import_chain_finds_the_culprit():
@@ -214,12 +272,15 @@ def test_import_chain_finds_the_culprit():
 # -- usage errors -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-    (["strategies", "--bogus"], "unrecognized arguments: --bogus"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["-p"], "argument -p: expected one argument"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["strategies", "--bogus"], "unrecognized arguments: --bogus"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["-p"], "argument -p: expected one argument"),
+    ],
+)
 def test_usage_errors_exit_2_without_a_traceback(argv, fragment):
     result = adaptkit(*argv)
     assert result.returncode == 2

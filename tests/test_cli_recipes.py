@@ -77,25 +77,33 @@ def test_validate_a_good_recipe(tmp_path):
 
 def test_validate_with_overrides(tmp_path):
     path = recipe(tmp_path, GOOD)
-    proc = adaptkit("validate", str(path), "train.lr=1e-4", "strategies[0].trainable_top_blocks=2", cwd=tmp_path)
+    proc = adaptkit(
+        "validate", str(path), "train.lr=1e-4", "strategies[0].trainable_top_blocks=2", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     resolved = load_yaml(proc.stdout)
     assert resolved["train"]["lr"] == 1e-4
     assert resolved["strategies"][0]["trainable_top_blocks"] == 2
 
 
-@pytest.mark.parametrize("text, words", [
-    (GOOD.replace("lr: 2e-5", "lr_rate: 2e-5"), ["train.lr_rate", "unknown key"]),
-    (GOOD.replace("source: org/tiny-model", "sorce: org/tiny-model"), ["model.sorce", "model.source"]),
-    (GOOD.replace("lr: 2e-5", "lr: -1"), ["train.lr", "greater than 0"]),
-    (GOOD.replace("trainable_top_blocks: 1", "trainable_top_blocks: -1"), ["strategies[0].trainable_top_blocks"]),
-    (GOOD.replace("name: freeze", "name: freez"), ["strategies[0].name", "freez"]),
-    (GOOD.replace('mixed_precision: "no"', "mixed_precision: fp8"), ["train.mixed_precision", "fp8"]),
-    (GOOD.replace('mixed_precision: "no"', "mixed_precision: no"), ["line 10", "ambiguous"]),
-    (GOOD + "train:\n  epochs: 2\n", ["line 11", "duplicate key 'train'"]),
-    (GOOD + "name: !!python/object/apply:os.system ['echo pwned']\n", ["line 11", "python/object/apply"]),
-    ("- just\n- a list\n", ["must be a mapping"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (GOOD.replace("lr: 2e-5", "lr_rate: 2e-5"), ["train.lr_rate", "unknown key"]),
+        (GOOD.replace("source: org/tiny-model", "sorce: org/tiny-model"), ["model.sorce", "model.source"]),
+        (GOOD.replace("lr: 2e-5", "lr: -1"), ["train.lr", "greater than 0"]),
+        (
+            GOOD.replace("trainable_top_blocks: 1", "trainable_top_blocks: -1"),
+            ["strategies[0].trainable_top_blocks"],
+        ),
+        (GOOD.replace("name: freeze", "name: freez"), ["strategies[0].name", "freez"]),
+        (GOOD.replace('mixed_precision: "no"', "mixed_precision: fp8"), ["train.mixed_precision", "fp8"]),
+        (GOOD.replace('mixed_precision: "no"', "mixed_precision: no"), ["line 10", "ambiguous"]),
+        (GOOD + "train:\n  epochs: 2\n", ["line 11", "duplicate key 'train'"]),
+        (GOOD + "name: !!python/object/apply:os.system ['echo pwned']\n", ["line 11", "python/object/apply"]),
+        ("- just\n- a list\n", ["must be a mapping"]),
+    ],
+)
 def test_validate_a_bad_recipe(tmp_path, text, words):
     path = recipe(tmp_path, text)
     proc = adaptkit("validate", str(path), cwd=tmp_path)
@@ -105,18 +113,25 @@ def test_validate_a_bad_recipe(tmp_path, text, words):
 
 
 def test_several_problems_in_one_message(tmp_path):
-    text = GOOD.replace("lr: 2e-5", "lr: 0\n  epochs: 0\n  micro_batch_size: 0").replace("name: freeze", "name: nope")
+    text = GOOD.replace("lr: 2e-5", "lr: 0\n  epochs: 0\n  micro_batch_size: 0").replace(
+        "name: freeze", "name: nope"
+    )
     proc = adaptkit("validate", str(recipe(tmp_path, text)), cwd=tmp_path)
-    assert_user_error(proc, "4 problems", "train.lr", "train.epochs", "train.micro_batch_size", "strategies[0].name")
+    assert_user_error(
+        proc, "4 problems", "train.lr", "train.epochs", "train.micro_batch_size", "strategies[0].name"
+    )
 
 
-@pytest.mark.parametrize("override, words", [
-    ("train.lr", "key.sub=value"),
-    ("strategies.5.r=1", "out of range"),
-    ("train.lr=fast", "train.lr"),
-    ("train.lr_rate=1e-4", "train.lr_rate"),
-    ("model.trust_remote_code=true", "40-hex"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.lr", "key.sub=value"),
+        ("strategies.5.r=1", "out of range"),
+        ("train.lr=fast", "train.lr"),
+        ("train.lr_rate=1e-4", "train.lr_rate"),
+        ("model.trust_remote_code=true", "40-hex"),
+    ],
+)
 def test_bad_override(tmp_path, override, words):
     proc = adaptkit("validate", str(recipe(tmp_path, GOOD)), override, cwd=tmp_path)
     assert_user_error(proc, words)
@@ -127,7 +142,15 @@ def test_missing_recipe_file(tmp_path):
     assert_user_error(proc, "absent.yaml", "not found")
 
 
-@pytest.mark.parametrize("args", [["validate", "--no-such-flag", "r.yaml"], ["--bogus", "validate", "r.yaml"], ["validate"], ["frobnicate"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["validate", "--no-such-flag", "r.yaml"],
+        ["--bogus", "validate", "r.yaml"],
+        ["validate"],
+        ["frobnicate"],
+    ],
+)
 def test_bad_command_line(tmp_path, args):
     recipe(tmp_path, GOOD, name="r.yaml")
     proc = adaptkit(*args, cwd=tmp_path)

@@ -26,7 +26,9 @@ def workdir(tmp_path_factory):
     return d
 
 
-def comparison(workdir: Path, name: str, compare: str, train: str = "epochs: 2, lr: 1.0e-2, micro_batch_size: 16") -> Path:
+def comparison(
+    workdir: Path, name: str, compare: str, train: str = "epochs: 2, lr: 1.0e-2, micro_batch_size: 16"
+) -> Path:
     path = workdir / f"{name}.yaml"
     path.write_text(
         f"model: {{source: {workdir / 'bert'}, task: classification}}\n"
@@ -40,14 +42,19 @@ def comparison(workdir: Path, name: str, compare: str, train: str = "epochs: 2, 
 
 
 def compare_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adaptkit", *args], capture_output=True, text=True, env=ENV, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "adaptkit", *args], capture_output=True, text=True, env=ENV, timeout=900
+    )
 
 
 # -- the recipe matrix (no training) ---------------------------------------------------------
 
 
 def test_variants_grid_seeds_and_budget_expand_into_runs(workdir, host):
-    path = comparison(workdir, "matrix", """
+    path = comparison(
+        workdir,
+        "matrix",
+        """
   seeds: [0, 1]
   budget: {steps: 5}
   grid: {train.weight_decay: [0.0, 0.1]}
@@ -57,46 +64,73 @@ def test_variants_grid_seeds_and_budget_expand_into_runs(workdir, host):
       strategies: [{name: lora, r: 4}]
       overrides: {train.lr: 1.0e-3}
       grid: {strategies.0.r: [2, 8]}
-""")
+""",
+    )
     p = plan(path, host=host)
     assert list(p.variants) == [
-        "probe[weight_decay=0.0]", "probe[weight_decay=0.1]",
-        "lora[weight_decay=0.0,r=2]", "lora[weight_decay=0.0,r=8]", "lora[weight_decay=0.1,r=2]", "lora[weight_decay=0.1,r=8]",
+        "probe[weight_decay=0.0]",
+        "probe[weight_decay=0.1]",
+        "lora[weight_decay=0.0,r=2]",
+        "lora[weight_decay=0.0,r=8]",
+        "lora[weight_decay=0.1,r=2]",
+        "lora[weight_decay=0.1,r=8]",
     ]
     job = p.variants["lora[weight_decay=0.1,r=8]"][1]
     assert job.seed == 1 and job.raw["train"]["seed"] == 1
     assert job.raw["strategies"] == [{"name": "lora", "r": 8}]
-    assert job.raw["train"]["weight_decay"] == 0.1 and job.raw["train"]["lr"] == 1e-3 and job.raw["train"]["max_steps"] == 5
+    assert (
+        job.raw["train"]["weight_decay"] == 0.1
+        and job.raw["train"]["lr"] == 1e-3
+        and job.raw["train"]["max_steps"] == 5
+    )
     assert job.raw["forgetting"]["source"] == "pydoc"
     assert not job.tunes_lr and p.variants["probe[weight_decay=0.0]"][0].tunes_lr
     # every run has its own directory; the data and the validation split are the base's for all
     dirs = {j.raw["output"] for jobs in p.variants.values() for j in jobs}
     assert len(dirs) == 12
-    assert {j.raw["data"]["source"] for jobs in p.variants.values() for j in jobs} == {str(workdir / "train.jsonl")}
+    assert {j.raw["data"]["source"] for jobs in p.variants.values() for j in jobs} == {
+        str(workdir / "train.jsonl")
+    }
 
 
 def test_the_none_baseline_trains_nothing_and_is_not_tuned(workdir, host):
-    path = comparison(workdir, "baseline", """
+    path = comparison(
+        workdir,
+        "baseline",
+        """
   lr_sweep: [1.0e-3, 1.0e-2]
   variants:
     - {name: none, strategies: [none]}
     - {name: scratch, strategies: [scratch]}
-""")
+""",
+    )
     p = plan(path, host=host)
     assert not p.variants["none"][0].trains and p.variants["scratch"][0].trains
 
 
-@pytest.mark.parametrize("compare, words", [
-    ("  variants:\n    - {name: a, strategies: [{name: lora, r: -1}]}\n", ["compare.variants[0] (a)", "strategies[0].r"]),
-    ("  variants:\n    - {name: a, strategies: [nosuch]}\n", ["compare.variants[0] (a)", "nosuch"]),
-    ("  variants:\n    - {name: a}\n  colour: red\n", ["compare.colour", "unknown key"]),
-    ("  variants:\n    - {name: a}\n    - {name: a}\n", ["unique"]),
-    ("  variants: []\n", ["compare.variants"]),
-    ("  variants:\n    - {name: a}\n  lr_sweep: [0.1]\n  search: {space: {train.lr: {low: 0.1, high: 1}}}\n", ["lr_sweep or search"]),
-    ("  variants:\n    - {name: a}\n  budget: {steps: 3, seconds: 4}\n", ["compare.budget", "exactly one"]),
-    ("  variants:\n    - {name: a, overrides: {train.lr: -1}}\n", ["train.lr", "greater than 0"]),
-    ("  variants:\n    - {name: 'a b'}\n", ["compare.variants[0].name"]),
-])
+@pytest.mark.parametrize(
+    "compare, words",
+    [
+        (
+            "  variants:\n    - {name: a, strategies: [{name: lora, r: -1}]}\n",
+            ["compare.variants[0] (a)", "strategies[0].r"],
+        ),
+        ("  variants:\n    - {name: a, strategies: [nosuch]}\n", ["compare.variants[0] (a)", "nosuch"]),
+        ("  variants:\n    - {name: a}\n  colour: red\n", ["compare.colour", "unknown key"]),
+        ("  variants:\n    - {name: a}\n    - {name: a}\n", ["unique"]),
+        ("  variants: []\n", ["compare.variants"]),
+        (
+            "  variants:\n    - {name: a}\n  lr_sweep: [0.1]\n  search: {space: {train.lr: {low: 0.1, high: 1}}}\n",
+            ["lr_sweep or search"],
+        ),
+        (
+            "  variants:\n    - {name: a}\n  budget: {steps: 3, seconds: 4}\n",
+            ["compare.budget", "exactly one"],
+        ),
+        ("  variants:\n    - {name: a, overrides: {train.lr: -1}}\n", ["train.lr", "greater than 0"]),
+        ("  variants:\n    - {name: 'a b'}\n", ["compare.variants[0].name"]),
+    ],
+)
 def test_bad_comparisons_are_reported_with_their_path(workdir, compare, words):
     proc = compare_cli("validate", str(comparison(workdir, "bad", compare)))
     assert proc.returncode == 2, proc.stderr
@@ -106,7 +140,9 @@ def test_bad_comparisons_are_reported_with_their_path(workdir, compare, words):
 
 
 def test_validate_lists_variants_and_train_refuses_a_comparison(workdir):
-    path = comparison(workdir, "listed", "  variants:\n    - {name: none, strategies: [none]}\n    - {name: full}\n")
+    path = comparison(
+        workdir, "listed", "  variants:\n    - {name: none, strategies: [none]}\n    - {name: full}\n"
+    )
     proc = compare_cli("validate", str(path))
     assert proc.returncode == 0, proc.stderr
     assert "none: strategies ['none']" in proc.stdout and "full: strategies ['full']" in proc.stdout
@@ -129,14 +165,19 @@ def results(root: Path) -> dict:
 @pytest.mark.slow
 def test_compare_end_to_end_numbers_match_the_runs(workdir):
     """none, freeze, lora, adapters and gradual_unfreeze on one tiny model; the report repeats each run's own figures."""
-    path = comparison(workdir, "e2e", """
+    path = comparison(
+        workdir,
+        "e2e",
+        """
   variants:
     - {name: none, strategies: [none]}
     - {name: probe, strategies: [{name: freeze, trainable_top_blocks: 0}]}
     - {name: lora, strategies: [{name: lora, r: 4}], overrides: {train.lr: 5.0e-3}}
     - {name: adapters, strategies: [{name: adapters, reduction_factor: 4}], overrides: {train.lr: 5.0e-3}}
     - {name: gradual, strategies: [{name: gradual_unfreeze, every: 2, unit: step}], overrides: {train.lr: 1.0e-3}}
-""", train="epochs: 3, lr: 1.0e-2, micro_batch_size: 16")
+""",
+        train="epochs: 3, lr: 1.0e-2, micro_batch_size: 16",
+    )
     proc = compare_cli("compare", str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = workdir / "out" / "e2e"
@@ -151,19 +192,35 @@ def test_compare_end_to_end_numbers_match_the_runs(workdir):
         assert r["final_metric"] == s["final_metrics"]["accuracy"] and r["metric"] == "accuracy"
         assert r["eval_loss"] == s["final_metrics"]["eval_loss"]
         assert r["peak_memory_mb"] == s["peak_memory_mb"] > 0
-        assert r["saved_bytes"] == sum(f.stat().st_size for f in (root / r["run_dir"] / "final").rglob("*") if f.is_file())
+        assert r["saved_bytes"] == sum(
+            f.stat().st_size for f in (root / r["run_dir"] / "final").rglob("*") if f.is_file()
+        )
     by = {r["variant"]: r for r in runs}
     # the baselines: nothing trains in none; a head-only probe leaves the backbone, and so the
     # general-text features, exactly as they were; adapters do move them
-    assert by["none"]["trainable_parameters"] == 0 and by["none"]["steps"] == 0 and by["none"]["forgetting"] == 0.0
+    assert (
+        by["none"]["trainable_parameters"] == 0
+        and by["none"]["steps"] == 0
+        and by["none"]["forgetting"] == 0.0
+    )
     assert by["probe"]["forgetting"] == pytest.approx(0.0, abs=1e-6)
     assert by["adapters"]["forgetting"] > 1e-6
-    assert by["probe"]["trainable_parameters"] == 32 * 2 + 2  # the classifier head of a hidden-32 BERT, 2 labels
+    assert (
+        by["probe"]["trainable_parameters"] == 32 * 2 + 2
+    )  # the classifier head of a hidden-32 BERT, 2 labels
     # every variant saw the same validation set: the none baseline's untrained head is scored on it too
     variants = {v["variant"]: v for v in results(root)["variants"]}
-    assert variants["probe"]["gain_over_none"] == pytest.approx(by["probe"]["final_metric"] - by["none"]["final_metric"])
+    assert variants["probe"]["gain_over_none"] == pytest.approx(
+        by["probe"]["final_metric"] - by["none"]["final_metric"]
+    )
     with open(root / "results.csv") as f:
-        assert [row["variant"] for row in csv.DictReader(f)] == ["none", "probe", "lora", "adapters", "gradual"]
+        assert [row["variant"] for row in csv.DictReader(f)] == [
+            "none",
+            "probe",
+            "lora",
+            "adapters",
+            "gradual",
+        ]
     md = (root / "report.md").read_text()
     assert all(f"| {n} " in md for n in ("none", "probe", "lora", "adapters", "gradual"))
     html = (root / "report.html").read_text()
@@ -172,12 +229,17 @@ def test_compare_end_to_end_numbers_match_the_runs(workdir):
 
 @pytest.mark.slow
 def test_a_crashing_variant_fails_alone_and_finished_runs_are_skipped(workdir):
-    path = comparison(workdir, "crash", """
+    path = comparison(
+        workdir,
+        "crash",
+        """
   variants:
     - {name: probe, strategies: [{name: freeze, trainable_top_blocks: 0}]}
     - {name: broken, strategies: [full], overrides: {data.text: no_such_column}}
     - {name: lora, strategies: [{name: lora, r: 2}], overrides: {train.lr: 5.0e-3}}
-""", train="max_steps: 6, lr: 1.0e-2, micro_batch_size: 16, save_every: 3")
+""",
+        train="max_steps: 6, lr: 1.0e-2, micro_batch_size: 16, save_every: 3",
+    )
     proc = compare_cli("compare", str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = workdir / "out" / "crash"
@@ -206,12 +268,17 @@ def test_a_crashing_variant_fails_alone_and_finished_runs_are_skipped(workdir):
 
 @pytest.mark.slow
 def test_lr_sweep_keeps_the_best_rate_for_every_seed(workdir):
-    path = comparison(workdir, "sweep", """
+    path = comparison(
+        workdir,
+        "sweep",
+        """
   seeds: [0, 1]
   lr_sweep: [1.0e-6, 3.0e-2]
   variants:
     - {name: probe, strategies: [{name: freeze, trainable_top_blocks: 0}]}
-""", train="epochs: 2, micro_batch_size: 16")
+""",
+        train="epochs: 2, micro_batch_size: 16",
+    )
     proc = compare_cli("compare", str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = workdir / "out" / "sweep"
@@ -232,13 +299,18 @@ def test_lr_sweep_keeps_the_best_rate_for_every_seed(workdir):
 def test_optuna_search_reports_evaluations_and_resumes(workdir):
     import optuna
 
-    path = comparison(workdir, "search", """
+    path = comparison(
+        workdir,
+        "search",
+        """
   search:
     trials: 3
     space: {train.lr: {low: 1.0e-4, high: 1.0e-1, log: true}}
   variants:
     - {name: probe, strategies: [{name: freeze, trainable_top_blocks: 0}]}
-""", train="max_steps: 6, eval_every: 2, micro_batch_size: 16")
+""",
+        train="max_steps: 6, eval_every: 2, micro_batch_size: 16",
+    )
     proc = compare_cli("compare", str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = workdir / "out" / "search"
@@ -254,18 +326,25 @@ def test_optuna_search_reports_evaluations_and_resumes(workdir):
     # run again: the study is complete, nothing is trained
     proc = compare_cli("compare", str(path))
     assert proc.returncode == 0 and "[1/" not in proc.stderr
-    assert len(optuna.load_study(study_name="probe-s0", storage=f"sqlite:///{root / 'search.db'}").trials) == 3
+    assert (
+        len(optuna.load_study(study_name="probe-s0", storage=f"sqlite:///{root / 'search.db'}").trials) == 3
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_launch_settings_apply_to_every_run(workdir):
     """compare.launch passes accelerate launch arguments to each run: here 2 CPU processes on gloo."""
-    path = comparison(workdir, "launched", """
+    path = comparison(
+        workdir,
+        "launched",
+        """
   launch: [--multi_gpu, --num_processes, "2", --num_machines, "1", --mixed_precision, "no", --dynamo_backend, "no"]
   variants:
     - {name: lora, strategies: [{name: lora, r: 2}], overrides: {train.lr: 5.0e-3}}
-""", train="max_steps: 3, micro_batch_size: 8")
+""",
+        train="max_steps: 3, micro_batch_size: 8",
+    )
     proc = compare_cli("compare", str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = results(workdir / "out" / "launched")["runs"][0]

@@ -63,7 +63,10 @@ def test_directory_with_split_files(tmp_path, host, val_name):
     if val_name.endswith(".csv"):
         (tmp_path / val_name).write_text("text,label\nbad movie,neg\ngood movie,pos\n")
     else:
-        write_jsonl(tmp_path / val_name, [{"text": "bad movie", "label": "neg"}, {"text": "good movie", "label": "pos"}])
+        write_jsonl(
+            tmp_path / val_name,
+            [{"text": "bad movie", "label": "neg"}, {"text": "good movie", "label": "pos"}],
+        )
     (tmp_path / "notes.txt").write_text("ignored")
     splits, files = load(tmp_path, host)
     assert len(splits["train"]) == 20 and len(splits["validation"]) == 2  # nothing held out
@@ -142,7 +145,9 @@ def classification(tmp_path, host, train_rows, val_rows, **spec):
 
 
 def test_string_labels(tmp_path, host):
-    task, splits, files = classification(tmp_path, host, ROWS, [{"text": "bad", "label": "neg"}, {"text": "ok", "label": "pos"}])
+    task, splits, files = classification(
+        tmp_path, host, ROWS, [{"text": "bad", "label": "neg"}, {"text": "ok", "label": "pos"}]
+    )
     assert task.names == ["neg", "pos"]
     assert task.model_kwargs()["id2label"] == {0: "neg", 1: "pos"} and task.model_kwargs()["num_labels"] == 2
     enc = task.encode(splits["validation"], tiny_tokenizer("bert"), files["validation"])
@@ -153,22 +158,32 @@ def test_string_labels(tmp_path, host):
 
 def test_int_labels_and_labels_by_id(tmp_path, host):
     train = [{"text": "good", "label": 0}, {"text": "bad", "label": 2}, {"text": "fine", "label": 0}]
-    task, splits, files = classification(tmp_path, host, train, [{"text": "x", "label": 1}, {"text": "y", "label": 2}])
+    task, splits, files = classification(
+        tmp_path, host, train, [{"text": "x", "label": 1}, {"text": "y", "label": 2}]
+    )
     assert task.names == ["0", "1", "2"]  # ids up to the largest, even one absent from train
     assert task.encode(splits["validation"], tiny_tokenizer("bert"), files["validation"])["labels"] == [1, 2]
 
 
 def test_declared_label_names(tmp_path, host):
-    task, splits, files = classification(tmp_path, host, ROWS, [{"text": "a", "label": "pos"}, {"text": "b", "label": 0}],
-                                         labels=["pos", "neg", "meh"])
+    task, splits, files = classification(
+        tmp_path,
+        host,
+        ROWS,
+        [{"text": "a", "label": "pos"}, {"text": "b", "label": 0}],
+        labels=["pos", "neg", "meh"],
+    )
     assert task.names == ["pos", "neg", "meh"]
     assert task.encode(splits["validation"], tiny_tokenizer("bert"), files["validation"])["labels"] == [0, 0]
 
 
 @pytest.mark.parametrize("bad", ["neutral", 7, -1])
 def test_unknown_label_names_file_row_and_column(tmp_path, host, bad):
-    train = [{"text": "good", "sentiment": "pos"}, {"text": "bad", "sentiment": "neg"}] if bad != 7 and bad != -1 else \
-        [{"text": "good", "sentiment": 0}, {"text": "bad", "sentiment": 1}]
+    train = (
+        [{"text": "good", "sentiment": "pos"}, {"text": "bad", "sentiment": "neg"}]
+        if bad != 7 and bad != -1
+        else [{"text": "good", "sentiment": 0}, {"text": "bad", "sentiment": 1}]
+    )
     ok = train[0]["sentiment"]
     val = [{"text": "a", "sentiment": ok}, {"text": "b", "sentiment": ok}, {"text": "c", "sentiment": bad}]
     task, splits, files = classification(tmp_path, host, train, val, label="sentiment")
@@ -176,22 +191,49 @@ def test_unknown_label_names_file_row_and_column(tmp_path, host, bad):
     with pytest.raises(DataError) as exc:
         task.encode(splits["validation"], tiny_tokenizer("bert"), files["validation"])
     msg = str(exc.value)
-    assert str(tmp_path / "validation.jsonl") in msg and "row 3" in msg and "column 'sentiment'" in msg and repr(bad) in msg
+    assert (
+        str(tmp_path / "validation.jsonl") in msg
+        and "row 3" in msg
+        and "column 'sentiment'" in msg
+        and repr(bad) in msg
+    )
 
 
 def test_text_pairs(tmp_path, host):
-    rows = [{"premise": "the movie was good", "hypothesis": "it was fun", "label": "yes"},
-            {"premise": "the plot", "hypothesis": "was a mess", "label": "no"}]
+    rows = [
+        {"premise": "the movie was good", "hypothesis": "it was fun", "label": "yes"},
+        {"premise": "the plot", "hypothesis": "was a mess", "label": "no"},
+    ]
     task, splits, files = classification(tmp_path, host, rows, rows, text="premise", text_pair="hypothesis")
     tok = tiny_tokenizer("bert")
     enc = task.encode(splits["validation"], tok, files["validation"])
     first = enc[0]
-    assert tok.convert_ids_to_tokens(first["input_ids"]) == ["[CLS]", "the", "movie", "was", "good", "[SEP]", "it", "was", "fun", "[SEP]"]
+    assert tok.convert_ids_to_tokens(first["input_ids"]) == [
+        "[CLS]",
+        "the",
+        "movie",
+        "was",
+        "good",
+        "[SEP]",
+        "it",
+        "was",
+        "fun",
+        "[SEP]",
+    ]
     batch = task.collate(tok)([enc[0], enc[1]])
     if "token_type_ids" in first:
         assert first["token_type_ids"] == [0] * 6 + [1] * 4
         assert batch["token_type_ids"].shape == batch["input_ids"].shape
-    assert tok.convert_ids_to_tokens(enc[1]["input_ids"]) == ["[CLS]", "the", "plot", "[SEP]", "was", "a", "mess", "[SEP]"]
+    assert tok.convert_ids_to_tokens(enc[1]["input_ids"]) == [
+        "[CLS]",
+        "the",
+        "plot",
+        "[SEP]",
+        "was",
+        "a",
+        "mess",
+        "[SEP]",
+    ]
     assert batch["attention_mask"][1].tolist() == [1] * 8 + [0] * 2
     assert batch["input_ids"][1, 8:].tolist() == [tok.pad_token_id] * 2
     assert batch["labels"].tolist() == [task.ids["yes"], task.ids["no"]]
@@ -228,8 +270,10 @@ def words(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-PAIRS = [{"prompt": "what is one plus one", "response": "two"},
-         {"prompt": "i love this movie", "response": "so we very love"}]
+PAIRS = [
+    {"prompt": "what is one plus one", "response": "two"},
+    {"prompt": "i love this movie", "response": "so we very love"},
+]
 
 
 def test_prompt_response_without_chat_template():
@@ -248,7 +292,17 @@ def test_prompt_response_with_chat_template():
     tok = tiny_tokenizer("llama", chat=True)
     _, enc = encode(PAIRS, tok)
     row = enc[0]
-    assert tok.convert_ids_to_tokens(row["input_ids"]) == ["<user>", "what", "is", "one", "plus", "one", "<assistant>", "two", "</s>"]
+    assert tok.convert_ids_to_tokens(row["input_ids"]) == [
+        "<user>",
+        "what",
+        "is",
+        "one",
+        "plus",
+        "one",
+        "<assistant>",
+        "two",
+        "</s>",
+    ]
     assert row["labels"] == [IGNORE] * 7 + words(tok, "two") + [tok.eos_token_id]
     assert tok.decode(supervised(enc[1])) == "so we very love </s>"
 
@@ -312,7 +366,11 @@ def test_prompt_longer_than_max_length_names_the_row(chat):
 def test_long_response_is_truncated_but_kept():
     tok = tiny_tokenizer("llama")
     _, enc = encode([{"prompt": "one two", "response": " ".join(["fun"] * 20)}], tok, max_length=8)
-    assert len(enc[0]["input_ids"]) == 8 and enc[0]["labels"][:2] == [IGNORE, IGNORE] and len(supervised(enc[0])) == 6
+    assert (
+        len(enc[0]["input_ids"]) == 8
+        and enc[0]["labels"][:2] == [IGNORE, IGNORE]
+        and len(supervised(enc[0])) == 6
+    )
 
 
 def test_collator_masks_padding_by_position_when_pad_is_eos():

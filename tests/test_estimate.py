@@ -32,16 +32,27 @@ def llama_dir(tmp_path_factory):
     import transformers
 
     d = tmp_path_factory.mktemp("est") / "llama"
-    transformers.LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=LAYERS,
-                             num_attention_heads=HEADS, num_key_value_heads=KVD // HD, tie_word_embeddings=False,
-                             max_position_embeddings=64).save_pretrained(d)
+    transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=I,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KVD // HD,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+    ).save_pretrained(d)
     assert [p.name for p in d.iterdir()] == ["config.json"]
     return d
 
 
 def make_recipe(source, strategies, host, max_length=S, task="causal_lm", **train):
-    raw = {"model": {"source": str(source), "task": task}, "data": {"source": "unused.jsonl", "max_length": max_length},
-           "strategies": strategies, "train": {"micro_batch_size": B, **train}}
+    raw = {
+        "model": {"source": str(source), "task": task},
+        "data": {"source": "unused.jsonl", "max_length": max_length},
+        "strategies": strategies,
+        "train": {"micro_batch_size": B, **train},
+    }
     return validate(raw, host=host)
 
 
@@ -65,7 +76,9 @@ def test_full_training_terms_by_hand(llama_dir, host, estimator):
     per_block = 4 * T * (8 * H + 4 * I + 2 + 2 * KVD + HEADS)
     rope = 2 * S * HD * 4  # cos and sin, first saved in block 0
     embeddings = T * 8  # the token ids, for the embedding's gradient
-    after = 4 * (3 * T * H + T) + T * 8 + 4  # final norm (input, normalised, 1/rms), the loss' targets and weight
+    after = (
+        4 * (3 * T * H + T) + T * 8 + 4
+    )  # final norm (input, normalised, 1/rms), the loss' targets and weight
     assert est.activations == embeddings + LAYERS * per_block + rope + after
     assert est.activations_per_block == per_block + rope
     # training computes the loss a chunk of tokens at a time (adaptkit.lm_loss; all T tokens fit one
@@ -78,7 +91,9 @@ def test_full_training_terms_by_hand(llama_dir, host, estimator):
     live = embeddings + LAYERS * per_block + rope + after  # after the forward
     live += grads_above - after  # loss and head done
     live += 4 * BLOCK_PARAMS - per_block  # block 1 done
-    block0 = live + (per_block + rope) + 4 * BLOCK_PARAMS  # a transient as large as its saved tensors, its gradients
+    block0 = (
+        live + (per_block + rope) + 4 * BLOCK_PARAMS
+    )  # a transient as large as its saved tensors, its gradients
     assert est.peak_phase == "backward: block 0"
     assert est.total == 4 * PARAMS + 8 * PARAMS + block0
     assert est.dominant == "optimizer_states"
@@ -102,7 +117,9 @@ def test_lora_terms_by_hand(llama_dir, host, estimator):
 
 def test_gradient_checkpointing_keeps_block_inputs_and_one_block(llama_dir, host, estimator):
     plain = estimator.estimate(make_recipe(llama_dir, ["full"], host))
-    ckpt = estimator.estimate(apply_on(make_recipe(llama_dir, ["full"], host), ["model.gradient_checkpointing=true"], host))
+    ckpt = estimator.estimate(
+        apply_on(make_recipe(llama_dir, ["full"], host), ["model.gradient_checkpointing=true"], host)
+    )
     per_block = 4 * T * (8 * H + 4 * I + 2 + 2 * KVD + HEADS)
     after, embeddings, rope = 4 * (3 * T * H + T) + T * 8 + 4, T * 8, 2 * S * HD * 4
     assert ckpt.activations == embeddings + after + LAYERS * 4 * T * H + per_block + rope
@@ -113,20 +130,26 @@ def test_gradient_checkpointing_keeps_block_inputs_and_one_block(llama_dir, host
 
 def test_flops_and_time_per_step(llama_dir, host):
     est = Estimator(host, device="cpu", overhead_bytes=0, peak_tflops=2.0).estimate(
-        make_recipe(llama_dir, ["full"], host, gradient_accumulation=3))
+        make_recipe(llama_dir, ["full"], host, gradient_accumulation=3)
+    )
     matmul = LAYERS * (BLOCK_PARAMS - 2 * H) + V * H  # every linear layer, the head included
     attention = LAYERS * 4 * B * HEADS * S * S * HD // 2  # QK and AV, causal
     forward = 2 * T * matmul + attention
-    assert est.flops_per_step == 3 * (forward + 2 * forward)  # full training: 6N per token, three micro-batches
+    assert est.flops_per_step == 3 * (
+        forward + 2 * forward
+    )  # full training: 6N per token, three micro-batches
     assert est.time_per_step_s == pytest.approx(est.flops_per_step / 2e12)
     frozen = Estimator(host, device="cpu", overhead_bytes=0, peak_tflops=0).estimate(
-        make_recipe(llama_dir, [{"name": "freeze", "train_head": False, "trainable_top_blocks": 1}], host))
+        make_recipe(llama_dir, [{"name": "freeze", "train_head": False, "trainable_top_blocks": 1}], host)
+    )
     assert frozen.flops_per_step < est.flops_per_step / 3  # the bottom block needs no backward at all
 
 
 def test_frozen_bottom_blocks_build_no_graph(llama_dir, host, estimator):
     """Below the lowest trainable parameter nothing is saved for a backward pass (freeze, early gradual unfreezing)."""
-    top = estimator.estimate(make_recipe(llama_dir, [{"name": "freeze", "train_head": False, "trainable_top_blocks": 1}], host))
+    top = estimator.estimate(
+        make_recipe(llama_dir, [{"name": "freeze", "train_head": False, "trainable_top_blocks": 1}], host)
+    )
     assert top.activations_by_block[0] == 0 and top.activations_by_block[1] > 0
     # one epoch of unfreezing a block per epoch: only the head group ever trains
     head = estimator.estimate(make_recipe(llama_dir, [{"name": "gradual_unfreeze"}], host, epochs=1))
@@ -161,10 +184,18 @@ def test_packed_sizes_match_bitsandbytes(tmp_path, host, estimator):
         lora = {"name": "lora", "quantize": quantize, "double_quant": double}
         est = estimator.estimate(make_recipe(tmp_path / "m", [lora], host))
         adapted = adaptkit.apply(tiny_model("llama", "causal_lm"), [lora], host=host)
-        real = sum(_packed_bytes(m.weight) for m in adapted.model.modules() if type(m).__module__.startswith("bitsandbytes"))
+        real = sum(
+            _packed_bytes(m.weight)
+            for m in adapted.model.modules()
+            if type(m).__module__.startswith("bitsandbytes")
+        )
         assert est.frozen_by_dtype[kind] == real
         # embeddings, norms and the head keep their float32
-        unquantized = sum(p.numel() for n, p in adapted.model.named_parameters() if p.dtype == __import__("torch").float32 and not p.requires_grad)
+        unquantized = sum(
+            p.numel()
+            for n, p in adapted.model.named_parameters()
+            if p.dtype == __import__("torch").float32 and not p.requires_grad
+        )
         assert est.frozen_by_dtype["float32"] == 4 * unquantized
 
 
@@ -244,11 +275,13 @@ def test_suggestions_in_order_each_lower(llama_dir, host, estimator):
     recipe = make_recipe(llama_dir, stack, host, max_length=32, micro_batch_size=8, gradient_accumulation=2)
     suggestions = suggest(estimator, recipe, budget=1)  # nothing fits: every change is listed
     changes = [s.overrides for s in suggestions]
-    assert changes == [["model.gradient_checkpointing=true"],
-                       ["train.micro_batch_size=1", "train.gradient_accumulation=16"],
-                       ["train.optimizer=adamw_8bit"],
-                       ["strategies.1.quantize=4bit"],
-                       ["data.max_length=8"]]  # 32 halved until the shortest tried
+    assert changes == [
+        ["model.gradient_checkpointing=true"],
+        ["train.micro_batch_size=1", "train.gradient_accumulation=16"],
+        ["train.optimizer=adamw_8bit"],
+        ["strategies.1.quantize=4bit"],
+        ["data.max_length=8"],
+    ]  # 32 halved until the shortest tried
     totals = [estimator.estimate(recipe).total] + [s.estimate.total for s in suggestions]
     assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)
     assert not any(s.fits for s in suggestions)
@@ -268,7 +301,9 @@ def test_a_change_that_saves_nothing_is_left_out(llama_dir, host, estimator):
 
 def test_suggestions_stop_once_it_fits(llama_dir, host, estimator):
     recipe = make_recipe(llama_dir, ["full"], host, micro_batch_size=8)
-    with_checkpointing = estimator.estimate(apply_on(recipe, ["model.gradient_checkpointing=true"], host)).total
+    with_checkpointing = estimator.estimate(
+        apply_on(recipe, ["model.gradient_checkpointing=true"], host)
+    ).total
     suggestions = suggest(estimator, recipe, budget=with_checkpointing)
     assert [s.overrides for s in suggestions] == [["model.gradient_checkpointing=true"]]
     assert suggestions[0].fits
@@ -276,10 +311,16 @@ def test_suggestions_stop_once_it_fits(llama_dir, host, estimator):
 
 
 def test_smaller_micro_batch_keeps_the_effective_batch(llama_dir, host, estimator):
-    recipe = make_recipe(llama_dir, ["full"], host, micro_batch_size=12, gradient_accumulation=2, max_length=32)
+    recipe = make_recipe(
+        llama_dir, ["full"], host, micro_batch_size=12, gradient_accumulation=2, max_length=32
+    )
     recipe = apply_on(recipe, ["model.gradient_checkpointing=true"], host)
-    sizes = {m: estimator.estimate(apply_on(recipe, [f"train.micro_batch_size={m}", f"train.gradient_accumulation={24 // m}"], host)).total
-             for m in (12, 8, 6, 4)}
+    sizes = {
+        m: estimator.estimate(
+            apply_on(recipe, [f"train.micro_batch_size={m}", f"train.gradient_accumulation={24 // m}"], host)
+        ).total
+        for m in (12, 8, 6, 4)
+    }
     budget = (sizes[6] + sizes[8]) // 2  # 6 fits, 8 does not
     suggestions = suggest(estimator, recipe, budget)
     assert suggestions[0].overrides == ["train.micro_batch_size=6", "train.gradient_accumulation=4"]
@@ -305,12 +346,16 @@ def test_divisors():
 # -- the command line ---------------------------------------------------------------------------
 
 
-def write_recipe(path: Path, source, strategies: str, train: str = "micro_batch_size: 2", data_source="d.jsonl") -> Path:
-    path.write_text(f"model: {{source: {source}, task: causal_lm}}\n"
-                    f"data: {{source: {data_source}, max_length: {S}}}\n"
-                    f"strategies: {strategies}\n"
-                    f"train: {{{train}}}\n"
-                    f"output: {path.parent / 'runs'}/{{name}}\n")
+def write_recipe(
+    path: Path, source, strategies: str, train: str = "micro_batch_size: 2", data_source="d.jsonl"
+) -> Path:
+    path.write_text(
+        f"model: {{source: {source}, task: causal_lm}}\n"
+        f"data: {{source: {data_source}, max_length: {S}}}\n"
+        f"strategies: {strategies}\n"
+        f"train: {{{train}}}\n"
+        f"output: {path.parent / 'runs'}/{{name}}\n"
+    )
     return path
 
 
@@ -318,8 +363,17 @@ def test_cli_table_and_suggestions(tmp_path, llama_dir, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", llama_dir, "[{name: lora, r: 4}]")
     assert main(["estimate", str(recipe), "--device-memory", "1KB", "--peak-tflops", "1"]) == 0
     out = capsys.readouterr().out
-    for row in ("frozen weights", "trainable weights", "gradients", "optimizer states", "activations", "lora dropout",
-                "logits", "overhead", "peak"):
+    for row in (
+        "frozen weights",
+        "trainable weights",
+        "gradients",
+        "optimizer states",
+        "activations",
+        "lora dropout",
+        "logits",
+        "overhead",
+        "peak",
+    ):
         assert f"\n  {row} " in out
     assert "-> does NOT fit" in out and "dominant term: overhead" in out
     assert "time per optimizer step" in out
@@ -328,25 +382,52 @@ def test_cli_table_and_suggestions(tmp_path, llama_dir, capsys):
 
 def test_cli_json_matches_the_estimator(tmp_path, llama_dir, host, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", llama_dir, "[full]")
-    assert main(["estimate", str(recipe), "train.micro_batch_size=4", "--device-memory", "1TB", "--json",
-                 "--peak-tflops", "0"]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                str(recipe),
+                "train.micro_batch_size=4",
+                "--device-memory",
+                "1TB",
+                "--json",
+                "--peak-tflops",
+                "0",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     est = report["estimate"]
     assert report["fits"] and report["suggestions"] == [] and report["device_memory"] == 10**12
     direct = Estimator(host, device="cpu", overhead_bytes=est["overhead"], peak_tflops=0).estimate(
-        make_recipe(llama_dir, ["full"], host, micro_batch_size=4))
+        make_recipe(llama_dir, ["full"], host, micro_batch_size=4)
+    )
     assert est["total"] == direct.total and est["micro_batch_size"] == 4
     assert est["overhead"] > 100 * 2**20  # a process that imported torch and transformers
 
 
 def test_cli_resolves_auto_against_the_device_memory(tmp_path, llama_dir, host, capsys):
-    recipe = write_recipe(tmp_path / "r.yaml", llama_dir, "[full]", "micro_batch_size: auto, effective_batch_size: 8")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", llama_dir, "[full]", "micro_batch_size: auto, effective_batch_size: 8"
+    )
     assert main(["estimate", str(recipe), "--device-memory", "1TB", "--peak-tflops", "0"]) == 0
-    assert "micro-batch 8 (auto: the largest that fits) x 16 tokens, accumulation 1" in capsys.readouterr().out
+    assert (
+        "micro-batch 8 (auto: the largest that fits) x 16 tokens, accumulation 1" in capsys.readouterr().out
+    )
     estimator = Estimator(host, device="cpu", overhead_bytes=None, peak_tflops=0)
-    two = estimator.estimate(make_recipe(llama_dir, ["full"], host, micro_batch_size=2, gradient_accumulation=4)).total
-    four = estimator.estimate(make_recipe(llama_dir, ["full"], host, micro_batch_size=4, gradient_accumulation=2)).total
-    assert main(["estimate", str(recipe), f"--device-memory={(two + four) // 2}B", "--json", "--peak-tflops", "0"]) == 0
+    two = estimator.estimate(
+        make_recipe(llama_dir, ["full"], host, micro_batch_size=2, gradient_accumulation=4)
+    ).total
+    four = estimator.estimate(
+        make_recipe(llama_dir, ["full"], host, micro_batch_size=4, gradient_accumulation=2)
+    ).total
+    assert (
+        main(
+            ["estimate", str(recipe), f"--device-memory={(two + four) // 2}B", "--json", "--peak-tflops", "0"]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["micro_batch_size_auto"] and report["fits"]
     assert (report["estimate"]["micro_batch_size"], report["estimate"]["gradient_accumulation"]) == (2, 4)
@@ -374,7 +455,12 @@ def write_lm_data(path: Path, n: int = 24) -> Path:
     words = "the a movie film good bad one two three".split()
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"prompt": f"question {i}", "response": " ".join(rng.choice(words) for _ in range(12))}) + "\n")
+            f.write(
+                json.dumps(
+                    {"prompt": f"question {i}", "response": " ".join(rng.choice(words) for _ in range(12))}
+                )
+                + "\n"
+            )
     return path
 
 
@@ -391,14 +477,18 @@ def lm_dir(tmp_path_factory):
 def lm_recipe(lm_dir: Path, name: str, train: str, host):
     from adaptkit.recipe import load_recipe
 
-    path = write_recipe(lm_dir / f"{name}.yaml", lm_dir / "llama", "[full]", train, data_source=lm_dir / "train.jsonl")
+    path = write_recipe(
+        lm_dir / f"{name}.yaml", lm_dir / "llama", "[full]", train, data_source=lm_dir / "train.jsonl"
+    )
     return path, load_recipe(path, host=host)
 
 
 def test_preflight_refuses_a_run_that_will_not_fit(lm_dir, host):
     from adaptkit.training import train
 
-    _, recipe = lm_recipe(lm_dir, "tiny-limit", "micro_batch_size: 4, max_steps: 1, memory_limit_mb: 0.01", host)
+    _, recipe = lm_recipe(
+        lm_dir, "tiny-limit", "micro_batch_size: 4, max_steps: 1, memory_limit_mb: 0.01", host
+    )
     with pytest.raises(DoesNotFitError) as info:
         train(recipe, host)
     message = str(info.value)
@@ -406,7 +496,9 @@ def test_preflight_refuses_a_run_that_will_not_fit(lm_dir, host):
     assert "model.gradient_checkpointing=true" in message and "train.optimizer=adamw_8bit" in message
     assert "train.preflight: false" in message  # how to try anyway
     assert not recipe.run_dir.exists()  # stopped before loading anything or writing the run directory
-    _, off = lm_recipe(lm_dir, "tiny-off", "micro_batch_size: 4, max_steps: 1, memory_limit_mb: 0.01, preflight: false", host)
+    _, off = lm_recipe(
+        lm_dir, "tiny-off", "micro_batch_size: 4, max_steps: 1, memory_limit_mb: 0.01, preflight: false", host
+    )
     summary = train(off, host)
     assert summary["steps"] == 1 and summary["memory_plan"]["preflight"] is False
 
@@ -423,7 +515,9 @@ def test_auto_micro_batch_picks_the_largest_that_fits_and_resume_keeps_it(lm_dir
     from adaptkit.training import train
 
     def total(micro):
-        _, r = lm_recipe(lm_dir, "probe", f"micro_batch_size: {micro}, gradient_accumulation: {8 // micro}", host)
+        _, r = lm_recipe(
+            lm_dir, "probe", f"micro_batch_size: {micro}, gradient_accumulation: {8 // micro}", host
+        )
         return estimator.estimate(r).total
 
     totals = {m: total(m) for m in (8, 4, 2, 1)}
@@ -432,20 +526,36 @@ def test_auto_micro_batch_picks_the_largest_that_fits_and_resume_keeps_it(lm_dir
     train_spec = f"micro_batch_size: auto, effective_batch_size: 8, max_steps: 2, save_every: 1, memory_limit_mb: {limit}"
     _, recipe = lm_recipe(lm_dir, "auto", train_spec, host)
     summary = train(recipe, host, fresh=True)
-    assert (summary["micro_batch_size"], summary["gradient_accumulation"]) == (2, 4)  # 8 examples per step kept
+    assert (summary["micro_batch_size"], summary["gradient_accumulation"]) == (
+        2,
+        4,
+    )  # 8 examples per step kept
     assert summary["memory_plan"]["allocator"] == "release"  # tight: freed memory is returned at once
     from adaptkit.runs import open_run
 
     assert open_run(recipe.run_dir, host).batch_size == 2  # adaptkit eval uses the micro-batch that fitted
     saved = json.loads((recipe.run_dir / BATCH_FILE).read_text())
-    assert (saved["micro_batch_size"], saved["gradient_accumulation"], saved["effective_batch_size"]) == (2, 4, 8)
+    assert (saved["micro_batch_size"], saved["gradient_accumulation"], saved["effective_batch_size"]) == (
+        2,
+        4,
+        8,
+    )
     state = json.loads((recipe.run_dir / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
     assert state["samples"] == 2 * 8  # Accelerate accumulated 4 micro-batches of 2 per step
     # resumed with room for everything, it keeps the batch it started with
-    _, more = lm_recipe(lm_dir, "auto", train_spec.replace("max_steps: 2", "max_steps: 3").replace(f"memory_limit_mb: {limit}", "memory_limit_mb: 100000"), host)
+    _, more = lm_recipe(
+        lm_dir,
+        "auto",
+        train_spec.replace("max_steps: 2", "max_steps: 3").replace(
+            f"memory_limit_mb: {limit}", "memory_limit_mb: 100000"
+        ),
+        host,
+    )
     resumed = train(more, host)
     assert resumed["steps"] == 3 and (resumed["micro_batch_size"], resumed["gradient_accumulation"]) == (2, 4)
-    assert "allocator" not in resumed["memory_plan"]  # room enough, and no block a step makes exceeds 32 MiB: glibc's default
+    assert (
+        "allocator" not in resumed["memory_plan"]
+    )  # room enough, and no block a step makes exceeds 32 MiB: glibc's default
     # a fresh run searches again
     fresh = train(more, host, fresh=True)
     assert (fresh["micro_batch_size"], fresh["gradient_accumulation"]) == (8, 1)
@@ -457,8 +567,13 @@ def test_qlora_end_to_end(lm_dir, host):
     from adaptkit.training import train
     from adaptkit.weights import load_tensors
 
-    path = write_recipe(lm_dir / "qlora.yaml", lm_dir / "llama", "[{name: lora, r: 4, quantize: 4bit}]",
-                        "micro_batch_size: 4, max_steps: 2, optimizer: paged_adamw_8bit, lr: 0.01", data_source=lm_dir / "train.jsonl")
+    path = write_recipe(
+        lm_dir / "qlora.yaml",
+        lm_dir / "llama",
+        "[{name: lora, r: 4, quantize: 4bit}]",
+        "micro_batch_size: 4, max_steps: 2, optimizer: paged_adamw_8bit, lr: 0.01",
+        data_source=lm_dir / "train.jsonl",
+    )
     recipe = load_recipe(path, ["model.gradient_checkpointing=true"], host=host)
     est = Estimator(host, device="cpu", overhead_bytes=0, peak_tflops=0).estimate(recipe)
     assert set(est.frozen_by_dtype) == {"float32", "nf4+dq"} and est.gradient_checkpointing
@@ -466,13 +581,17 @@ def test_qlora_end_to_end(lm_dir, host):
     assert summary["steps"] == 2 and summary["memory_plan"]["estimate_mb"] == pytest.approx(est.total / 2**20)
     adapter = load_tensors(recipe.run_dir / "final" / "lora" / "adapter_model.safetensors")
     b = [t for k, t in adapter.items() if "lora_B" in k]
-    assert len(b) == 3 * 7 and all(t.abs().sum() > 0 for t in b)  # every adapted layer trained (B starts at zero)
+    assert len(b) == 3 * 7 and all(
+        t.abs().sum() > 0 for t in b
+    )  # every adapted layer trained (B starts at zero)
 
 
 def test_auto_micro_batch_that_never_fits(lm_dir, host):
     from adaptkit.training import train
 
-    _, recipe = lm_recipe(lm_dir, "auto-none", "micro_batch_size: auto, max_steps: 1, memory_limit_mb: 0.01", host)
+    _, recipe = lm_recipe(
+        lm_dir, "auto-none", "micro_batch_size: auto, max_steps: 1, memory_limit_mb: 0.01", host
+    )
     with pytest.raises(DoesNotFitError, match="not even a micro-batch of 1 fits"):
         train(recipe, host)
 
@@ -498,22 +617,35 @@ print(faults_to_fill(sizes[-1]))  # fresh pages, or memory an earlier tensor lef
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-@pytest.mark.parametrize("policy, sizes, user_setting, fresh_pages", [
-    # glibc unmaps a freed block over 32 MiB: the next step's faults its pages in again; keep reuses them
-    ("glibc", (100, 80), None, True),
-    ("keep", (100, 80), None, False),
-    # blocks of a few MiB glibc sometimes keeps in the heap (which fill reuses memory varies from
-    # run to run, so it is no control here); release gives every one its own mapping, every time
-    ("release", (2, 2, 2, 2, 2), None, True),
-    ("keep", (100, 80), "131072", True),  # MALLOC_MMAP_THRESHOLD_ in the environment wins: adaptkit changes nothing
-])
+@pytest.mark.parametrize(
+    "policy, sizes, user_setting, fresh_pages",
+    [
+        # glibc unmaps a freed block over 32 MiB: the next step's faults its pages in again; keep reuses them
+        ("glibc", (100, 80), None, True),
+        ("keep", (100, 80), None, False),
+        # blocks of a few MiB glibc sometimes keeps in the heap (which fill reuses memory varies from
+        # run to run, so it is no control here); release gives every one its own mapping, every time
+        ("release", (2, 2, 2, 2, 2), None, True),
+        (
+            "keep",
+            (100, 80),
+            "131072",
+            True,
+        ),  # MALLOC_MMAP_THRESHOLD_ in the environment wins: adaptkit changes nothing
+    ],
+)
 def test_cpu_allocator_policy(policy, sizes, user_setting, fresh_pages):
     """What each policy does to the page faults of a step's tensors, against glibc's default."""
     env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
     if user_setting:
         env["MALLOC_MMAP_THRESHOLD_"] = user_setting
-    res = subprocess.run([sys.executable, "-c", ALLOCATOR_CHILD, policy, *map(str, sizes)], capture_output=True, text=True,
-                         env=env, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", ALLOCATOR_CHILD, policy, *map(str, sizes)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     changed, faults = res.stdout.split()
     assert changed == str(policy != "glibc" and user_setting is None)
     pages = sizes[-1] * 2**20 // resource.getpagesize()
@@ -556,7 +688,9 @@ def test_meta_pass_saves_what_a_real_cpu_pass_with_attention_dropout_saves(tmp_p
     model = tiny_model("bert", "classification", num_labels=2)
     assert use_cpu_dropout_attention(model)
     model = adaptkit.apply(model, ["full"], host=host).model.train()
-    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}  # position ids too
+    weights = {
+        t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())
+    }  # position ids too
     saved: dict[int, int] = {}
 
     def pack(t):

@@ -13,6 +13,7 @@ import pytest
 
 from adaptkit.testing import save_tiny_pretrained, sentiment_rows, tiny_model
 
+
 @pytest.fixture(scope="module")
 def probe_dir(tmp_path_factory):
     """A tiny BERT and a tiny Llama, and a sentiment set whose texts vary in length (so batches pad)."""
@@ -59,7 +60,9 @@ def head_weights(run_dir: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])  # pooled output (BERT) and last-token pooling over padded states (Llama)
+@pytest.mark.parametrize(
+    "family", ["bert", "llama"]
+)  # pooled output (BERT) and last-token pooling over padded states (Llama)
 def test_cached_probe_trains_like_the_uncached_one(probe_dir, host, family):
     import torch
 
@@ -74,13 +77,18 @@ def test_cached_probe_trains_like_the_uncached_one(probe_dir, host, family):
     assert fc["cached"] == 4 * 44 + 4 * 12 - 56
     assert fc["bytes"] > 0
 
-    a, b = head_weights(probe_dir / "runs" / f"{family}-plain"), head_weights(probe_dir / "runs" / f"{family}-cached")
+    a, b = (
+        head_weights(probe_dir / "runs" / f"{family}-plain"),
+        head_weights(probe_dir / "runs" / f"{family}-cached"),
+    )
     assert a.keys() == b.keys() and a
     for name in a:
         # the first epoch is computed exactly as without the cache; later epochs reuse rows computed in
         # other batches (other padding), which moves float32 rounding only
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
-    plain_evals, cached_evals = (evaluations(probe_dir / "runs" / f"{family}-{kind}") for kind in ("plain", "cached"))
+    plain_evals, cached_evals = (
+        evaluations(probe_dir / "runs" / f"{family}-{kind}") for kind in ("plain", "cached")
+    )
     assert len(plain_evals) == len(cached_evals) == 4
     for p, c in zip(plain_evals, cached_evals):
         assert p["accuracy"] == c["accuracy"]
@@ -112,18 +120,26 @@ def test_cache_is_removed_after_training_and_the_backbone_is_untouched(probe_dir
         assert torch.equal(p, before[n]), n
 
 
-@pytest.mark.parametrize("strategies, says", [
-    ([{"name": "freeze", "trainable_top_blocks": 1}], "backbone parameters train"),
-    (["lora"], "backbone parameters train"),
-    (["gradual_unfreeze"], "unfreezes backbone parameters later"),
-])
+@pytest.mark.parametrize(
+    "strategies, says",
+    [
+        ([{"name": "freeze", "trainable_top_blocks": 1}], "backbone parameters train"),
+        (["lora"], "backbone parameters train"),
+        (["gradual_unfreeze"], "unfreezes backbone parameters later"),
+    ],
+)
 def test_cache_features_is_refused_where_the_backbone_trains(probe_dir, tmp_path, strategies, says):
     raw = probe_recipe(probe_dir, "bert", cache=True, strategies=strategies)
     raw["output"] = str(tmp_path / "runs")
     path = tmp_path / "r.yaml"
     path.write_text(json.dumps(raw))
-    proc = subprocess.run([sys.executable, "-m", "adaptkit", "train", str(path)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "adaptkit", "train", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert "train.cache_features" in proc.stderr and says in proc.stderr
     assert "Traceback" not in proc.stderr

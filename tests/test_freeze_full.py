@@ -18,7 +18,12 @@ FAMILIES = ("bert", "gpt2", "llama", "vit")
 
 # Written out per family rather than derived with adaptkit.anatomy, so the expected counts are
 # computed independently of the code under test.
-HEAD = {"bert": lambda m: m.classifier, "gpt2": lambda m: m.score, "llama": lambda m: m.score, "vit": lambda m: m.classifier}
+HEAD = {
+    "bert": lambda m: m.classifier,
+    "gpt2": lambda m: m.score,
+    "llama": lambda m: m.score,
+    "vit": lambda m: m.classifier,
+}
 BLOCKS = {
     "bert": lambda m: m.bert.encoder.layer,
     "gpt2": lambda m: m.transformer.h,
@@ -46,7 +51,9 @@ def trainable_ids(model: nn.Module) -> set[int]:
     return {id(p) for p in model.parameters() if p.requires_grad}
 
 
-def train(adapted: Adapted, steps: int = 3, lr: float = 1e-2, weight_decay: float = 0.1, set_to_none: bool = True):
+def train(
+    adapted: Adapted, steps: int = 3, lr: float = 1e-2, weight_decay: float = 0.1, set_to_none: bool = True
+):
     """The host's loop in miniature: one optimizer over ``param_groups``, events, ``set_to_none``."""
     model = adapted.model
     optimizer = torch.optim.AdamW(adapted.param_groups(lr, weight_decay=weight_decay))
@@ -74,7 +81,9 @@ def expected_trainable(family: str, model: nn.Module, option: str) -> tuple[dict
     if option == "top_blocks":
         return {"trainable_top_blocks": 2}, {**head, **params_of(*BLOCKS[family](model)[-2:])}
     if option == "norms":
-        norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")]
+        norms = [
+            m for m in model.modules() if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
+        ]
         assert norms
         return {"train_head": False, "train_norms": True}, params_of(*norms)
     if option == "biases":
@@ -118,7 +127,9 @@ def test_frozen_weights_stay_bitwise_equal_and_trainable_ones_move(host, family,
     before = snapshot(adapted.model)
     train(adapted, steps=3, weight_decay=0.1)
     frozen = [n for n, p in adapted.model.named_parameters() if not p.requires_grad]
-    moved = [n for n, p in adapted.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    moved = [
+        n for n, p in adapted.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])
+    ]
     assert all(torch.equal(dict(adapted.model.named_parameters())[n], before[n]) for n in frozen)
     assert sorted(moved) == sorted(n for n, p in adapted.model.named_parameters() if p.requires_grad)
     assert bool(frozen) == (strategy == "freeze")
@@ -164,7 +175,11 @@ def test_every_trainable_parameter_gets_a_gradient(host, family, strategy, check
         assert model.is_activation_checkpointing
     model.train()  # transformers only checkpoints in training mode
     model(**tiny_inputs(model)).loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
     assert missing == []
     assert not any(p.grad is not None for p in model.parameters() if not p.requires_grad)
 

@@ -20,13 +20,25 @@ BASE_LR = 1e-2
 def groups_of(family: str, model: nn.Module) -> list[dict[int, nn.Parameter]]:
     """The expected unfreezing groups, top first, written out per family (not via adaptkit.anatomy)."""
     if family == "bert":
-        top, blocks, bottom = [model.classifier, model.bert.pooler], model.bert.encoder.layer, [model.bert.embeddings]
+        top, blocks, bottom = (
+            [model.classifier, model.bert.pooler],
+            model.bert.encoder.layer,
+            [model.bert.embeddings],
+        )
     elif family == "gpt2":
-        top, blocks, bottom = [model.score, model.transformer.ln_f], model.transformer.h, [model.transformer.wte, model.transformer.wpe]
+        top, blocks, bottom = (
+            [model.score, model.transformer.ln_f],
+            model.transformer.h,
+            [model.transformer.wte, model.transformer.wpe],
+        )
     elif family == "llama":
         top, blocks, bottom = [model.score, model.model.norm], model.model.layers, [model.model.embed_tokens]
     elif family == "vit":
-        top, blocks, bottom = [model.classifier, model.vit.layernorm], model.vit.layers, [model.vit.embeddings]
+        top, blocks, bottom = (
+            [model.classifier, model.vit.layernorm],
+            model.vit.layers,
+            [model.vit.embeddings],
+        )
     else:
         raise AssertionError(family)
     parts = [top, *([b] for b in reversed(blocks)), bottom]
@@ -49,16 +61,23 @@ def lr_of(optimizer) -> dict[int, float]:
     return {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
 
 
-def run_epochs(adapted: Adapted, optimizer, epochs: range, steps_per_epoch: int = 2, scheduler=None, on_step=None):
+def run_epochs(
+    adapted: Adapted, optimizer, epochs: range, steps_per_epoch: int = 2, scheduler=None, on_step=None
+):
     """The host's loop in miniature: events from the TrainState, ``zero_grad(set_to_none=True)``."""
     model = adapted.model
     batch = tiny_inputs(model)
     adapted.on_event("train_start", TrainState(epoch=epochs.start, step=epochs.start * steps_per_epoch))
     for epoch in epochs:
-        adapted.on_event("epoch_start", TrainState(epoch=epoch, step=epoch * steps_per_epoch, steps_per_epoch=steps_per_epoch))
+        adapted.on_event(
+            "epoch_start",
+            TrainState(epoch=epoch, step=epoch * steps_per_epoch, steps_per_epoch=steps_per_epoch),
+        )
         for i in range(steps_per_epoch):
             step = epoch * steps_per_epoch + i
-            adapted.on_event("step_start", TrainState(epoch=epoch, step=step, steps_per_epoch=steps_per_epoch))
+            adapted.on_event(
+                "step_start", TrainState(epoch=epoch, step=step, steps_per_epoch=steps_per_epoch)
+            )
             optimizer.zero_grad(set_to_none=True)
             model(**batch).loss.backward()
             optimizer.step()
@@ -134,7 +153,9 @@ def test_bare_backbone_without_head_starts_at_the_top(host):
 
 def test_invalid_configs_are_reported_with_their_path(host):
     with pytest.raises(ConfigError) as info:
-        adaptkit.apply(tiny_model("bert"), "gradual_unfreeze", host=host, every=0, unit="batch", lr_decay=0, max_groups=0)
+        adaptkit.apply(
+            tiny_model("bert"), "gradual_unfreeze", host=host, every=0, unit="batch", lr_decay=0, max_groups=0
+        )
     paths = sorted(path for path, _ in info.value.problems)
     assert paths == [f"strategies[0].{f}" for f in ("every", "lr_decay", "max_groups", "unit")]
 
@@ -197,7 +218,10 @@ def test_a_linear_schedule_covers_groups_unfrozen_later(host):
         factor = 1 - (step + 1) / total
         lrs = lr_of(optimizer)
         for k, group in enumerate(groups):
-            assert [lrs[i] for i in group] == pytest.approx([BASE_LR / 2.6**k * factor] * len(group)), (step, k)
+            assert [lrs[i] for i in group] == pytest.approx([BASE_LR / 2.6**k * factor] * len(group)), (
+                step,
+                k,
+            )
         seen.append(torch.equal(embeddings, before))
 
     run_epochs(adapted, optimizer, range(epochs), steps_per_epoch, scheduler=scheduler, on_step=check)
@@ -211,7 +235,9 @@ def test_a_linear_schedule_covers_groups_unfrozen_later(host):
 
 def test_resuming_reproduces_the_stage_and_the_optimizer_groups(host):
     reference = adaptkit.apply(tiny_model("vit"), "gradual_unfreeze", host=host)
-    structure = [(g["name"], g["lr"], [p.shape for p in g["params"]]) for g in reference.param_groups(BASE_LR, 0.1)]
+    structure = [
+        (g["name"], g["lr"], [p.shape for p in g["params"]]) for g in reference.param_groups(BASE_LR, 0.1)
+    ]
     stages = []
     for epoch in range(6):
         reference.on_event("epoch_start", TrainState(epoch=epoch))
@@ -268,7 +294,11 @@ def test_every_trainable_parameter_gets_a_gradient_at_every_stage(host, family):
         adapted.on_event("epoch_start", TrainState(epoch=epoch))
         model.zero_grad(set_to_none=True)
         model(**batch).loss.backward()
-        assert [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())] == []
+        assert [
+            n
+            for n, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.abs().sum())
+        ] == []
         assert [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None] == []
 
 
@@ -303,7 +333,9 @@ def test_tied_head_is_refused_by_default(host):
 def test_tied_head_share_trains_the_shared_weight_with_the_head(host):
     adapted = adaptkit.apply(tied_gpt2(), "gradual_unfreeze", host=host, tied_head="share")
     model = adapted.model
-    assert trainable_ids(model) == {id(p) for p in [model.lm_head.weight, *model.transformer.ln_f.parameters()]}
+    assert trainable_ids(model) == {
+        id(p) for p in [model.lm_head.weight, *model.transformer.ln_f.parameters()]
+    }
     lrs = lr_of(torch.optim.AdamW(adapted.param_groups(BASE_LR)))
     assert lrs[id(model.transformer.wte.weight)] == BASE_LR
     assert lrs[id(model.transformer.wpe.weight)] == BASE_LR / 2.6**4
@@ -326,7 +358,10 @@ def test_after_freeze_it_keeps_what_freeze_trains_and_schedules_the_rest(host):
     """Placed after another strategy, it only unfreezes what that strategy left frozen."""
     adapted = adaptkit.apply(
         tiny_model("bert"),
-        [{"name": "freeze", "train_head": False, "train_biases": True}, {"name": "gradual_unfreeze", "max_groups": 2}],
+        [
+            {"name": "freeze", "train_head": False, "train_biases": True},
+            {"name": "gradual_unfreeze", "max_groups": 2},
+        ],
         host=host,
     )
     model = adapted.model
@@ -345,10 +380,13 @@ def test_after_freeze_it_keeps_what_freeze_trains_and_schedules_the_rest(host):
 
 
 def test_after_lora_it_unfreezes_the_base_weights_of_the_top_blocks(host, tmp_path):
-    """"LoRA everywhere, plus full training of the head and then of the top blocks"."""
+    """ "LoRA everywhere, plus full training of the head and then of the top blocks"."""
     if "lora" not in host.registries["strategies"]:
         pytest.skip("the lora plugin is not available")
-    stack = [{"name": "lora", "init": "random", "dropout": 0.0}, {"name": "gradual_unfreeze", "max_groups": 3}]
+    stack = [
+        {"name": "lora", "init": "random", "dropout": 0.0},
+        {"name": "gradual_unfreeze", "max_groups": 3},
+    ]
     adapted = adaptkit.apply(tiny_model("bert", seed=2), stack, host=host)
     model, gradual = adapted.model, adapted.strategies[1]
 
@@ -358,14 +396,20 @@ def test_after_lora_it_unfreezes_the_base_weights_of_the_top_blocks(host, tmp_pa
     lora = {n for n, _ in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n}
     assert lora and lora <= trainable()  # lora's own parameters train from the start, untouched
     assert not any(".lora_" in n or "modules_to_save" in n or "original_module" in n for n in gradual.owned)
-    assert trainable() - lora == {"base_model.model.bert.pooler.dense.weight", "base_model.model.bert.pooler.dense.bias"}
+    assert trainable() - lora == {
+        "base_model.model.bert.pooler.dense.weight",
+        "base_model.model.bert.pooler.dense.bias",
+    }
 
     def block(i):
         prefix = f"base_model.model.bert.encoder.layer.{i}."
         return {n for n, _ in model.named_parameters() if n.startswith(prefix)} - lora
 
     assert adapted.on_event("epoch_start", TrainState(epoch=1))
-    assert trainable() - lora == block(2) | {"base_model.model.bert.pooler.dense.weight", "base_model.model.bert.pooler.dense.bias"}
+    assert trainable() - lora == block(2) | {
+        "base_model.model.bert.pooler.dense.weight",
+        "base_model.model.bert.pooler.dense.bias",
+    }
     assert any(n.endswith("query.base_layer.weight") for n in block(2))
 
     optimizer = torch.optim.AdamW(adapted.param_groups(BASE_LR, weight_decay=0.1))
@@ -375,7 +419,11 @@ def test_after_lora_it_unfreezes_the_base_weights_of_the_top_blocks(host, tmp_pa
     model.zero_grad(set_to_none=True)
     batch = tiny_inputs(model)
     model(**batch).loss.backward()
-    assert [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())] == []
+    assert [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum())
+    ] == []
 
     with torch.no_grad():
         expected = model(**batch).logits

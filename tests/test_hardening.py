@@ -46,8 +46,14 @@ def work(tmp_path_factory) -> Path:
     return d
 
 
-def recipe_file(work: Path, name: str, strategies: str = "[full]", train: str = TRAIN, output: Path | None = None,
-                model: str = "") -> Path:
+def recipe_file(
+    work: Path,
+    name: str,
+    strategies: str = "[full]",
+    train: str = TRAIN,
+    output: Path | None = None,
+    model: str = "",
+) -> Path:
     path = work / f"{name}.yaml"
     path.write_text(
         f"model: {{source: {work / 'bert'}, task: classification{model}}}\n"
@@ -61,8 +67,13 @@ def recipe_file(work: Path, name: str, strategies: str = "[full]", train: str = 
 
 def run_cli(work: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """adaptkit in a child process that can import the test plugins (loaded only when named with -p)."""
-    full_env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONPATH": str(work / "plugins"),
-                "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1",
+        "PYTHONPATH": str(work / "plugins"),
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
     return subprocess.run([*ADAPTKIT, *args], capture_output=True, text=True, timeout=300, env=full_env)
 
 
@@ -91,7 +102,7 @@ def reference(work: Path, strategies: str = "[full]") -> dict:
 PLUGINS = {
     # SIGKILL at a chosen point: KILL_EVENT is an audit event ("open", "os.rename", "shutil.rmtree")
     # whose first argument (a path) matches the regex KILL_PATH, or "step_end" with KILL_PATH the step.
-    "killer": '''
+    "killer": """
 import os, re, signal, sys
 from adaptkit import hookimpl
 
@@ -111,11 +122,11 @@ if EVENT and EVENT != "step_end":
 def adaptkit_on_step_end(run, step, logs):
     if EVENT == "step_end" and step == int(PATH):
         os.kill(os.getpid(), signal.SIGKILL)
-''',
+""",
     # Once the checkpoint of FULL_AT_STEP is complete, the disk is full: FULL_MODE "fill" writes
     # a ballast file into FULL_DIR (a small tmpfs) until ENOSPC; "fsize" lowers RLIMIT_FSIZE so any
     # file over 2 kB fails with EFBIG.
-    "disk_filler": '''
+    "disk_filler": """
 import errno, os, resource
 from adaptkit import hookimpl
 
@@ -134,32 +145,32 @@ def adaptkit_on_checkpoint(run, step, path):
                 f.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC, exc
-''',
-    "raises_at_start": '''
+""",
+    "raises_at_start": """
 from adaptkit import hookimpl
 
 
 @hookimpl
 def adaptkit_on_train_start(run):
     raise RuntimeError("the tracking server is down")
-''',
-    "raises_at_step": '''
+""",
+    "raises_at_step": """
 from adaptkit import hookimpl
 
 
 @hookimpl
 def adaptkit_on_step_end(run, step, logs):
     raise ValueError(f"cannot log step {step}")
-''',
-    "unknown_hook": '''
+""",
+    "unknown_hook": """
 from adaptkit import hookimpl
 
 
 @hookimpl
 def adaptkit_on_save(run):
     pass
-''',
-    "from_the_future": '''
+""",
+    "from_the_future": """
 ADAPTKIT_API = 99
 from adaptkit import hookimpl
 
@@ -167,7 +178,7 @@ from adaptkit import hookimpl
 @hookimpl
 def adaptkit_on_train_end(run, summary):
     pass
-''',
+""",
 }
 
 
@@ -177,13 +188,27 @@ T9 = r"/\.tmp-step-00000009/"
 KILL_POINTS = [
     # (audit event, path regex or step, the checkpoint the resumed run must start from, what the kill left)
     pytest.param("step_end", "8", 6, None, id="mid-training-step-8"),
-    pytest.param("open", r"/\.tmp-step-00000003/\.rng-0\.safetensors\.", None, ".tmp-step-00000003", id="first-save-before-any-file"),
+    pytest.param(
+        "open",
+        r"/\.tmp-step-00000003/\.rng-0\.safetensors\.",
+        None,
+        ".tmp-step-00000003",
+        id="first-save-before-any-file",
+    ),
     pytest.param("open", T9 + r"\.rng-0\.safetensors\.", 6, ".tmp-step-00000009", id="rng-state"),
-    pytest.param("open", T9 + r"\.model\.[^/]+/full/\.weights\.safetensors\.", 6, ".tmp-step-00000009", id="model-weights"),
+    pytest.param(
+        "open",
+        T9 + r"\.model\.[^/]+/full/\.weights\.safetensors\.",
+        6,
+        ".tmp-step-00000009",
+        id="model-weights",
+    ),
     pytest.param("open", T9 + r"\.optimizer\.safetensors\.", 6, ".tmp-step-00000009", id="optimizer-state"),
     pytest.param("open", T9 + r"\.manifest\.json\.", 6, ".tmp-step-00000009", id="manifest"),
     pytest.param("os.rename", r"/\.tmp-step-00000009$", 6, ".tmp-step-00000009", id="complete-before-rename"),
-    pytest.param("shutil.rmtree", r"/checkpoints/step-00000003$", 9, "step-00000003", id="renamed-before-rotation"),
+    pytest.param(
+        "shutil.rmtree", r"/checkpoints/step-00000003$", 9, "step-00000003", id="renamed-before-rotation"
+    ),
 ]
 
 
@@ -232,16 +257,23 @@ def small_disk(tmp_path):
     """A 24 MB tmpfs (the run fills it itself); skipped where mounting is not permitted."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or 'not root'}); the EFBIG case still runs")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({res.stderr.strip() or 'not root'}); the EFBIG case still runs"
+        )
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, strategies", [("fill", "[full]"), ("fill", "[lora]"), ("fsize", "[full]")],
-                         ids=["enospc-full", "enospc-lora-adapter", "efbig-full"])
+@pytest.mark.parametrize(
+    "mode, strategies",
+    [("fill", "[full]"), ("fill", "[lora]"), ("fsize", "[full]")],
+    ids=["enospc-full", "enospc-lora-adapter", "efbig-full"],
+)
 def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(work, tmp_path, request, mode, strategies):
     disk = request.getfixturevalue("small_disk") if mode == "fill" else tmp_path
     expected = reference(work, strategies)
@@ -249,15 +281,23 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(work, tmp_path, r
     run_dir = disk / "runs" / path.stem
     root = run_dir / "checkpoints"
 
-    res = run_cli(work, "-p", "disk_filler", "train", str(path),
-                  env={"FULL_AT_STEP": "3", "FULL_MODE": mode, "FULL_DIR": str(disk)})
+    res = run_cli(
+        work,
+        "-p",
+        "disk_filler",
+        "train",
+        str(path),
+        env={"FULL_AT_STEP": "3", "FULL_MODE": mode, "FULL_DIR": str(disk)},
+    )
     assert res.returncode == 2, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     reason = os.strerror(errno.ENOSPC if mode == "fill" else errno.EFBIG)
     (line,) = error_lines(res.stderr)
     assert line.startswith(f"adaptkit: error: cannot write {root / 'step-00000006'}: {reason}"), line
-    assert line.endswith(f"the partial checkpoint was removed and the previous checkpoint {root / 'step-00000003'} is kept; "
-                         "free some space and run the same command again to resume from it"), line
+    assert line.endswith(
+        f"the partial checkpoint was removed and the previous checkpoint {root / 'step-00000003'} is kept; "
+        "free some space and run the same command again to resume from it"
+    ), line
     assert [p.name for p in checkpoint_dirs(root)] == ["step-00000003"]
     assert verify(root / "step-00000003")["step"] == 3  # every file intact, as its manifest says
     assert not list(root.glob(".*")), "the partial checkpoint was left behind"
@@ -290,8 +330,11 @@ def copy_run(work: Path, finished: Path, name: str) -> tuple[Path, Path]:
 def rewrite_manifest(ckpt: Path) -> None:
     """What an attacker who can write the checkpoint can also do: make the manifest match again."""
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"] = {str(p.relative_to(ckpt)): hashlib.sha256(p.read_bytes()).hexdigest()
-                         for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    manifest["files"] = {
+        str(p.relative_to(ckpt)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(ckpt.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -307,20 +350,25 @@ def test_a_flipped_bit_in_the_newest_checkpoint_is_detected_and_the_older_one_us
 
     res = run_cli(work, "train", str(path))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (f"adaptkit: skipping checkpoint: {root / 'step-00000012'}: model/full/weights.safetensors is corrupted "
-            "(its checksum does not match the manifest)") in res.stderr
+    assert (
+        f"adaptkit: skipping checkpoint: {root / 'step-00000012'}: model/full/weights.safetensors is corrupted "
+        "(its checksum does not match the manifest)"
+    ) in res.stderr
     assert f"resuming from {root / 'step-00000009'} (step 9)" in res.stderr
     assert summary(run_dir)["param_digest"] == summary(finished)["param_digest"]
 
 
-@pytest.mark.parametrize("damage, words", [
-    ("manifest-not-json", "manifest.json is not valid JSON"),
-    ("manifest-without-files", "manifest.json has no 'files' mapping"),
-    ("file-deleted", "optimizer.safetensors is missing"),
-    ("file-truncated", "optimizer.safetensors is corrupted"),
-    ("file-added", "optimizer.pt is not listed in manifest.json"),
-    ("no-manifest", "incomplete checkpoint (no manifest.json)"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("manifest-not-json", "manifest.json is not valid JSON"),
+        ("manifest-without-files", "manifest.json has no 'files' mapping"),
+        ("file-deleted", "optimizer.safetensors is missing"),
+        ("file-truncated", "optimizer.safetensors is corrupted"),
+        ("file-added", "optimizer.pt is not listed in manifest.json"),
+        ("no-manifest", "incomplete checkpoint (no manifest.json)"),
+    ],
+)
 def test_damaged_checkpoints_are_refused_by_their_manifest(work, finished, tmp_path, damage, words):
     ckpt = tmp_path / "step-00000012"
     shutil.copytree(finished / "checkpoints" / "step-00000012", ckpt)
@@ -385,7 +433,9 @@ def test_a_pickled_rng_file_in_a_checkpoint_is_never_executed(work, finished, ca
     err = capsys.readouterr().err
     assert not sentinel.exists()
     (line,) = error_lines(err)
-    assert line.startswith(f"adaptkit: error: {ckpt / 'rng-0.safetensors'}: not a readable safetensors file"), line
+    assert line.startswith(
+        f"adaptkit: error: {ckpt / 'rng-0.safetensors'}: not a readable safetensors file"
+    ), line
     assert (run_dir / "summary.json").read_bytes() == before
 
 
@@ -405,7 +455,10 @@ def test_pickles_dropped_next_to_a_checkpoint_are_never_read(work, finished, cap
     assert main(["train", str(path)]) == 0
     err = capsys.readouterr().err
     assert not sentinel.exists()
-    assert f"skipping checkpoint: {root / 'step-00000012'}: model/full/pytorch_model.bin is not listed in manifest.json" in err
+    assert (
+        f"skipping checkpoint: {root / 'step-00000012'}: model/full/pytorch_model.bin is not listed in manifest.json"
+        in err
+    )
     assert f"resuming from {root / 'step-00000009'} (step 9)" in err
     assert summary(run_dir)["param_digest"] == summary(finished)["param_digest"]
 
@@ -447,8 +500,10 @@ def test_bin_weights_are_refused_unless_allowed(work, host, capsys):
     spec = recipe.model.model_copy(update={"source": str(clean)})
     with pytest.raises(ConfigError) as exc:
         from_pretrained(str(clean), spec, task)
-    assert str(exc.value) == (f"model.allow_bin: '{clean}' has only pickled PyTorch weights (pytorch_model.bin) and no "
-                              "safetensors; unpickling can run code, so adaptkit refuses them unless the recipe sets allow_bin: true")
+    assert str(exc.value) == (
+        f"model.allow_bin: '{clean}' has only pickled PyTorch weights (pytorch_model.bin) and no "
+        "safetensors; unpickling can run code, so adaptkit refuses them unless the recipe sets allow_bin: true"
+    )
     # allowed: the same weights load (through torch.load(weights_only=True))
     loaded = from_pretrained(str(clean), spec.model_copy(update={"allow_bin": True}), task)
     import torch
@@ -456,7 +511,10 @@ def test_bin_weights_are_refused_unless_allowed(work, host, capsys):
 
     expected = load_file(str(work / "bert" / "model.safetensors"))
     got = loaded.model.state_dict()
-    assert torch.equal(got["bert.encoder.layer.0.attention.self.query.weight"], expected["encoder.layer.0.attention.self.query.weight"])
+    assert torch.equal(
+        got["bert.encoder.layer.0.attention.self.query.weight"],
+        expected["encoder.layer.0.attention.self.query.weight"],
+    )
 
     # allowed, but the pickle holds a payload: refused by weights_only loading, nothing runs
     sentinel = work / "pwned_bin"
@@ -483,15 +541,19 @@ def remote_code_model(work: Path, sentinel: Path) -> Path:
     shutil.copytree(work / "bert", d)
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "sneaky_bert"
-    cfg["auto_map"] = {"AutoConfig": "configuration_sneaky.SneakyConfig",
-                       "AutoModelForSequenceClassification": "modeling_sneaky.SneakyModel"}
+    cfg["auto_map"] = {
+        "AutoConfig": "configuration_sneaky.SneakyConfig",
+        "AutoModelForSequenceClassification": "modeling_sneaky.SneakyModel",
+    }
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "configuration_sneaky.py").write_text(
         f"open({str(sentinel)!r}, 'w').close()\n"
-        "from transformers import BertConfig\n\n\nclass SneakyConfig(BertConfig):\n    model_type = 'sneaky_bert'\n")
+        "from transformers import BertConfig\n\n\nclass SneakyConfig(BertConfig):\n    model_type = 'sneaky_bert'\n"
+    )
     (d / "modeling_sneaky.py").write_text(
         "from transformers import BertForSequenceClassification\n\nfrom .configuration_sneaky import SneakyConfig\n\n\n"
-        "class SneakyModel(BertForSequenceClassification):\n    config_class = SneakyConfig\n")
+        "class SneakyModel(BertForSequenceClassification):\n    config_class = SneakyConfig\n"
+    )
     return d
 
 
@@ -507,8 +569,10 @@ def test_the_loader_refuses_remote_code_without_the_flag(work, host, tmp_path, m
     task.names, task.ids = ["neg", "pos"], {"neg": 0, "pos": 1}
     with pytest.raises(ConfigError) as exc:
         from_pretrained(str(model), recipe.model.model_copy(update={"source": str(model)}), task)
-    assert str(exc.value) == (f"model.trust_remote_code: '{model}' ships its own Python code (auto_map in its config), "
-                              "which adaptkit runs only when the recipe sets trust_remote_code: true")
+    assert str(exc.value) == (
+        f"model.trust_remote_code: '{model}' ships its own Python code (auto_map in its config), "
+        "which adaptkit runs only when the recipe sets trust_remote_code: true"
+    )
     assert not sentinel.exists()
 
 
@@ -525,7 +589,9 @@ def test_remote_code_runs_only_when_the_recipe_says_so(work, tmp_path):
     assert str(model) in line and ("trust_remote_code" in line or "custom code" in line), line
     assert not sentinel.exists()
     # the control: with the flag (a local directory needs no pinned revision) the shipped code does run
-    allowed = run_cli(work, "train", str(path), f"model.source={model}", "model.trust_remote_code=true", env=env)
+    allowed = run_cli(
+        work, "train", str(path), f"model.source={model}", "model.trust_remote_code=true", env=env
+    )
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert sentinel.exists()
 
@@ -540,8 +606,10 @@ def test_fp16_mixed_precision_on_the_cpu_is_refused_before_anything_is_touched(w
     before = (run_dir / "summary.json").read_bytes()
     with pytest.raises(ConfigError) as exc:
         train(load_recipe(path, ["train.mixed_precision=fp16"], host=host), host, fresh=True)
-    assert str(exc.value) == ("train.mixed_precision: fp16 needs a GPU (Accelerate has no fp16 autocast on the CPU); "
-                              "on the CPU use bf16 or no")
+    assert str(exc.value) == (
+        "train.mixed_precision: fp16 needs a GPU (Accelerate has no fp16 autocast on the CPU); "
+        "on the CPU use bf16 or no"
+    )
     assert (run_dir / "summary.json").read_bytes() == before
 
 
@@ -555,12 +623,19 @@ def test_float16_weights_train_in_float32_under_autocast(work, host, capsys):
 
     train_spec = "max_steps: 8, lr: 1.0e-2, micro_batch_size: 16, log_every: 1, seed: 0"
     strategies = "[{name: freeze, trainable_top_blocks: 1}]"
-    half = train(load_recipe(recipe_file(work, "fp16_weights", strategies, train_spec, model=", dtype: float16"), host=host),
-                 host, fresh=True)
+    half = train(
+        load_recipe(
+            recipe_file(work, "fp16_weights", strategies, train_spec, model=", dtype: float16"), host=host
+        ),
+        host,
+        fresh=True,
+    )
     err = capsys.readouterr().err
     assert "adaptkit: upcasting 18 trainable tensors to float32 (e.g. bert.encoder.layer.2." in err
     assert "adaptkit: the frozen weights stay float16; the forward pass runs under autocast" in err
-    full = train(load_recipe(recipe_file(work, "fp32_weights", strategies, train_spec), host=host), host, fresh=True)
+    full = train(
+        load_recipe(recipe_file(work, "fp32_weights", strategies, train_spec), host=host), host, fresh=True
+    )
 
     opened = open_run(work / "runs" / "fp16_weights", host)
     params = dict(opened.adapted.model.named_parameters())
@@ -572,8 +647,9 @@ def test_float16_weights_train_in_float32_under_autocast(work, host, capsys):
     frozen = params["bert.encoder.layer.0.attention.self.query.weight"]
     assert frozen.dtype == torch.float16
     assert torch.equal(frozen, base["encoder.layer.0.attention.self.query.weight"].half())
-    assert not torch.equal(saved["bert.encoder.layer.2.output.dense.weight"],
-                           base["encoder.layer.2.output.dense.weight"])
+    assert not torch.equal(
+        saved["bert.encoder.layer.2.output.dense.weight"], base["encoder.layer.2.output.dense.weight"]
+    )
     assert half["final_train_loss"] == pytest.approx(full["final_train_loss"], rel=2e-2)
     assert half["final_metrics"]["eval_loss"] == pytest.approx(full["final_metrics"]["eval_loss"], rel=2e-2)
 
@@ -594,8 +670,10 @@ def test_a_plugin_raising_in_train_start_stops_the_run_naming_itself(work, plugi
     path = recipe_file(work, "plugin_start", train="max_steps: 2, micro_batch_size: 8")
     assert main(["-p", "raises_at_start", "train", str(path), "--fresh"]) == 2
     (line,) = error_lines(capsys.readouterr().err)
-    assert line == ("adaptkit: error: plugin 'raises_at_start' (raises_at_start) failed in adaptkit_on_train_start: "
-                    "RuntimeError: the tracking server is down")
+    assert line == (
+        "adaptkit: error: plugin 'raises_at_start' (raises_at_start) failed in adaptkit_on_train_start: "
+        "RuntimeError: the tracking server is down"
+    )
 
 
 def test_a_plugin_raising_in_a_notification_is_named_and_the_run_goes_on(work, plugin_path, capsys):
@@ -603,14 +681,22 @@ def test_a_plugin_raising_in_a_notification_is_named_and_the_run_goes_on(work, p
     assert main(["-p", "raises_at_step", "train", str(path), "--fresh"]) == 0
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "raises_at_step" in line] == [
-        f"adaptkit: plugin 'raises_at_step' (raises_at_step) failed in adaptkit_on_step_end: ValueError: cannot log step {s}" for s in (1, 2)]
+        f"adaptkit: plugin 'raises_at_step' (raises_at_step) failed in adaptkit_on_step_end: ValueError: cannot log step {s}"
+        for s in (1, 2)
+    ]
     assert summary(work / "runs" / "plugin_step")["steps"] == 2
 
 
-@pytest.mark.parametrize("plugin, words", [
-    ("unknown_hook", "'adaptkit_on_save' is not an adaptkit hook"),
-    ("from_the_future", "needs adaptkit plugin API 99, but adaptkit 0.1.0 provides API 1; upgrade adaptkit"),
-])
+@pytest.mark.parametrize(
+    "plugin, words",
+    [
+        ("unknown_hook", "'adaptkit_on_save' is not an adaptkit hook"),
+        (
+            "from_the_future",
+            "needs adaptkit plugin API 99, but adaptkit 0.1.0 provides API 1; upgrade adaptkit",
+        ),
+    ],
+)
 def test_a_plugin_that_cannot_work_is_refused_at_load(work, plugin_path, capsys, plugin, words):
     assert main(["-p", plugin, "plugins"]) == 0
     out, err = capsys.readouterr()

@@ -51,7 +51,9 @@ def imagedir(tmp_path_factory):
     return d
 
 
-def recipe(d: Path, name: str, train: str, strategies: str = "[{name: freeze, trainable_top_blocks: 1}]") -> Path:
+def recipe(
+    d: Path, name: str, train: str, strategies: str = "[{name: freeze, trainable_top_blocks: 1}]"
+) -> Path:
     path = d / f"{name}.yaml"
     path.write_text(
         f"model: {{source: {d / 'vit'}, task: image_classification}}\n"
@@ -80,8 +82,18 @@ def test_freeze_probe_learns_stripes_and_frozen_weights_stay(imagedir, host):
     from adaptkit.runs import evaluate_run, open_run
     from adaptkit.training import train
 
-    untrained = train(load_recipe(recipe(imagedir, "untrained", "max_steps: 1, lr: 1.0e-12, micro_batch_size: 16"), host=host), host, fresh=True)
-    trained = train(load_recipe(recipe(imagedir, "probe", "epochs: 3, lr: 1.0e-2, micro_batch_size: 16"), host=host), host, fresh=True)
+    untrained = train(
+        load_recipe(
+            recipe(imagedir, "untrained", "max_steps: 1, lr: 1.0e-12, micro_batch_size: 16"), host=host
+        ),
+        host,
+        fresh=True,
+    )
+    trained = train(
+        load_recipe(recipe(imagedir, "probe", "epochs: 3, lr: 1.0e-2, micro_batch_size: 16"), host=host),
+        host,
+        fresh=True,
+    )
     before, after = untrained["final_metrics"]["accuracy"], trained["final_metrics"]["accuracy"]
     assert after >= 0.9 and after >= before + 0.25, (before, after)
     assert {"accuracy", "macro_f1", "eval_loss"} <= trained["final_metrics"].keys()
@@ -90,8 +102,14 @@ def test_freeze_probe_learns_stripes_and_frozen_weights_stay(imagedir, host):
     opened = open_run(imagedir / "runs" / "probe", host)
     assert opened.adapted.model.config.id2label == {0: "horizontal", 1: "vertical"}
     # the backbone as the loader gives it (transformers may rename keys on disk: compare loaded models)
-    base = dict(AutoModelForImageClassification.from_pretrained(imagedir / "vit", num_labels=2).named_parameters())
-    changed = {n for n, p in opened.adapted.model.named_parameters() if n.startswith("vit.") and not torch.equal(p, base[n])}
+    base = dict(
+        AutoModelForImageClassification.from_pretrained(imagedir / "vit", num_labels=2).named_parameters()
+    )
+    changed = {
+        n
+        for n, p in opened.adapted.model.named_parameters()
+        if n.startswith("vit.") and not torch.equal(p, base[n])
+    }
     top = {n for n in base if n.startswith("vit.layers.2.")}
     assert changed == top, sorted(changed ^ top)
     # the saved final state reproduces the run's metrics
@@ -128,9 +146,15 @@ def test_paths_bytes_and_image_columns_give_the_same_pixels(imagedir, host):
     assert -1 - 1e-6 <= values.min() < 0 < values.max() <= 1 + 1e-6
     buffer = io.BytesIO()
     Image.open(io.BytesIO(raw[0])).convert("L").save(buffer, format="PNG")
-    grey = task.encode(datasets.Dataset.from_dict({"image": [buffer.getvalue()], "label": ["vertical"]}), processor, "grey")
+    grey = task.encode(
+        datasets.Dataset.from_dict({"image": [buffer.getvalue()], "label": ["vertical"]}), processor, "grey"
+    )
     pixels = grey[0]["pixel_values"]
-    assert pixels.shape == (3, 16, 16) and torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[1], pixels[2])
+    assert (
+        pixels.shape == (3, 16, 16)
+        and torch.equal(pixels[0], pixels[1])
+        and torch.equal(pixels[1], pixels[2])
+    )
 
 
 def test_unreadable_images_name_file_row_and_column(imagedir, host, tmp_path):
@@ -151,10 +175,18 @@ def test_unreadable_images_name_file_row_and_column(imagedir, host, tmp_path):
     # with row 4 repaired, the missing file of row 6 is the first problem
     first = splits["train"][0]["image"]
     repaired = splits["train"].map(lambda r, i: {"image": first} if i == 3 else r, with_indices=True)
-    with pytest.raises(DataError, match=r"train.csv: row 6, column 'image': cannot read the image: FileNotFoundError.*train-5.png"):
+    with pytest.raises(
+        DataError,
+        match=r"train.csv: row 6, column 'image': cannot read the image: FileNotFoundError.*train-5.png",
+    ):
         task.encode(repaired, processor, files["train"])
-    with pytest.raises(DataError, match=r"rows.jsonl: row 1, column 'image': expected an image file path, image bytes or an image, got NoneType"):
-        task.encode(datasets.Dataset.from_dict({"image": [None], "label": ["vertical"]}), processor, "rows.jsonl")
+    with pytest.raises(
+        DataError,
+        match=r"rows.jsonl: row 1, column 'image': expected an image file path, image bytes or an image, got NoneType",
+    ):
+        task.encode(
+            datasets.Dataset.from_dict({"image": [None], "label": ["vertical"]}), processor, "rows.jsonl"
+        )
 
 
 def test_an_image_that_breaks_after_the_check_still_names_its_row(imagedir, host, tmp_path):
@@ -186,7 +218,9 @@ def test_unknown_label_and_label_ids(imagedir, host, tmp_path):
     assert "held out" in files["validation"]
     task.encode(splits["validation"], processor, files["validation"])
     bad = splits["train"].map(lambda r, i: {"label": 7 if i == 2 else r["label"]}, with_indices=True)
-    with pytest.raises(DataError, match=r"train.jsonl: row 3, column 'label': unknown label 7; the labels are \['0', '1'\]"):
+    with pytest.raises(
+        DataError, match=r"train.jsonl: row 3, column 'label': unknown label 7; the labels are \['0', '1'\]"
+    ):
         task.encode(bad, processor, files["train"])
 
 
@@ -194,8 +228,20 @@ def test_auto_micro_batch_trial_steps_on_images(imagedir, host):
     """Images have no token lengths to sort by: the trial takes the first rows; the run equals a fixed-size one."""
     from adaptkit.training import train
 
-    auto = train(load_recipe(recipe(imagedir, "auto", "max_steps: 2, lr: 1.0e-2, micro_batch_size: auto, effective_batch_size: 8"),
-                             host=host), host, fresh=True)
+    auto = train(
+        load_recipe(
+            recipe(
+                imagedir, "auto", "max_steps: 2, lr: 1.0e-2, micro_batch_size: auto, effective_batch_size: 8"
+            ),
+            host=host,
+        ),
+        host,
+        fresh=True,
+    )
     assert auto["memory_plan"]["tried"] == [8] and auto["micro_batch_size"] == 8
-    fixed = train(load_recipe(recipe(imagedir, "fixed", "max_steps: 2, lr: 1.0e-2, micro_batch_size: 8"), host=host), host, fresh=True)
+    fixed = train(
+        load_recipe(recipe(imagedir, "fixed", "max_steps: 2, lr: 1.0e-2, micro_batch_size: 8"), host=host),
+        host,
+        fresh=True,
+    )
     assert fixed["param_digest"] == auto["param_digest"]

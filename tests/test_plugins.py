@@ -61,8 +61,14 @@ def assert_fully_gone(host: PluginHost, name: str) -> None:
 
 def test_example_plugin_is_discovered_through_its_entry_point(monkeypatch):
     monkeypatch.delenv("ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    eps = [ep for ep in importlib.metadata.entry_points(group="adaptkit") if ep.dist and ep.dist.name == EXAMPLE_DIST]
-    assert [(ep.name, ep.value) for ep in eps] == [("bitfit", "adaptkit_example_plugin")], "run scripts/setup.sh"
+    eps = [
+        ep
+        for ep in importlib.metadata.entry_points(group="adaptkit")
+        if ep.dist and ep.dist.name == EXAMPLE_DIST
+    ]
+    assert [(ep.name, ep.value) for ep in eps] == [("bitfit", "adaptkit_example_plugin")], (
+        "run scripts/setup.sh"
+    )
 
     host = get_plugin_host()
     entry = host.registries["strategies"]["bitfit"]
@@ -118,12 +124,25 @@ def test_bitfit_trains_only_biases_and_the_head():
     host = plugin_host("adaptkit_example_plugin")
     model = tiny_model("bert")
     # computed independently of the plugin: every module's bias, plus the classifier
-    biases = {f"{m}.bias" for m, mod in model.named_modules() if isinstance(getattr(mod, "bias", None), torch.nn.Parameter)}
+    biases = {
+        f"{m}.bias"
+        for m, mod in model.named_modules()
+        if isinstance(getattr(mod, "bias", None), torch.nn.Parameter)
+    }
     expected = biases | {"classifier.weight"}
-    expected_count = sum(mod.bias.numel() for mod in model.modules()
-                         if isinstance(getattr(mod, "bias", None), torch.nn.Parameter)) + model.classifier.weight.numel()
+    expected_count = (
+        sum(
+            mod.bias.numel()
+            for mod in model.modules()
+            if isinstance(getattr(mod, "bias", None), torch.nn.Parameter)
+        )
+        + model.classifier.weight.numel()
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    assert "bert.encoder.layer.0.attention.self.query.bias" in expected and "bert.pooler.dense.weight" not in expected
+    assert (
+        "bert.encoder.layer.0.attention.self.query.bias" in expected
+        and "bert.pooler.dense.weight" not in expected
+    )
 
     adapted = adaptkit.apply(model, "bitfit", host=host)
     assert adapted.model is model and not model.training
@@ -155,7 +174,8 @@ def test_bitfit_options_and_edge_cases():
     host = plugin_host("adaptkit_example_plugin")
     bert = adaptkit.apply(tiny_model("bert"), "bitfit", host=host, train_head=False)
     assert {n for n, p in bert.model.named_parameters() if p.requires_grad} == {
-        n for n, _ in bert.model.named_parameters() if n.endswith(".bias")}
+        n for n, _ in bert.model.named_parameters() if n.endswith(".bias")
+    }
     # gpt2 ties lm_head to the input embeddings: the pretrained embedding must stay frozen
     gpt2 = adaptkit.apply(tiny_model("gpt2", task="causal_lm"), "bitfit", host=host)
     assert not gpt2.model.lm_head.weight.requires_grad
@@ -241,8 +261,12 @@ def test_an_entry_point_named_like_a_builtin_is_refused_without_running_it(site,
 
 
 def test_two_distributions_claiming_one_plugin_name_are_both_named(site):
-    site.add("same-a", {"samename": "adaptkit_fake_same_a"}, {"adaptkit_fake_same_a": GOOD.format(name="same_a")})
-    site.add("same-b", {"samename": "adaptkit_fake_same_b"}, {"adaptkit_fake_same_b": GOOD.format(name="same_b")})
+    site.add(
+        "same-a", {"samename": "adaptkit_fake_same_a"}, {"adaptkit_fake_same_a": GOOD.format(name="same_a")}
+    )
+    site.add(
+        "same-b", {"samename": "adaptkit_fake_same_b"}, {"adaptkit_fake_same_b": GOOD.format(name="same_b")}
+    )
     host = get_plugin_host()
     (loser,) = [p for p in host.broken if p.name == "samename"]
     assert loser.distribution == "same-b"
@@ -253,9 +277,14 @@ def test_two_distributions_claiming_one_plugin_name_are_both_named(site):
 def test_load_order_does_not_depend_on_discovery_order(site, monkeypatch):
     """P6: importlib.metadata's order follows sys.path and the filesystem; the host sorts."""
     for letter in "zyxa":
-        site.add(f"order-{letter}", {f"order_{letter}": f"adaptkit_fake_order_{letter}"},
-                 {f"adaptkit_fake_order_{letter}": GOOD.format(name="contested")})
-    site.add("order-m", {"order_m": "adaptkit_fake_order_m"}, {"adaptkit_fake_order_m": GOOD.format(name="solo")})
+        site.add(
+            f"order-{letter}",
+            {f"order_{letter}": f"adaptkit_fake_order_{letter}"},
+            {f"adaptkit_fake_order_{letter}": GOOD.format(name="contested")},
+        )
+    site.add(
+        "order-m", {"order_m": "adaptkit_fake_order_m"}, {"adaptkit_fake_order_m": GOOD.format(name="solo")}
+    )
     baseline = snapshot(get_plugin_host())
     assert baseline["registries"]["strategies"]["contested"] == ("order_a", "order-a")
 
@@ -363,7 +392,10 @@ def test_notify_isolates_a_raising_plugin():
         errors = host.notify("adaptkit_on_step_end", run=None, step=7, logs={"loss": 0.5})
         assert sorted(calls) == [("first", 7, 0.5), ("last", 7, 0.5)], order
         assert len(errors) == 1 and isinstance(errors[0], PluginError)
-        assert "plugin 'raiser' (raiser-dist 2.0) failed in adaptkit_on_step_end: RuntimeError: disk full" in str(errors[0])
+        assert (
+            "plugin 'raiser' (raiser-dist 2.0) failed in adaptkit_on_step_end: RuntimeError: disk full"
+            in str(errors[0])
+        )
         calls.clear()
         with pytest.raises(PluginError, match="plugin 'raiser'"):
             host.call_strict("adaptkit_on_step_end", run=None, step=8, logs={"loss": 0.25})
@@ -408,8 +440,11 @@ def test_firstresult_load_model_a_plugin_wins_over_the_trylast_loader():
 
 def _specs() -> dict[str, tuple[str, ...]]:
     host = PluginHost()
-    return {name: getattr(host.pm.hook, name).spec.argnames for name, fn in vars(hookspecs).items()
-            if inspect.isfunction(fn) and hasattr(fn, "adaptkit_spec")}
+    return {
+        name: getattr(host.pm.hook, name).spec.argnames
+        for name, fn in vars(hookspecs).items()
+        if inspect.isfunction(fn) and hasattr(fn, "adaptkit_spec")
+    }
 
 
 def test_every_hookspec_is_documented_prefixed_and_default_free():
@@ -436,7 +471,12 @@ def hook_call_problems(source: str, filename: str, specs: dict[str, tuple[str, .
         func, args = node.func, node.args
         if isinstance(func.value, ast.Attribute) and func.value.attr == "hook":
             name = func.attr
-        elif func.attr in ("notify", "call_strict") and args and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str):
+        elif (
+            func.attr in ("notify", "call_strict")
+            and args
+            and isinstance(args[0], ast.Constant)
+            and isinstance(args[0].value, str)
+        ):
             name, args = args[0].value, args[1:]
         else:
             continue

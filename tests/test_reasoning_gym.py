@@ -31,7 +31,12 @@ def test_rows_are_deterministic_for_a_seed_and_splits_are_disjoint():
     assert not set(val) & set(a["train"]["prompt"])
     assert len(set(val)) == len(val)
     assert {n: f.dtype for n, f in a["train"].features.items()} == {
-        "prompt": "string", "response": "string", "scorer": "string", "reference": "string", "max_new_tokens": "int64"}
+        "prompt": "string",
+        "response": "string",
+        "scorer": "string",
+        "reference": "string",
+        "max_new_tokens": "int64",
+    }
 
 
 def test_rows_are_the_entries_reasoning_gym_generates():
@@ -41,14 +46,21 @@ def test_rows_are_the_entries_reasoning_gym_generates():
     for split in ("train", "validation"):
         for row in splits[split].select(range(5)):
             ref = json.loads(row["reference"])
-            entry = reasoning_gym.create_dataset(ref["task"], seed=ref["seed"], size=ref["size"], **ref["config"])[ref["index"]]
+            entry = reasoning_gym.create_dataset(
+                ref["task"], seed=ref["seed"], size=ref["size"], **ref["config"]
+            )[ref["index"]]
             assert (row["prompt"], row["response"]) == (entry["question"], entry["answer"])
             assert row["scorer"] == "reasoning_gym" and row["max_new_tokens"] == 16
 
 
 def test_validation_drops_questions_seen_in_training():
     """A task with few distinct questions: validation keeps only the new ones (and none at all is an error)."""
-    opts = {"task": "chain_sum", "size": 300, "eval_size": 50, "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}
+    opts = {
+        "task": "chain_sum",
+        "size": 300,
+        "eval_size": 50,
+        "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    }
     splits = load(opts, 0)
     train = set(splits["train"]["prompt"])
     val = list(splits["validation"]["prompt"])
@@ -56,13 +68,23 @@ def test_validation_drops_questions_seen_in_training():
     # 2 one-digit terms and +/-: at most 200 questions, most of them drawn into 300 training rows
     assert 0 < len(val) < 50
     opts.update(size=3000, eval_size=5)  # 20 candidates, every one of them already in training
-    with pytest.raises(DataError, match="every validation question of reasoning-gym task 'chain_sum' also appears"):
+    with pytest.raises(
+        DataError, match="every validation question of reasoning-gym task 'chain_sum' also appears"
+    ):
         load(opts, 0)
 
 
 def test_gold_answers_score_one_and_wrong_answers_less():
     """The verifier is the dataset's own: gold answers score 1.0, altered ones less, matching score_answer."""
-    for opts in (OPTIONS, {"task": "basic_arithmetic", "size": 10, "eval_size": 10, "config": {"max_terms": 3, "max_digits": 2}}):
+    for opts in (
+        OPTIONS,
+        {
+            "task": "basic_arithmetic",
+            "size": 10,
+            "eval_size": 10,
+            "config": {"max_terms": 3, "max_digits": 2},
+        },
+    ):
         val = load(opts, 3)["validation"]
         refs, gold = list(val["reference"]), list(val["response"])
         assert score(gold, refs) == 1.0
@@ -83,19 +105,40 @@ def test_generated_text_is_reduced_to_its_first_line_before_scoring():
     generated = [f"  {answer} \nbecause I reversed the letters" for answer in val["response"]]
     assert score([extract_answer(t) for t in generated], list(val["reference"])) == 1.0
     assert score(generated, list(val["reference"])) < 1.0
-    assert extract_answer("\n\n  42 \n7") == "42" and extract_answer("") == "" and extract_answer(" \n ") == ""
+    assert (
+        extract_answer("\n\n  42 \n7") == "42" and extract_answer("") == "" and extract_answer(" \n ") == ""
+    )
 
 
-@pytest.mark.parametrize(("options", "path", "words"), [
-    ({"task": "spell_backwards"}, "data.options.task", ["did you mean spell_backward", "basic_arithmetic"]),
-    ({"task": "no_such_task_at_all"}, "data.options.task", ["tasks exist, e.g.", "ab, acre"]),
-    ({}, "data.options.task", ["Field required"]),
-    ({"task": "spell_backward", "size": 0}, "data.options.size", ["greater than or equal to 1"]),
-    ({"task": "spell_backward", "eval_sizes": 3}, "data.options.eval_sizes", ["unknown option", "eval_size"]),
-    ({"task": "spell_backward", "config": {"seed": 3}}, "data.options.config.seed", ["train.seed"]),
-    ({"task": "spell_backward", "config": {"max_len": 3}}, "data.options.config.max_len", ["min_word_len", "max_word_len"]),
-    ({"task": "spell_backward", "config": {"min_word_len": 9, "max_word_len": 3}}, "data.options.config", ["max_word_len must be >= min_word_len"]),
-])
+@pytest.mark.parametrize(
+    ("options", "path", "words"),
+    [
+        (
+            {"task": "spell_backwards"},
+            "data.options.task",
+            ["did you mean spell_backward", "basic_arithmetic"],
+        ),
+        ({"task": "no_such_task_at_all"}, "data.options.task", ["tasks exist, e.g.", "ab, acre"]),
+        ({}, "data.options.task", ["Field required"]),
+        ({"task": "spell_backward", "size": 0}, "data.options.size", ["greater than or equal to 1"]),
+        (
+            {"task": "spell_backward", "eval_sizes": 3},
+            "data.options.eval_sizes",
+            ["unknown option", "eval_size"],
+        ),
+        ({"task": "spell_backward", "config": {"seed": 3}}, "data.options.config.seed", ["train.seed"]),
+        (
+            {"task": "spell_backward", "config": {"max_len": 3}},
+            "data.options.config.max_len",
+            ["min_word_len", "max_word_len"],
+        ),
+        (
+            {"task": "spell_backward", "config": {"min_word_len": 9, "max_word_len": 3}},
+            "data.options.config",
+            ["max_word_len must be >= min_word_len"],
+        ),
+    ],
+)
 def test_bad_options_name_the_field(options, path, words):
     with pytest.raises(ConfigError) as info:
         load(options, 0)
@@ -131,12 +174,17 @@ def test_greedy_generation_with_left_padding_matches_one_prompt_at_a_time():
 
     tok = tiny_tokenizer("llama")
     model = tiny_model("llama", "causal_lm", seed=1, pad_token_id=0, eos_token_id=tok.eos_token_id)
-    prompts = [tok(t)["input_ids"] for t in ("one two", "the movie was good and fun", "add three", "what is five plus four minus")]
+    prompts = [
+        tok(t)["input_ids"]
+        for t in ("one two", "the movie was good and fun", "add three", "what is five plus four minus")
+    ]
     torch.manual_seed(0)
     batched = generate_texts(model, tok, prompts, max_new_tokens=6, batch_size=4)
     alone = [generate_texts(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
     assert batched == alone
-    assert all(t.strip() for t in batched)  # the random model says something, so the comparison means something
+    assert all(
+        t.strip() for t in batched
+    )  # the random model says something, so the comparison means something
 
 
 def write_recipe(tmp: Path, name: str, data: str, strategy: str, train: str) -> Path:
@@ -158,7 +206,13 @@ def test_answer_accuracy_of_a_tiny_llama_trained_end_to_end(tmp_path, host):
 
     save_tiny_pretrained(tmp_path / "llama", "llama", "causal_lm", chat=True)
     data = "{source: reasoning_gym, max_length: 48, options: {task: spell_backward, size: 24, eval_size: 6, max_new_tokens: 4, config: {max_word_len: 4}}}"
-    path = write_recipe(tmp_path, "rg", data, "{name: lora, r: 4}", "max_steps: 4, eval_every: 2, micro_batch_size: 8, lr: 1.0e-3")
+    path = write_recipe(
+        tmp_path,
+        "rg",
+        data,
+        "{name: lora, r: 4}",
+        "max_steps: 4, eval_every: 2, micro_batch_size: 8, lr: 1.0e-3",
+    )
     summary = train(load_recipe(path, host=host), host, fresh=True)
     run = tmp_path / "runs" / "rg"
     evals = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in m]
@@ -166,7 +220,9 @@ def test_answer_accuracy_of_a_tiny_llama_trained_end_to_end(tmp_path, host):
     accs = [m["answer_accuracy"] for m in evals]
     assert all(0.0 <= a <= 1.0 for a in accs)
     saved = json.loads((run / "summary.json").read_text())
-    assert saved["final_metrics"]["answer_accuracy"] == accs[-1] == summary["final_metrics"]["answer_accuracy"]
+    assert (
+        saved["final_metrics"]["answer_accuracy"] == accs[-1] == summary["final_metrics"]["answer_accuracy"]
+    )
     assert saved["best_metric"] == max(accs) and saved["best_metrics"]["answer_accuracy"] == max(accs)
 
 
@@ -179,7 +235,18 @@ def write_yes_no(path: Path, n: int, seed: int) -> Path:
             answer = rng.choice(["yes", "no"])
             cue = rng.choice(["good", "great", "fun"] if answer == "yes" else ["bad", "awful", "dull"])
             prompt = " ".join([cue, *rng.sample(words, 3)])
-            f.write(json.dumps({"prompt": prompt, "response": answer, "scorer": "accuracy", "reference": answer, "max_new_tokens": 3}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "response": answer,
+                        "scorer": "accuracy",
+                        "reference": answer,
+                        "max_new_tokens": 3,
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -194,7 +261,10 @@ def test_a_model_that_learned_the_answers_scores_one_and_an_untrained_one_zero(t
     write_yes_no(tmp_path / "data" / "train.jsonl", 64, seed=0)
     write_yes_no(tmp_path / "data" / "validation.jsonl", 16, seed=1)
     data = f"{{source: {tmp_path / 'data'}, max_length: 16}}"
-    recipe = load_recipe(write_recipe(tmp_path, "full", data, "{name: full}", "epochs: 12, micro_batch_size: 8, lr: 1.0e-2"), host=host)
+    recipe = load_recipe(
+        write_recipe(tmp_path, "full", data, "{name: full}", "epochs: 12, micro_batch_size: 8, lr: 1.0e-2"),
+        host=host,
+    )
     trained = train(recipe, host, fresh=True)
     assert trained["final_metrics"]["answer_accuracy"] == 1.0
     assert trained["best_metric"] == 1.0
@@ -227,5 +297,8 @@ def test_rows_without_a_scorer_are_judged_by_loss_and_an_unknown_scorer_is_named
     model, tok = tiny_model("llama", "causal_lm"), tiny_tokenizer("llama")
     assert task.generation_metrics(model, tok, plain, {}) == {}
     scored = plain.add_column("scorer", ["exact"]).add_column("reference", ["three"])
-    with pytest.raises(DataError, match="column 'scorer' names 'exact', which is no registered metric; the metrics are accuracy"):
+    with pytest.raises(
+        DataError,
+        match="column 'scorer' names 'exact', which is no registered metric; the metrics are accuracy",
+    ):
         task.generation_metrics(model, tok, scored, {"accuracy": None})

@@ -50,7 +50,9 @@ def problems_of(exc: pytest.ExceptionInfo) -> dict[str, str]:
 # -- YAML traps (R7) ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, value", [("2e-5", 2e-5), ("1e-4", 1e-4), ("3E+2", 300.0), ("5.0e-5", 5e-5), (".5", 0.5)])
+@pytest.mark.parametrize(
+    "text, value", [("2e-5", 2e-5), ("1e-4", 1e-4), ("3E+2", 300.0), ("5.0e-5", 5e-5), (".5", 0.5)]
+)
 def test_exponent_floats_are_floats(text, value):
     got = load_yaml(f"lr: {text}")["lr"]
     assert type(got) is float and got == value
@@ -62,8 +64,21 @@ def test_lr_2e5_is_a_float_after_validation(tmp_path, host):
     assert recipe.train.lr == 2e-05
 
 
-@pytest.mark.parametrize("text, value", [("true", True), ("false", False), ("0", 0), ("-3", -3), ("1_000", 1000), ("0x10", 16),
-                                         ("null", None), ("'on'", "on"), ('"010"', "010"), ("text", "text")])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("true", True),
+        ("false", False),
+        ("0", 0),
+        ("-3", -3),
+        ("1_000", 1000),
+        ("0x10", 16),
+        ("null", None),
+        ("'on'", "on"),
+        ('"010"', "010"),
+        ("text", "text"),
+    ],
+)
 def test_unambiguous_scalars(text, value):
     got = load_yaml(f"k: {text}")["k"]
     assert got == value and type(got) is type(value)
@@ -96,11 +111,20 @@ def test_duplicate_top_level_section_in_a_recipe_file(tmp_path, host):
 
 def test_duplicate_key_through_merge_key_is_not_a_false_positive():
     # ``<<`` merges are flattened first; an explicit key may then override a merged one
-    assert load_yaml("base: &b {lr: 1.0}\ntrain:\n  <<: *b\n  epochs: 2\n")["train"] == {"lr": 1.0, "epochs": 2}
+    assert load_yaml("base: &b {lr: 1.0}\ntrain:\n  <<: *b\n  epochs: 2\n")["train"] == {
+        "lr": 1.0,
+        "epochs": 2,
+    }
 
 
-@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system", "!!python/object/apply:subprocess.call",
-                                 "!!python/object/new:os.system"])
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "!!python/object/apply:os.system",
+        "!!python/object/apply:subprocess.call",
+        "!!python/object/new:os.system",
+    ],
+)
 def test_python_tags_never_run(tmp_path, host, tag):
     marker = tmp_path / "pwned"
     payload = f"{tag} [['touch', '{marker}']]" if "subprocess" in tag else f"{tag} ['touch {marker}']"
@@ -126,12 +150,15 @@ def test_not_a_mapping_and_broken_yaml(tmp_path):
 # -- schema ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("section, key, path", [
-    ("model", "sorce", "model.sorce"),
-    ("train", "lr_rate", "train.lr_rate"),
-    ("data", "txt", "data.txt"),
-    (None, "optimiser", "optimiser"),
-])
+@pytest.mark.parametrize(
+    "section, key, path",
+    [
+        ("model", "sorce", "model.sorce"),
+        ("train", "lr_rate", "train.lr_rate"),
+        ("data", "txt", "data.txt"),
+        (None, "optimiser", "optimiser"),
+    ],
+)
 def test_unknown_keys_are_errors_at_every_level(host, section, key, path):
     raw = base_raw()
     if section is None:
@@ -160,8 +187,17 @@ def test_every_problem_is_reported_at_once(host):
     with pytest.raises(ConfigError) as exc:
         validate(raw, host=host, source="run.yaml")
     found = problems_of(exc)
-    expected = {"model.sorce", "data.txt", "train.lr_rate", "train.lr", "train.epochs", "train.micro_batch_size",
-                "train.mixed_precision", "strategies[0].trainable_top_blocks", "strategies[1].name"}
+    expected = {
+        "model.sorce",
+        "data.txt",
+        "train.lr_rate",
+        "train.lr",
+        "train.epochs",
+        "train.micro_batch_size",
+        "train.mixed_precision",
+        "strategies[0].trainable_top_blocks",
+        "strategies[1].name",
+    }
     assert set(found) == expected
     assert len(exc.value.problems) == 9
     text = str(exc.value)
@@ -169,23 +205,26 @@ def test_every_problem_is_reported_at_once(host):
     assert all(f"  {p}: " in text for p in expected)
 
 
-@pytest.mark.parametrize("section, key, value, path, words", [
-    ("train", "lr", -1e-4, "train.lr", "greater than 0"),
-    ("train", "lr", 0, "train.lr", "greater than 0"),
-    ("train", "lr", "fast", "train.lr", "'fast'"),
-    ("train", "epochs", 0, "train.epochs", "greater than 0"),
-    ("train", "micro_batch_size", 0, "train.micro_batch_size", "positive integer or 'auto'"),
-    ("train", "micro_batch_size", "huge", "train.micro_batch_size", "'huge'"),
-    ("train", "mixed_precision", "fp8", "train.mixed_precision", "'fp8'"),
-    ("train", "scheduler", "exp", "train.scheduler", "'exp'"),
-    ("train", "warmup_ratio", 1.0, "train.warmup_ratio", "less than 1"),
-    ("train", "gradient_accumulation", 0, "train.gradient_accumulation", "greater than or equal to 1"),
-    ("data", "validation_size", 0, "data.validation_size", "greater than 0"),
-    ("data", "max_length", 4, "data.max_length", "greater than or equal to 8"),
-    ("model", "dtype", "int8", "model.dtype", "'int8'"),
-    ("model", "num_labels", 0, "model.num_labels", "greater than or equal to 1"),
-    ("model", "dropout", 1.0, "model.dropout", "less than 1"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, path, words",
+    [
+        ("train", "lr", -1e-4, "train.lr", "greater than 0"),
+        ("train", "lr", 0, "train.lr", "greater than 0"),
+        ("train", "lr", "fast", "train.lr", "'fast'"),
+        ("train", "epochs", 0, "train.epochs", "greater than 0"),
+        ("train", "micro_batch_size", 0, "train.micro_batch_size", "positive integer or 'auto'"),
+        ("train", "micro_batch_size", "huge", "train.micro_batch_size", "'huge'"),
+        ("train", "mixed_precision", "fp8", "train.mixed_precision", "'fp8'"),
+        ("train", "scheduler", "exp", "train.scheduler", "'exp'"),
+        ("train", "warmup_ratio", 1.0, "train.warmup_ratio", "less than 1"),
+        ("train", "gradient_accumulation", 0, "train.gradient_accumulation", "greater than or equal to 1"),
+        ("data", "validation_size", 0, "data.validation_size", "greater than 0"),
+        ("data", "max_length", 4, "data.max_length", "greater than or equal to 8"),
+        ("model", "dtype", "int8", "model.dtype", "'int8'"),
+        ("model", "num_labels", 0, "model.num_labels", "greater than or equal to 1"),
+        ("model", "dropout", 1.0, "model.dropout", "less than 1"),
+    ],
+)
 def test_bad_values_name_their_path(host, section, key, value, path, words):
     raw = base_raw()
     raw.setdefault(section, {})[key] = value
@@ -197,7 +236,11 @@ def test_bad_values_name_their_path(host, section, key, value, path, words):
 
 
 def test_union_fields_report_one_problem_without_pydantic_tags(host):
-    raw = base_raw(strategies=[5, "freeze"], train={"micro_batch_size": "huge"}, data={"source": "d", "transforms": [{"name": "t"}, 3]})
+    raw = base_raw(
+        strategies=[5, "freeze"],
+        train={"micro_batch_size": "huge"},
+        data={"source": "d", "transforms": [{"name": "t"}, 3]},
+    )
     with pytest.raises(ConfigError) as exc:
         validate(raw, host=host)
     paths = [p for p, _ in exc.value.problems]
@@ -208,7 +251,12 @@ def test_union_fields_report_one_problem_without_pydantic_tags(host):
 
 def test_strategy_items_are_all_checked_even_after_a_malformed_one(host):
     with pytest.raises(ConfigError) as exc:
-        validate(base_raw(strategies=[{"trainable_top_blocks": 1}, "nope", {"name": "freeze", "train_head": "maybe"}]), host=host)
+        validate(
+            base_raw(
+                strategies=[{"trainable_top_blocks": 1}, "nope", {"name": "freeze", "train_head": "maybe"}]
+            ),
+            host=host,
+        )
     found = problems_of(exc)
     assert set(found) == {"strategies[0]", "strategies[1].name", "strategies[2].train_head"}
     assert "mapping with 'name'" in found["strategies[0]"]
@@ -219,14 +267,21 @@ def test_auto_micro_batch_and_false_mixed_precision(host):
     assert recipe.train.micro_batch_size == "auto" and recipe.train.mixed_precision == "no"
 
 
-@pytest.mark.parametrize("strategies, path, words", [
-    ([], "strategies", "at least 1"),
-    ("freeze", "strategies", "list"),
-    (["no_such_strategy"], "strategies[0].name", "no_such_strategy"),
-    (["freeze", "nope"], "strategies[1].name", "nope"),
-    ([{"name": "freeze", "trainable_top_blocks": -1}], "strategies[0].trainable_top_blocks", "greater than or equal to 0"),
-    ([{"name": "freeze", "tied_head": "merge"}], "strategies[0].tied_head", "'merge'"),
-])
+@pytest.mark.parametrize(
+    "strategies, path, words",
+    [
+        ([], "strategies", "at least 1"),
+        ("freeze", "strategies", "list"),
+        (["no_such_strategy"], "strategies[0].name", "no_such_strategy"),
+        (["freeze", "nope"], "strategies[1].name", "nope"),
+        (
+            [{"name": "freeze", "trainable_top_blocks": -1}],
+            "strategies[0].trainable_top_blocks",
+            "greater than or equal to 0",
+        ),
+        ([{"name": "freeze", "tied_head": "merge"}], "strategies[0].tied_head", "'merge'"),
+    ],
+)
 def test_strategy_problems_name_their_path(host, strategies, path, words):
     with pytest.raises(ConfigError) as exc:
         validate(base_raw(strategies=strategies), host=host)
@@ -269,7 +324,9 @@ def test_remote_code_needs_a_pinned_commit(host, revision):
 
 def test_remote_code_with_a_pinned_commit_is_accepted(host):
     sha = "0123456789abcdef0123456789abcdef01234567"
-    recipe = validate(base_raw(model={"source": "org/custom-model", "trust_remote_code": True, "revision": sha}), host=host)
+    recipe = validate(
+        base_raw(model={"source": "org/custom-model", "trust_remote_code": True, "revision": sha}), host=host
+    )
     assert recipe.model.trust_remote_code is True and recipe.model.revision == sha
 
 
@@ -279,14 +336,19 @@ def test_remote_code_from_a_local_directory_needs_no_revision(tmp_path, host):
 
 
 def test_a_revision_alone_needs_no_pinning(host):
-    assert validate(base_raw(model={"source": "org/m", "revision": "main"}), host=host).model.revision == "main"
+    assert (
+        validate(base_raw(model={"source": "org/m", "revision": "main"}), host=host).model.revision == "main"
+    )
 
 
 # -- extends -----------------------------------------------------------------------------------
 
 
 def test_extends_deep_merges_and_child_wins(tmp_path, host):
-    write(tmp_path, "base/parent.yaml", """\
+    write(
+        tmp_path,
+        "base/parent.yaml",
+        """\
         name: parent-name
         model:
           source: org/parent
@@ -301,8 +363,12 @@ def test_extends_deep_merges_and_child_wins(tmp_path, host):
         train:
           lr: 1e-3
           epochs: 3
-    """)
-    child = write(tmp_path, "runs/child.yaml", """\
+    """,
+    )
+    child = write(
+        tmp_path,
+        "runs/child.yaml",
+        """\
         extends: ../base/parent.yaml
         model:
           source: org/child
@@ -310,7 +376,8 @@ def test_extends_deep_merges_and_child_wins(tmp_path, host):
           - freeze
         train:
           lr: 2e-5
-    """)
+    """,
+    )
     recipe = load_recipe(child, host=host)
     assert recipe.name == "child"  # the parent's name is not inherited
     assert recipe.model.source == "org/child" and recipe.model.dtype == "bfloat16"
@@ -320,7 +387,11 @@ def test_extends_deep_merges_and_child_wins(tmp_path, host):
 
 
 def test_extends_chain_resolves_paths_relative_to_each_file(tmp_path, host):
-    write(tmp_path, "a/grand.yaml", "model: {source: org/g}\ndata: {source: g.jsonl}\nstrategies: [full]\ntrain: {seed: 7}\n")
+    write(
+        tmp_path,
+        "a/grand.yaml",
+        "model: {source: org/g}\ndata: {source: g.jsonl}\nstrategies: [full]\ntrain: {seed: 7}\n",
+    )
     write(tmp_path, "a/b/parent.yaml", "extends: ../grand.yaml\ntrain: {lr: 1e-3}\n")
     child = write(tmp_path, "c/child.yaml", "extends: ../a/b/parent.yaml\ntrain: {epochs: 2}\n")
     recipe = load_recipe(child, host=host)
@@ -354,7 +425,11 @@ def test_deep_merge_does_not_change_its_inputs():
 
 
 def test_override_lr_is_a_float(tmp_path, host):
-    recipe = load_recipe(write(tmp_path, "r.yaml", GOOD), ["train.lr=1e-4", "train.epochs=2", "model.dtype=bfloat16"], host=host)
+    recipe = load_recipe(
+        write(tmp_path, "r.yaml", GOOD),
+        ["train.lr=1e-4", "train.epochs=2", "model.dtype=bfloat16"],
+        host=host,
+    )
     assert type(recipe.train.lr) is float and recipe.train.lr == 1e-4
     assert recipe.train.epochs == 2 and recipe.model.dtype == "bfloat16"
 
@@ -368,8 +443,10 @@ def test_override_list_items_both_forms(host, key):
 
 
 def test_override_into_a_dict_item_and_whole_item(host):
-    raw = apply_overrides(base_raw(strategies=[{"name": "freeze", "trainable_top_blocks": 1}, "full"]),
-                          ["strategies[0].train_norms=true", "strategies.1=freeze"])
+    raw = apply_overrides(
+        base_raw(strategies=[{"name": "freeze", "trainable_top_blocks": 1}, "full"]),
+        ["strategies[0].train_norms=true", "strategies.1=freeze"],
+    )
     assert raw["strategies"] == [{"name": "freeze", "trainable_top_blocks": 1, "train_norms": True}, "freeze"]
 
 
@@ -387,23 +464,30 @@ def test_overrides_do_not_change_the_callers_mapping():
 
 def test_bad_override_value_is_reported_by_validation(tmp_path, host):
     with pytest.raises(ConfigError) as exc:
-        load_recipe(write(tmp_path, "r.yaml", GOOD), ["strategies.0.trainable_top_blocks=-1", "train.lr_rate=1"], host=host)
+        load_recipe(
+            write(tmp_path, "r.yaml", GOOD),
+            ["strategies.0.trainable_top_blocks=-1", "train.lr_rate=1"],
+            host=host,
+        )
     assert set(problems_of(exc)) == {"strategies[0].trainable_top_blocks", "train.lr_rate"}
 
 
-@pytest.mark.parametrize("item, words", [
-    ("train.lr", "key.sub=value"),
-    ("train.lr 1e-4", "key.sub=value"),
-    ("strategies.3.r=1", "out of range"),
-    ("strategies[1].r=1", "out of range"),
-    ("strategies.-1.r=1", "out of range"),
-    ("strategies.first.r=1", "out of range"),
-    ("train.lr.value=1", "not a section"),
-    ("train.epochs=on", "ambiguous"),
-    ("train.epochs=010", "ambiguous"),
-    ("train.lr=[1", "not valid YAML"),
-    ("train.lr=!!python/object/apply:os.getpid []", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("train.lr", "key.sub=value"),
+        ("train.lr 1e-4", "key.sub=value"),
+        ("strategies.3.r=1", "out of range"),
+        ("strategies[1].r=1", "out of range"),
+        ("strategies.-1.r=1", "out of range"),
+        ("strategies.first.r=1", "out of range"),
+        ("train.lr.value=1", "not a section"),
+        ("train.epochs=on", "ambiguous"),
+        ("train.epochs=010", "ambiguous"),
+        ("train.lr=[1", "not valid YAML"),
+        ("train.lr=!!python/object/apply:os.getpid []", "not valid YAML"),
+    ],
+)
 def test_bad_overrides(item, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         apply_overrides(base_raw(train={"lr": 1.0}), [item])
@@ -414,7 +498,7 @@ def test_bad_overrides(item, words):
 _ident = st.text(string.ascii_lowercase + "_", min_size=1, max_size=6)
 _path = st.lists(_ident, min_size=1, max_size=3).map(tuple)
 _value = st.one_of(
-    st.integers(min_value=-10**12, max_value=10**12).map(lambda v: (str(v), v)),
+    st.integers(min_value=-(10**12), max_value=10**12).map(lambda v: (str(v), v)),
     st.floats(allow_nan=False, allow_infinity=False).map(lambda v: (repr(v), v)),
     st.text(string.ascii_letters + string.digits + "_-/", max_size=8).map(lambda s: ("x" + s, "x" + s)),
     st.booleans().map(lambda b: (str(b).lower(), b)),
@@ -440,8 +524,12 @@ def test_overrides_round_trip_typed_values(assignments):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.text(max_size=20), max_size=4), st.sampled_from([{}, {"strategies": ["freeze", {"name": "full"}]},
-                                                                    {"train": {"lr": 1.0}, "model": None}]))
+@given(
+    st.lists(st.text(max_size=20), max_size=4),
+    st.sampled_from(
+        [{}, {"strategies": ["freeze", {"name": "full"}]}, {"train": {"lr": 1.0}, "model": None}]
+    ),
+)
 def test_arbitrary_overrides_only_raise_config_errors(items, base):
     try:
         out = apply_overrides(base, items)
@@ -452,7 +540,9 @@ def test_arbitrary_overrides_only_raise_config_errors(items, base):
 
 # -- source scan (S4) --------------------------------------------------------------------------
 
-UNSAFE_YAML = re.compile(r"\byaml\.(?:load|load_all|full_load|full_load_all|unsafe_load|unsafe_load_all)\(|\bunsafe_load\b|FullLoader|UnsafeLoader")
+UNSAFE_YAML = re.compile(
+    r"\byaml\.(?:load|load_all|full_load|full_load_all|unsafe_load|unsafe_load_all)\(|\bunsafe_load\b|FullLoader|UnsafeLoader"
+)
 
 
 def _sources() -> list[Path]:
@@ -466,10 +556,16 @@ def _unsafe_torch_loads(source: str) -> list[int]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call):
             f = node.func
-            is_torch_load = (isinstance(f, ast.Attribute) and f.attr == "load" and isinstance(f.value, ast.Name)
-                             and f.value.id == "torch")
-            if is_torch_load and not any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                                         for k in node.keywords):
+            is_torch_load = (
+                isinstance(f, ast.Attribute)
+                and f.attr == "load"
+                and isinstance(f.value, ast.Name)
+                and f.value.id == "torch"
+            )
+            if is_torch_load and not any(
+                k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in node.keywords
+            ):
                 bad.append(node.lineno)
     return bad
 
@@ -478,7 +574,9 @@ def test_the_scanners_can_find_what_they_look_for():
     assert UNSAFE_YAML.search("cfg = yaml.load(text, Loader=yaml.FullLoader)")
     assert UNSAFE_YAML.search("yaml.unsafe_load(text)")
     assert not UNSAFE_YAML.search("yaml.safe_load(text); StrictLoader(text)")
-    assert _unsafe_torch_loads("import torch\nsd = torch.load(p)\nok = torch.load(p, weights_only=True)\n") == [2]
+    assert _unsafe_torch_loads(
+        "import torch\nsd = torch.load(p)\nok = torch.load(p, weights_only=True)\n"
+    ) == [2]
     assert _unsafe_torch_loads("torch.load(p, weights_only=False)") == [1]
 
 
@@ -500,7 +598,9 @@ def test_no_unsafe_yaml_or_torch_load_in_the_sources():
 
 def _shipped_recipes() -> list:
     folder = ROOT / "recipes"
-    found = sorted(p for pattern in ("*.yaml", "*.yml") for p in folder.rglob(pattern)) if folder.is_dir() else []
+    found = (
+        sorted(p for pattern in ("*.yaml", "*.yml") for p in folder.rglob(pattern)) if folder.is_dir() else []
+    )
     if not found:
         return [pytest.param(None, id="no-recipes")]
     return [pytest.param(p, id=str(p.relative_to(folder))) for p in found]
@@ -514,7 +614,9 @@ def test_shipped_recipe_validates(path, host):
     from adaptkit.recipe import read_raw
 
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# Run: ") and "adaptkit" in first, f"{path} must start with a comment saying how to run it"
+    assert first.startswith("# Run: ") and "adaptkit" in first, (
+        f"{path} must start with a comment saying how to run it"
+    )
     if is_comparison(read_raw(path)):
         p = plan(path, host=host)  # every run of the comparison validates
         assert p.variants and all(jobs for jobs in p.variants.values())

@@ -25,18 +25,40 @@ from adaptkit.report import (
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOTAL = 22_000_000
-META = {"model": "all-minilm-l6-v2", "task": "classification", "data": "sst2 (2,000 / 300)", "date": "2025-06-01"}
+META = {
+    "model": "all-minilm-l6-v2",
+    "task": "classification",
+    "data": "sst2 (2,000 / 300)",
+    "date": "2025-06-01",
+}
 
 
 def run(variant: str, seed: int, **numbers) -> dict:
     """One finished run as the comparison runner records it; ``numbers`` override the defaults."""
     row = {
-        "variant": variant, "seed": seed, "status": "finished", "error": None, "strategies": ["freeze", "lora"],
-        "trainable_parameters": 12345, "total_parameters": TOTAL, "trainable_percent": 100 * 12345 / TOTAL,
-        "peak_memory_mb": 800.0, "memory_kind": "cpu_rss", "wall_time_s": 40.0, "samples_per_s": 88.0,
-        "tokens_per_s": 2300.0, "metric": "accuracy", "greater_is_better": True, "final_metric": 0.75,
-        "best_metric": 0.8125, "eval_loss": 0.5, "train_loss": 0.25, "overfit_gap": 0.25, "forgetting": 0.02,
-        "forgetting_measure": "loss on <pydoc_data> topics", "saved_bytes": 1_048_576,
+        "variant": variant,
+        "seed": seed,
+        "status": "finished",
+        "error": None,
+        "strategies": ["freeze", "lora"],
+        "trainable_parameters": 12345,
+        "total_parameters": TOTAL,
+        "trainable_percent": 100 * 12345 / TOTAL,
+        "peak_memory_mb": 800.0,
+        "memory_kind": "cpu_rss",
+        "wall_time_s": 40.0,
+        "samples_per_s": 88.0,
+        "tokens_per_s": 2300.0,
+        "metric": "accuracy",
+        "greater_is_better": True,
+        "final_metric": 0.75,
+        "best_metric": 0.8125,
+        "eval_loss": 0.5,
+        "train_loss": 0.25,
+        "overfit_gap": 0.25,
+        "forgetting": 0.02,
+        "forgetting_measure": "loss on <pydoc_data> topics",
+        "saved_bytes": 1_048_576,
         "run_dir": f"variants/{variant}-s{seed}",
         "curves": {"train": [[10, 0.7], [20, 0.5], [30, 0.3]], "eval": [[15, 0.65], [30, 0.5]]},
     }
@@ -47,9 +69,21 @@ def run(variant: str, seed: int, **numbers) -> dict:
 def failed(variant: str, seed: int, error: str) -> dict:
     """A run that crashed before measuring anything."""
     row = run(variant, seed, status="failed", error=error, strategies=["lora"])
-    for key in ("trainable_parameters", "trainable_percent", "peak_memory_mb", "wall_time_s", "samples_per_s",
-                "tokens_per_s", "final_metric", "best_metric", "eval_loss", "train_loss", "overfit_gap",
-                "forgetting", "saved_bytes"):
+    for key in (
+        "trainable_parameters",
+        "trainable_percent",
+        "peak_memory_mb",
+        "wall_time_s",
+        "samples_per_s",
+        "tokens_per_s",
+        "final_metric",
+        "best_metric",
+        "eval_loss",
+        "train_loss",
+        "overfit_gap",
+        "forgetting",
+        "saved_bytes",
+    ):
         row[key] = None
     row["curves"] = {"train": [], "eval": []}
     return row
@@ -61,13 +95,38 @@ ERROR = "RuntimeError: bitsandbytes <module> has no CPU 4-bit kernel\nTraceback 
 def make_rows() -> list[dict]:
     """The untouched model, LoRA on two seeds, and QLoRA that failed."""
     return [
-        run("none", 0, strategies=[], trainable_parameters=0, trainable_percent=0.0, peak_memory_mb=600.0,
-            final_metric=0.5, best_metric=0.5, eval_loss=0.69, train_loss=None, overfit_gap=None, forgetting=0.0,
-            saved_bytes=0, samples_per_s=None, tokens_per_s=None, curves={"train": [], "eval": [[0, 0.69]]}),
+        run(
+            "none",
+            0,
+            strategies=[],
+            trainable_parameters=0,
+            trainable_percent=0.0,
+            peak_memory_mb=600.0,
+            final_metric=0.5,
+            best_metric=0.5,
+            eval_loss=0.69,
+            train_loss=None,
+            overfit_gap=None,
+            forgetting=0.0,
+            saved_bytes=0,
+            samples_per_s=None,
+            tokens_per_s=None,
+            curves={"train": [], "eval": [[0, 0.69]]},
+        ),
         run("lora", 0),
         failed("qlora", 0, ERROR),
-        run("lora", 1, peak_memory_mb=900.0, wall_time_s=44.0, final_metric=0.875, best_metric=0.875,
-            eval_loss=0.375, overfit_gap=0.125, forgetting=0.03, tokens_per_s=2400.0),
+        run(
+            "lora",
+            1,
+            peak_memory_mb=900.0,
+            wall_time_s=44.0,
+            final_metric=0.875,
+            best_metric=0.875,
+            eval_loss=0.375,
+            overfit_gap=0.125,
+            forgetting=0.03,
+            tokens_per_s=2400.0,
+        ),
     ]
 
 
@@ -115,13 +174,25 @@ def test_gain_over_none(rows):
 
 def point(variant: str, params: int, metric: float, higher: bool = True) -> dict:
     """A bare row with only what the Pareto front needs: missing keys must not matter."""
-    return {"variant": variant, "status": "finished", "trainable_parameters": params,
-            "final_metric": metric, "greater_is_better": higher}
+    return {
+        "variant": variant,
+        "status": "finished",
+        "trainable_parameters": params,
+        "final_metric": metric,
+        "greater_is_better": higher,
+    }
 
 
 def test_pareto_front_hand_made():
-    cases = [("tiny", 50, 0.6), ("small", 100, 0.7), ("mid", 1000, 0.8), ("mid-twin", 1000, 0.8),
-             ("mid-worse", 1000, 0.75), ("big-worse", 10_000, 0.79), ("big", 10_000, 0.9)]
+    cases = [
+        ("tiny", 50, 0.6),
+        ("small", 100, 0.7),
+        ("mid", 1000, 0.8),
+        ("mid-twin", 1000, 0.8),
+        ("mid-worse", 1000, 0.75),
+        ("big-worse", 10_000, 0.79),
+        ("big", 10_000, 0.9),
+    ]
     front = {v["variant"] for v in aggregate([point(*c) for c in cases]) if v["pareto"]}
     # mid-worse loses to mid at equal size; big-worse is bigger and worse than mid; twins both stay
     assert front == {"tiny", "small", "mid", "mid-twin", "big"}
@@ -129,15 +200,28 @@ def test_pareto_front_hand_made():
     lower = {v["variant"] for v in aggregate([point(*c, higher=False) for c in cases]) if v["pareto"]}
     assert lower == {"tiny"}
     # a variant without a metric is never on the front and does not displace others
-    with_broken = aggregate([point(*c) for c in cases] + [{"variant": "broken", "status": "failed", "error": "x"}])
+    with_broken = aggregate(
+        [point(*c) for c in cases] + [{"variant": "broken", "status": "failed", "error": "x"}]
+    )
     assert {v["variant"] for v in with_broken if v["pareto"]} == front
 
 
 def test_humanize():
-    assert [humanize_count(n) for n in (0, 950, 12_345, 1_234_567, 3.4e9, None)] == \
-        ["0", "950", "12.3K", "1.2M", "3.4B", "-"]
-    assert [humanize_bytes(n) for n in (512, 3072, 1_048_576, 2.5 * 1024**3, None)] == \
-        ["512 B", "3.0 KiB", "1.0 MiB", "2.5 GiB", "-"]
+    assert [humanize_count(n) for n in (0, 950, 12_345, 1_234_567, 3.4e9, None)] == [
+        "0",
+        "950",
+        "12.3K",
+        "1.2M",
+        "3.4B",
+        "-",
+    ]
+    assert [humanize_bytes(n) for n in (512, 3072, 1_048_576, 2.5 * 1024**3, None)] == [
+        "512 B",
+        "3.0 KiB",
+        "1.0 MiB",
+        "2.5 GiB",
+        "-",
+    ]
 
 
 def test_format_table(rows):
@@ -148,8 +232,20 @@ def test_format_table(rows):
     body = {line.split()[0]: line for line in lines[2:]}
     assert set(body) == {"none", "lora", "qlora"}
     lora = body["lora"]
-    for text in ("freeze+lora", "12.3K (0.0561%)", "850", "42.0", "2350.0", "0.8125 ± 0.0884",
-                 "0.8438 ± 0.0442", "+0.3125", "0.4375", "+0.1875", "+0.0250", "1.0 MiB"):
+    for text in (
+        "freeze+lora",
+        "12.3K (0.0561%)",
+        "850",
+        "42.0",
+        "2350.0",
+        "0.8125 ± 0.0884",
+        "0.8438 ± 0.0442",
+        "+0.3125",
+        "0.4375",
+        "+0.1875",
+        "+0.0250",
+        "1.0 MiB",
+    ):
         assert text in lora, text
     assert "0.5000" in body["none"] and "0 (0%)" in body["none"]
     # the failed variant: dashes for numbers and only the first line of its error
@@ -163,7 +259,10 @@ def test_format_table(rows):
 
 def test_write_report_files(report, rows):
     out, written = report
-    plots = {f"plots/{n}.png" for n in ("loss_curves", "metric_vs_params", "memory_throughput", "forgetting_vs_gain")}
+    plots = {
+        f"plots/{n}.png"
+        for n in ("loss_curves", "metric_vs_params", "memory_throughput", "forgetting_vs_gain")
+    }
     assert set(written) == {"results.json", "results.csv", "report.md", "report.html"} | plots
     for name, path in written.items():
         assert path == out / name and path.stat().st_size > 0
@@ -221,7 +320,11 @@ def test_report_html_is_self_contained(report):
     assert all(d.startswith(PNG_MAGIC) for d in decoded)
     assert sorted(decoded) == sorted(p.read_bytes() for p in pngs)  # the very files written
     # text is escaped, and the failed row is marked
-    assert "&lt;module&gt;" in text and "&lt;pydoc_data&gt;" in text and "<title>LoRA &amp; QLoRA</title>" in text
+    assert (
+        "&lt;module&gt;" in text
+        and "&lt;pydoc_data&gt;" in text
+        and "<title>LoRA &amp; QLoRA</title>" in text
+    )
     assert "<module>" not in text and "<pydoc_data>" not in text
     assert re.search(r'<tr class="failed">.*?qlora.*?FAILED: RuntimeError', text)
     assert "resident set size" in text and "all-minilm-l6-v2" in text
@@ -243,10 +346,17 @@ def test_no_forgetting_means_three_plots_and_a_note(rows, tmp_path):
 
 
 def test_missing_values_and_failed_only_do_not_crash(rows, tmp_path):
-    sparse = [{"variant": "bare", "status": "finished"},  # every number missing
-              {"variant": "nan", "status": "finished", "final_metric": float("nan"), "eval_loss": float("inf"),
-               "curves": {"train": [[1, None], [2, float("nan")], "junk"], "eval": None}},
-              {"seed": 3}]  # no variant, no status
+    sparse = [
+        {"variant": "bare", "status": "finished"},  # every number missing
+        {
+            "variant": "nan",
+            "status": "finished",
+            "final_metric": float("nan"),
+            "eval_loss": float("inf"),
+            "curves": {"train": [[1, None], [2, float("nan")], "junk"], "eval": None},
+        },
+        {"seed": 3},
+    ]  # no variant, no status
     for case in (sparse, [failed("qlora", 0, ERROR), failed("qlora", 1, "")]):
         table = format_table(case)
         assert len(table.splitlines()) == 2 + len({r.get("variant") for r in case})
@@ -255,9 +365,16 @@ def test_missing_values_and_failed_only_do_not_crash(rows, tmp_path):
         assert all(p.stat().st_size > 0 for p in written.values())
         json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert "no status recorded" in format_table(sparse)
-    assert {v["variant"]: v["final_metric_mean"] for v in aggregate(sparse)} == {"bare": None, "nan": None, "?": None}
+    assert {v["variant"]: v["final_metric_mean"] for v in aggregate(sparse)} == {
+        "bare": None,
+        "nan": None,
+        "?": None,
+    }
     only_failed = aggregate([failed("qlora", 0, ERROR), failed("qlora", 1, "")])
-    assert only_failed[0]["n_failed"] == 2 and only_failed[0]["errors"][1]["error"] == "status 'failed', no error recorded"
+    assert (
+        only_failed[0]["n_failed"] == 2
+        and only_failed[0]["errors"][1]["error"] == "status 'failed', no error recorded"
+    )
 
 
 def test_atomic_writes_leave_no_temp_files(rows, tmp_path):

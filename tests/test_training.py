@@ -40,8 +40,13 @@ def recipe_file(workdir: Path, name: str, strategies: str, train: str, extra: st
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*ADAPTKIT, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", **(env or {})})
+    return subprocess.run(
+        [*ADAPTKIT, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", **(env or {})},
+    )
 
 
 def base_weights(workdir: Path) -> dict:
@@ -57,15 +62,23 @@ def test_freeze_trains_only_what_it_should_and_learns(workdir, host):
     from adaptkit.runs import evaluate_run, open_run
     from adaptkit.training import train
 
-    path = recipe_file(workdir, "probe", "[{name: freeze, trainable_top_blocks: 1}]",
-                       "epochs: 4, lr: 1.0e-2, micro_batch_size: 16, weight_decay: 0.1, seed: 0")
+    path = recipe_file(
+        workdir,
+        "probe",
+        "[{name: freeze, trainable_top_blocks: 1}]",
+        "epochs: 4, lr: 1.0e-2, micro_batch_size: 16, weight_decay: 0.1, seed: 0",
+    )
     summary = train(load_recipe(path, host=host), host, fresh=True)
     run_dir = workdir / "runs" / "probe"
     assert summary["final_metrics"]["accuracy"] >= 0.8, summary["final_metrics"]
     assert summary["steps"] == 4 * 9  # 144 training rows (10% held out), 16 a batch
     for f in ("summary.json", "metrics.jsonl", "recipe.yaml", "versions.json", "final/adaptkit.json"):
         assert (run_dir / f).is_file(), f
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    evals = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "eval_loss" in line
+    ]
     assert len(evals) == 4 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
 
     opened = open_run(run_dir, host)
@@ -96,14 +109,18 @@ def test_resume_after_sigkill_matches_uninterrupted_run(workdir):
     killed = recipe_file(workdir, "killed", "[full]", train)
     shutil.rmtree(workdir / "runs" / "killed", ignore_errors=True)
     env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    proc = subprocess.Popen([*ADAPTKIT, "train", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*ADAPTKIT, "train", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt = workdir / "runs" / "killed" / "checkpoints" / "step-00000006"
     deadline = time.time() + 240
     while not (ckpt / "manifest.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (workdir / "runs" / "killed" / "summary.json").exists(), "the run finished before it was killed"
+    assert not (workdir / "runs" / "killed" / "summary.json").exists(), (
+        "the run finished before it was killed"
+    )
 
     res = run_cli("train", str(killed))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -111,7 +128,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(workdir):
     resumed = json.loads((workdir / "runs" / "killed" / "summary.json").read_text())
     assert resumed["param_digest"] == expected["param_digest"]
     assert resumed["final_metrics"] == pytest.approx(expected["final_metrics"])
-    losses = lambda d: [h["loss"] for h in map(json.loads, (workdir / "runs" / d / "metrics.jsonl").read_text().splitlines()) if "loss" in h]
+    losses = lambda d: [
+        h["loss"]
+        for h in map(json.loads, (workdir / "runs" / d / "metrics.jsonl").read_text().splitlines())
+        if "loss" in h
+    ]
     assert losses("killed")[-1] == pytest.approx(losses("straight")[-1])
 
 
@@ -120,7 +141,12 @@ def test_corrupted_checkpoint_is_skipped_and_rotation_keeps_newest(workdir, host
     from adaptkit.errors import CheckpointError
     from adaptkit.training import train
 
-    path = recipe_file(workdir, "ckpt", "[{name: freeze}]", "max_steps: 6, lr: 1.0e-3, micro_batch_size: 8, save_every: 2, keep_checkpoints: 2")
+    path = recipe_file(
+        workdir,
+        "ckpt",
+        "[{name: freeze}]",
+        "max_steps: 6, lr: 1.0e-3, micro_batch_size: 8, save_every: 2, keep_checkpoints: 2",
+    )
     first = train(load_recipe(path, host=host), host, fresh=True)
     root = workdir / "runs" / "ckpt" / "checkpoints"
     assert [p.name for p in checkpoint_dirs(root)] == ["step-00000004", "step-00000006"]
@@ -142,12 +168,38 @@ def test_two_processes_end_in_sync(workdir, strategies):
     including blocks gradual unfreezing thaws after DDP wrapped the model."""
     name = "ddp_lora" if "lora" in strategies else "ddp_gradual"
     # gradual unfreezing with an auto micro-batch: each rank's trial steps thaw the blocks and must give them back unchanged
-    batch = "micro_batch_size: auto, effective_batch_size: 8" if "gradual" in strategies else "micro_batch_size: 8"
+    batch = (
+        "micro_batch_size: auto, effective_batch_size: 8"
+        if "gradual" in strategies
+        else "micro_batch_size: 8"
+    )
     path = recipe_file(workdir, name, strategies, f"max_steps: 8, lr: 1.0e-3, {batch}, weight_decay: 0.1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "adaptkit", "train", str(path), "--fresh"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "adaptkit",
+        "train",
+        str(path),
+        "--fresh",
+    ]
+    res = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"},
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads((workdir / "runs" / name / "summary.json").read_text())
     assert summary["num_processes"] == 2
@@ -160,23 +212,27 @@ def test_two_processes_end_in_sync(workdir, strategies):
         saved = load_file(str(workdir / "runs" / name / "final" / "gradual_unfreeze" / "weights.safetensors"))
         base = base_weights(workdir)
         # stage 3 from step 6 on: head, then blocks 2 and 1 thawed after DDP wrapped the model; block 0 never
-        assert not torch.equal(saved["bert.encoder.layer.1.output.dense.weight"], base["encoder.layer.1.output.dense.weight"])
-        assert torch.equal(saved["bert.encoder.layer.0.output.dense.weight"], base["encoder.layer.0.output.dense.weight"])
+        assert not torch.equal(
+            saved["bert.encoder.layer.1.output.dense.weight"], base["encoder.layer.1.output.dense.weight"]
+        )
+        assert torch.equal(
+            saved["bert.encoder.layer.0.output.dense.weight"], base["encoder.layer.0.output.dense.weight"]
+        )
 
 
 POISON = {
     # NaN weights: every later forward pass gives a NaN loss
     "nan": "        with torch.no_grad():\n"
-           "            for p in run.adapted.model.parameters():\n"
-           "                if p.requires_grad:\n"
-           "                    p.fill_(float('nan'))\n",
+    "            for p in run.adapted.model.parameters():\n"
+    "                if p.requires_grad:\n"
+    "                    p.fill_(float('nan'))\n",
     # an infinite loss (an overflow) from the next forward pass on
     "inf": "        model, forward = run.adapted.model, run.adapted.model.forward\n"
-           "        def infinite(*args, **kwargs):\n"
-           "            out = forward(*args, **kwargs)\n"
-           "            out.loss = out.loss * float('inf')\n"
-           "            return out\n"
-           "        model.forward = infinite\n",
+    "        def infinite(*args, **kwargs):\n"
+    "            out = forward(*args, **kwargs)\n"
+    "            out.loss = out.loss * float('inf')\n"
+    "            return out\n"
+    "        model.forward = infinite\n",
 }
 
 
@@ -188,7 +244,9 @@ def test_a_non_finite_loss_stops_with_a_message(workdir, tmp_path, kind):
         "@hookimpl\ndef adaptkit_on_step_end(run, step, logs):\n"
         "    if step == 2:\n" + POISON[kind]
     )
-    path = recipe_file(workdir, kind, "[full]", "max_steps: 6, lr: 1.0e-3, micro_batch_size: 8, save_every: 1")
+    path = recipe_file(
+        workdir, kind, "[full]", "max_steps: 6, lr: 1.0e-3, micro_batch_size: 8, save_every: 1"
+    )
     res = run_cli("-p", "poison_plugin", "train", str(path), "--fresh", env={"PYTHONPATH": str(tmp_path)})
     assert res.returncode == 2, res.stderr[-2000:]
     assert f"loss is {kind} at step 3" in res.stderr and "Traceback" not in res.stderr
@@ -226,7 +284,12 @@ def test_an_infinite_loss_changes_no_weight(workdir, host):
 
     poison = Poison()
     host.pm.register(poison, name="poison")
-    path = recipe_file(workdir, "inf_weights", "[full]", "max_steps: 6, lr: 1.0e-2, micro_batch_size: 4, gradient_accumulation: 2")
+    path = recipe_file(
+        workdir,
+        "inf_weights",
+        "[full]",
+        "max_steps: 6, lr: 1.0e-2, micro_batch_size: 4, gradient_accumulation: 2",
+    )
     with pytest.raises(TrainingError, match="loss is inf at step 3"):
         train(load_recipe(path, host=host), host, fresh=True)
     now = dict(poison.run.adapted.model.named_parameters())
@@ -289,7 +352,8 @@ def test_export_merged_reproduces_the_run_and_predict_works(workdir, host, tmp_p
         # merging folded the adapter into the weights of `opened`: export from a fresh open
         adapter = export(open_run(workdir / "runs" / name, host), tmp_path / "adapter", merge=False)
         base = transformers.AutoModelForSequenceClassification.from_pretrained(
-            workdir / "bert", num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+            workdir / "bert", num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1}
+        )
         reloaded = peft.PeftModel.from_pretrained(base, adapter).eval()
         with torch.no_grad():
             torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
@@ -299,10 +363,18 @@ def test_early_stopping_ends_the_run_after_patience_evaluations(workdir, host):
     """With a learning rate too small to change accuracy, no evaluation improves on the first one."""
     from adaptkit.training import train
 
-    path = recipe_file(workdir, "early", "[freeze]",
-                       "max_steps: 20, lr: 1.0e-12, micro_batch_size: 8, eval_every: 1, early_stopping_patience: 2")
+    path = recipe_file(
+        workdir,
+        "early",
+        "[freeze]",
+        "max_steps: 20, lr: 1.0e-12, micro_batch_size: 8, eval_every: 1, early_stopping_patience: 2",
+    )
     summary = train(load_recipe(path, host=host), host, fresh=True)
     assert summary["steps"] == 3  # best at step 1, then two evaluations without improvement
     assert summary["best_step"] == 1
-    evals = [json.loads(x) for x in (workdir / "runs" / "early" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    evals = [
+        json.loads(x)
+        for x in (workdir / "runs" / "early" / "metrics.jsonl").read_text().splitlines()
+        if "eval_loss" in x
+    ]
     assert [e["step"] for e in evals] == [1, 2, 3]

@@ -27,13 +27,20 @@ def sft_rows(n: int, seed: int, response: str | None = None) -> list[dict]:
     """Prompt/response pairs over the tiny vocabulary; responses of 1 to 10 words unless given."""
     rng = random.Random(seed)
     vocab = WORDS[:60]
-    return [{"prompt": " ".join(rng.choices(vocab, k=rng.randint(2, 6))),
-             "response": response or " ".join(rng.choices(vocab, k=rng.randint(1, 10)))} for _ in range(n)]
+    return [
+        {
+            "prompt": " ".join(rng.choices(vocab, k=rng.randint(2, 6))),
+            "response": response or " ".join(rng.choices(vocab, k=rng.randint(1, 10))),
+        }
+        for _ in range(n)
+    ]
 
 
 def write_recipe(d: Path, name: str, model: str, data: str, train: str, strategies: str = "[full]") -> Path:
     path = d / f"{name}.yaml"
-    path.write_text(f"model: {{{model}}}\ndata: {{{data}}}\nstrategies: {strategies}\ntrain: {{{train}}}\noutput: {d / 'runs'}/{{name}}\n")
+    path.write_text(
+        f"model: {{{model}}}\ndata: {{{data}}}\nstrategies: {strategies}\ntrain: {{{train}}}\noutput: {d / 'runs'}/{{name}}\n"
+    )
     return path
 
 
@@ -48,8 +55,13 @@ def saved_weights(run_dir: Path) -> dict:
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*ADAPTKIT, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", **(env or {})})
+    return subprocess.run(
+        [*ADAPTKIT, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +98,13 @@ def test_accumulation_gives_the_update_of_one_big_batch(lm, host, tmp_path, micr
     model = f"source: {lm / 'gpt2'}, task: causal_lm, dropout: 0.0"
     summaries, weights = {}, {}
     for name, (mb, ga) in {"big": (4, 1), "accum": (micro, accumulation)}.items():
-        path = write_recipe(tmp_path, name, model, f"source: {data}, max_length: 48",
-                            f"{common}, micro_batch_size: {mb}, gradient_accumulation: {ga}")
+        path = write_recipe(
+            tmp_path,
+            name,
+            model,
+            f"source: {data}, max_length: 48",
+            f"{common}, micro_batch_size: {mb}, gradient_accumulation: {ga}",
+        )
         summaries[name] = train(load_recipe(path, host=host), host, fresh=True)
         weights[name] = saved_weights(tmp_path / "runs" / name)
     assert summaries["big"]["steps"] == summaries["accum"]["steps"] == 2
@@ -115,13 +132,43 @@ def test_two_processes_give_the_update_of_one_big_batch(lm, host, tmp_path, micr
     write_jsonl(data / "validation.jsonl", rows[8:])
     common = "epochs: 1, optimizer: sgd, lr: 0.5, max_grad_norm: null, scheduler: constant, seed: 0"
     model = f"source: {lm / 'gpt2'}, task: causal_lm, dropout: 0.0"
-    big = write_recipe(tmp_path, "big", model, f"source: {data}, max_length: 48", f"{common}, micro_batch_size: 4")
+    big = write_recipe(
+        tmp_path, "big", model, f"source: {data}, max_length: 48", f"{common}, micro_batch_size: 4"
+    )
     assert train(load_recipe(big, host=host), host, fresh=True)["steps"] == 2
-    ddp = write_recipe(tmp_path, "ddp", model, f"source: {data}, max_length: 48",
-                       f"{common}, micro_batch_size: {micro}, gradient_accumulation: {accumulation}")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "adaptkit", "train", str(ddp), "--fresh"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    ddp = write_recipe(
+        tmp_path,
+        "ddp",
+        model,
+        f"source: {data}, max_length: 48",
+        f"{common}, micro_batch_size: {micro}, gradient_accumulation: {accumulation}",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "adaptkit",
+        "train",
+        str(ddp),
+        "--fresh",
+    ]
+    res = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"},
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 2 and summary["ranks_in_sync"]
@@ -154,8 +201,14 @@ def clf(tmp_path_factory):
 
 
 def clf_recipe(d: Path, name: str, train: str, data: str = "", strategies: str = "[full]") -> Path:
-    return write_recipe(d, name, f"source: {d / 'bert'}, task: classification", f"source: {d / 'data'}, max_length: 16{data}",
-                        train, strategies)
+    return write_recipe(
+        d,
+        name,
+        f"source: {d / 'bert'}, task: classification",
+        f"source: {d / 'data'}, max_length: 16{data}",
+        train,
+        strategies,
+    )
 
 
 # -- data transforms ------------------------------------------------------------------------------
@@ -193,8 +246,12 @@ def test_transforms_change_the_training_split_only(clf, host):
     from adaptkit.training import Run, prepare_model_and_data
 
     def prepared(transforms: str):
-        recipe = load_recipe(clf_recipe(clf, "prep", "max_steps: 1", f", transforms: {transforms}"), host=host)
-        _, train_ds, eval_ds = prepare_model_and_data(Run(recipe=recipe, host=host, run_dir=clf / "runs" / "prep"))
+        recipe = load_recipe(
+            clf_recipe(clf, "prep", "max_steps: 1", f", transforms: {transforms}"), host=host
+        )
+        _, train_ds, eval_ds = prepare_model_and_data(
+            Run(recipe=recipe, host=host, run_dir=clf / "runs" / "prep")
+        )
         return train_ds, eval_ds
 
     plain_train, plain_eval = prepared("[]")
@@ -220,14 +277,26 @@ def test_lowercase_and_bad_transform_options(clf, host):
     assert run({"name": "lowercase"})["text"] == ["hello world", None]
     with pytest.raises(ConfigError) as err:
         run({"name": "lowercase"}, {"name": "word_dropout", "prob": 0.2})
-    assert str(err.value) == "data.transforms[1]: word_dropout: unknown option 'prob'; the options are p, column, seed"
-    with pytest.raises(ConfigError, match=r"^data.transforms\[0\]: word_dropout: p must be at least 0 and less than 1, got 1.5$"):
+    assert (
+        str(err.value)
+        == "data.transforms[1]: word_dropout: unknown option 'prob'; the options are p, column, seed"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^data.transforms\[0\]: word_dropout: p must be at least 0 and less than 1, got 1.5$",
+    ):
         run({"name": "word_dropout", "p": 1.5})
-    with pytest.raises(ConfigError, match=r"^data.transforms\[0\]: unknown transform 'shuffle'; available: lowercase, word_dropout"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data.transforms\[0\]: unknown transform 'shuffle'; available: lowercase, word_dropout",
+    ):
         run({"name": "shuffle"})
     with pytest.raises(ConfigError, match=r"^data.transforms\[0\]: give the transform a name$"):
         run({"p": 0.1})
-    with pytest.raises(DataError, match=r"^data.transforms\[0\] \(lowercase\): no column 'sentence'; the columns are \['label', 'text'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"^data.transforms\[0\] \(lowercase\): no column 'sentence'; the columns are \['label', 'text'\]",
+    ):
         run({"name": "lowercase", "column": "sentence"})
 
 
@@ -235,7 +304,10 @@ def test_a_bad_transform_option_stops_train_with_one_line(clf):
     path = clf_recipe(clf, "badopt", "max_steps: 1", ", transforms: [{name: word_dropout, rate: 0.1}]")
     res = run_cli("train", str(path))
     assert res.returncode == 2, res.stderr[-2000:]
-    assert "data.transforms[0]: word_dropout: unknown option 'rate'; the options are p, column, seed" in res.stderr
+    assert (
+        "data.transforms[0]: word_dropout: unknown option 'rate'; the options are p, column, seed"
+        in res.stderr
+    )
     assert "Traceback" not in res.stderr
 
 
@@ -248,7 +320,11 @@ def test_tensorboard_gets_the_logged_metrics(clf, host):
 
     from adaptkit.training import train
 
-    path = clf_recipe(clf, "tb", "max_steps: 4, lr: 1.0e-3, micro_batch_size: 8, log_every: 1, eval_every: 2, report_to: [tensorboard]")
+    path = clf_recipe(
+        clf,
+        "tb",
+        "max_steps: 4, lr: 1.0e-3, micro_batch_size: 8, log_every: 1, eval_every: 2, report_to: [tensorboard]",
+    )
     train(load_recipe(path, host=host), host, fresh=True)
     run_dir = clf / "runs" / "tb"
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -266,13 +342,21 @@ def test_tensorboard_gets_the_logged_metrics(clf, host):
 def test_a_tracker_that_is_not_installed_is_a_config_error(clf):
     """tensorboard made unimportable (None in sys.modules): exit 2, a message naming train.report_to."""
     path = clf_recipe(clf, "notb", "max_steps: 1, report_to: tensorboard")
-    code = ("import sys; sys.modules['tensorboard'] = sys.modules['tensorboardX'] = None; "
-            f"from adaptkit.cli import main; sys.exit(main(['train', {str(path)!r}]))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    code = (
+        "import sys; sys.modules['tensorboard'] = sys.modules['tensorboardX'] = None; "
+        f"from adaptkit.cli import main; sys.exit(main(['train', {str(path)!r}]))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"},
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == (
-        "adaptkit: error: train.report_to: 'tensorboard' is not installed; pip install tensorboard, or leave it out")
+        "adaptkit: error: train.report_to: 'tensorboard' is not installed; pip install tensorboard, or leave it out"
+    )
     assert not (clf / "runs" / "notb").exists()  # refused before anything ran
 
 
@@ -322,7 +406,11 @@ def test_bitsandbytes_optimizers_train_on_cpu_and_resume(clf, host, optimizer):
     from adaptkit.training import train
 
     common = f"optimizer: {optimizer}, lr: 1.0e-3, micro_batch_size: 8, scheduler: constant, save_every: 2"
-    straight = train(load_recipe(clf_recipe(clf, f"{optimizer}-straight", f"max_steps: 4, {common}"), host=host), host, fresh=True)
+    straight = train(
+        load_recipe(clf_recipe(clf, f"{optimizer}-straight", f"max_steps: 4, {common}"), host=host),
+        host,
+        fresh=True,
+    )
     weights = saved_weights(clf / "runs" / f"{optimizer}-straight")
     base = saved_weights_of_classifier(clf / "bert")
     changed = [k for k, v in base.items() if k in weights and not torch.equal(weights[k], v)]
@@ -352,7 +440,9 @@ def saved_weights_of_classifier(path: Path) -> dict:
 # -- dropout ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family, task", [("bert", "classification"), ("gpt2", "causal_lm"), ("llama", "causal_lm")])
+@pytest.mark.parametrize(
+    "family, task", [("bert", "classification"), ("gpt2", "causal_lm"), ("llama", "causal_lm")]
+)
 def test_model_dropout_reaches_config_and_modules(tmp_path, host, family, task):
     """model.dropout sets every dropout probability of the config, every nn.Dropout and attention dropout."""
     import torch
@@ -360,16 +450,34 @@ def test_model_dropout_reaches_config_and_modules(tmp_path, host, family, task):
     from adaptkit.training import Run, prepare_model_and_data
 
     save_tiny_pretrained(tmp_path / family, family, task=task)
-    write_jsonl(tmp_path / "d.jsonl", [{"text": "good", "label": "a", "prompt": "good", "response": "fun"}] * 4)
+    write_jsonl(
+        tmp_path / "d.jsonl", [{"text": "good", "label": "a", "prompt": "good", "response": "fun"}] * 4
+    )
     for p in (0.0, 0.37):
-        recipe = load_recipe(write_recipe(tmp_path, f"p{p}", f"source: {tmp_path / family}, task: {task}, dropout: {p}",
-                                          f"source: {tmp_path / 'd.jsonl'}, validation_size: 0.5", "max_steps: 1"), host=host)
+        recipe = load_recipe(
+            write_recipe(
+                tmp_path,
+                f"p{p}",
+                f"source: {tmp_path / family}, task: {task}, dropout: {p}",
+                f"source: {tmp_path / 'd.jsonl'}, validation_size: 0.5",
+                "max_steps: 1",
+            ),
+            host=host,
+        )
         model = prepare_model_and_data(Run(recipe=recipe, host=host, run_dir=tmp_path / "r"))[0].model
-        probs = {k: v for k, v in model.config.to_dict().items() if isinstance(v, float) and ("dropout" in k or k.endswith("_pdrop"))}
+        probs = {
+            k: v
+            for k, v in model.config.to_dict().items()
+            if isinstance(v, float) and ("dropout" in k or k.endswith("_pdrop"))
+        }
         assert probs and set(probs.values()) == {p}, probs
         layers = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
         # attention kernels (sdpa) take the probability as a float attribute instead of a module
-        attention = [m.attention_dropout for m in model.modules() if isinstance(getattr(m, "attention_dropout", None), float)]
+        attention = [
+            m.attention_dropout
+            for m in model.modules()
+            if isinstance(getattr(m, "attention_dropout", None), float)
+        ]
         assert layers + attention and set(layers + attention) == {p}, (layers, attention)
 
 
@@ -386,8 +494,13 @@ def lm_runs(lm, tmp_path_factory):
     d = tmp_path_factory.mktemp("lm_runs")
     write_jsonl(d / "sft.jsonl", sft_rows(32, seed=5, response="good movie"))
     for name, model in (("plain", "llama"), ("chat", "llama-chat")):
-        path = write_recipe(d, name, f"source: {lm / model}, task: causal_lm", f"source: {d / 'sft.jsonl'}, max_length: 32",
-                            "epochs: 12, lr: 1.0e-2, micro_batch_size: 8, seed: 0")
+        path = write_recipe(
+            d,
+            name,
+            f"source: {lm / model}, task: causal_lm",
+            f"source: {d / 'sft.jsonl'}, max_length: 32",
+            "epochs: 12, lr: 1.0e-2, micro_batch_size: 8, seed: 0",
+        )
         train(load_recipe(path, host=host), host, fresh=True)
     return d / "runs"
 
@@ -404,14 +517,21 @@ def reference_generation(run_dir: Path, tmp_path: Path, prompt: str, max_new_tok
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out)
     if tok.chat_template:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True)["input_ids"]
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
     else:
         ids = tok(prompt)["input_ids"]
     ids = torch.tensor([list(ids)])
     with torch.no_grad():
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.eos_token_id)
-    return tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
+        )
+    return tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("name", ["plain", "chat"])
@@ -437,12 +557,19 @@ def test_generate_stops_at_the_models_context(lm, tmp_path, host):
     from adaptkit.training import train
 
     write_jsonl(tmp_path / "sft.jsonl", sft_rows(8, seed=1))
-    path = write_recipe(tmp_path, "g", f"source: {lm / 'gpt2'}, task: causal_lm", f"source: {tmp_path / 'sft.jsonl'}, max_length: 32",
-                        "max_steps: 1")
+    path = write_recipe(
+        tmp_path,
+        "g",
+        f"source: {lm / 'gpt2'}, task: causal_lm",
+        f"source: {tmp_path / 'sft.jsonl'}, max_length: 32",
+        "max_steps: 1",
+    )
     train(load_recipe(path, host=host), host, fresh=True)
     opened = open_run(tmp_path / "runs" / "g", host)
     text = generate(opened, "the movie was", max_new_tokens=200)
-    assert len(opened.processor(text, add_special_tokens=False)["input_ids"]) == 64 - 3, text  # no EOS drawn: it ran to the end
+    assert len(opened.processor(text, add_special_tokens=False)["input_ids"]) == 64 - 3, (
+        text
+    )  # no EOS drawn: it ran to the end
     with pytest.raises(AdaptkitError, match="the prompt has 70 tokens; this model reads at most 64"):
         generate(opened, " ".join(["good"] * 70))
 
@@ -464,6 +591,10 @@ print(high, peak_memory_mb(cpu))
 def test_the_peak_starts_over_after_the_auto_micro_batch_trials():
     """The trials run the longest rows near the memory limit; the run reports its training's peak, not theirs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    high, after = map(float, subprocess.run([sys.executable, "-c", PEAK_CHILD], capture_output=True, text=True,
-                                            env=env, check=True).stdout.split())
+    high, after = map(
+        float,
+        subprocess.run(
+            [sys.executable, "-c", PEAK_CHILD], capture_output=True, text=True, env=env, check=True
+        ).stdout.split(),
+    )
     assert high - after > 48  # the 64 MiB tensor was unmapped when freed: it no longer counts
