@@ -6,8 +6,9 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Union
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -24,7 +25,7 @@ MANIFEST = "adaptkit.json"
 FORMAT_VERSION = 1
 
 #: A strategy as users write it: ``"lora"``, ``{"name": "lora", "r": 8}`` or ``("lora", {"r": 8})``.
-StrategySpec = Union[str, dict, tuple]
+StrategySpec = str | dict | tuple
 
 
 def build_strategies(

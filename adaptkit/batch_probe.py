@@ -17,7 +17,8 @@ the small side by the size of the trainable weights.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from adaptkit.estimate import DoesNotFitError
 

@@ -14,9 +14,10 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from adaptkit.errors import CheckpointError
 from adaptkit.weights import atomic_write_bytes, load_tensors, save_tensors

@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from adaptkit.errors import AdaptkitError, ConfigError
 

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -47,7 +47,7 @@ class Variant(Section):
     """One entry of ``compare.variants``: a strategy stack and recipe overrides."""
 
     name: str = Field(pattern=_NAME, description="variant name (letters, digits, _ . -)")
-    strategies: Optional[list[Union[str, dict[str, Any]]]] = Field(
+    strategies: list[str | dict[str, Any]] | None = Field(
         None, min_length=1, description="the stack (default: the base recipe's)"
     )
     overrides: dict[str, Any] = Field(
@@ -61,9 +61,9 @@ class Variant(Section):
 class Budget(Section):
     """``compare.budget``: the same training budget for every variant (exactly one kind)."""
 
-    steps: Optional[int] = Field(None, ge=1, description="optimizer steps")
-    tokens: Optional[int] = Field(None, ge=1, description="training tokens")
-    seconds: Optional[float] = Field(None, gt=0, description="seconds of training")
+    steps: int | None = Field(None, ge=1, description="optimizer steps")
+    tokens: int | None = Field(None, ge=1, description="training tokens")
+    seconds: float | None = Field(None, gt=0, description="seconds of training")
 
     @model_validator(mode="after")
     def _one(self) -> Budget:
@@ -75,11 +75,11 @@ class Budget(Section):
 class SearchParam(Section):
     """A search dimension: a range (``low``/``high``, ``log``, ``integer``) or ``choices``."""
 
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: float | None = None
+    high: float | None = None
     log: bool = False
     integer: bool = False
-    choices: Optional[list[Any]] = None
+    choices: list[Any] | None = None
 
     @model_validator(mode="after")
     def _range_or_choices(self) -> SearchParam:
@@ -98,10 +98,8 @@ class Search(Section):
     space: dict[str, SearchParam] = Field(
         min_length=1, description="{dotted.key: {low, high, log} | {choices}}"
     )
-    metric: Optional[str] = Field(
-        None, description="metric to optimise (default: the one the runs select on)"
-    )
-    direction: Optional[Literal["maximize", "minimize"]] = Field(None, description="default: from the metric")
+    metric: str | None = Field(None, description="metric to optimise (default: the one the runs select on)")
+    direction: Literal["maximize", "minimize"] | None = Field(None, description="default: from the metric")
     pruning: bool = Field(
         True, description="stop trials whose intermediate evaluations are poor (median rule)"
     )
@@ -113,12 +111,12 @@ class CompareSpec(Section):
     variants: list[Variant] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="applied to every variant")
-    budget: Optional[Budget] = None
+    budget: Budget | None = None
     lr_sweep: list[float] = Field(
         default_factory=list, description="learning rates tried per variant (on the first seed)"
     )
-    search: Optional[Search] = None
-    forgetting: Optional[ForgettingSpec] = Field(
+    search: Search | None = None
+    forgetting: ForgettingSpec | None = Field(
         default_factory=ForgettingSpec, description="null turns the measure off"
     )
     launch: list[str] = Field(

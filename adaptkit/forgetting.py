@@ -66,7 +66,7 @@ def measure(
     """Loss (causal LMs) or mean-pooled features (others) of ``model`` on ``texts``; None without a tokenizer."""
     import torch
 
-    if not callable(getattr(processor, "__call__", None)) or not hasattr(processor, "pad_token_id"):
+    if not callable(processor) or not hasattr(processor, "pad_token_id"):
         return None  # an image processor: general text means nothing to the model
     device = next(model.parameters()).device
     was_training = model.training

@@ -15,7 +15,8 @@ is checked per architecture (``MODEL_TYPES``); everything else keeps ``model(**b
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -31,7 +31,7 @@ class ModelSpec(Section):
     task: str = Field(
         "classification", description="a registered task: classification, causal_lm, language_modeling, ..."
     )
-    num_labels: Optional[int] = Field(
+    num_labels: int | None = Field(
         None, ge=1, description="classes of a classification head (default: from the data)"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -48,12 +48,10 @@ class ModelSpec(Section):
         description="also load pickled PyTorch weights (pytorch_model.bin) when a model has no "
         "safetensors; unpickling can run code, so only for files you trust",
     )
-    revision: Optional[str] = Field(
+    revision: str | None = Field(
         None, description="hub revision; a 40-hex commit is required with trust_remote_code"
     )
-    dropout: Optional[float] = Field(
-        None, ge=0, lt=1, description="override the model's dropout probabilities"
-    )
+    dropout: float | None = Field(None, ge=0, lt=1, description="override the model's dropout probabilities")
 
     @model_validator(mode="after")
     def _pinned_remote_code(self) -> ModelSpec:
@@ -75,27 +73,23 @@ class DataSpec(Section):
     )
     options: dict[str, Any] = Field(default_factory=dict, description="options for a registered data source")
     text: str = Field("text", description="column with the input text")
-    text_pair: Optional[str] = Field(None, description="column with the second text of a pair")
+    text_pair: str | None = Field(None, description="column with the second text of a pair")
     label: str = Field("label", description="column with the label (name or id)")
     image: str = Field("image", description="column with the image (image classification)")
     prompt: str = Field("prompt", description="column with the prompt (causal-LM fine-tuning)")
     response: str = Field("response", description="column with the response (causal-LM fine-tuning)")
-    messages: Optional[str] = Field(
+    messages: str | None = Field(
         None, description="column with chat messages [{role, content}] instead of prompt/response"
     )
-    labels: Optional[list[str]] = Field(
+    labels: list[str] | None = Field(
         None, description="label names in id order (default: sorted values found)"
     )
     max_length: int = Field(128, ge=8, description="tokens per example after truncation")
     validation_size: float = Field(
         0.1, gt=0, lt=1, description="fraction held out when the data has no validation split"
     )
-    max_train_examples: Optional[int] = Field(
-        None, ge=1, description="use only the first N training examples"
-    )
-    max_eval_examples: Optional[int] = Field(
-        None, ge=1, description="use only the first N validation examples"
-    )
+    max_train_examples: int | None = Field(None, ge=1, description="use only the first N training examples")
+    max_eval_examples: int | None = Field(None, ge=1, description="use only the first N validation examples")
     transforms: list[dict[str, Any]] = Field(
         default_factory=list, description="training-data transforms [{name, ...options}]"
     )
@@ -107,23 +101,23 @@ class TrainSpec(Section):
     epochs: float = Field(
         1, gt=0, description="passes over the training data (ignored when max_steps is set)"
     )
-    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
-    max_tokens: Optional[int] = Field(
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    max_tokens: int | None = Field(
         None,
         ge=1,
         description="stop once this many training tokens were seen (a budget matched across a comparison)",
     )
-    max_time: Optional[float] = Field(
+    max_time: float | None = Field(
         None, gt=0, description="stop after this many seconds of training (a wall-time budget)"
     )
-    micro_batch_size: Union[int, Literal["auto"]] = Field(
+    micro_batch_size: int | Literal["auto"] = Field(
         8,
         description="examples per forward pass, or auto: the largest divisor of effective_batch_size that fits in memory",
     )
     gradient_accumulation: int = Field(
         1, ge=1, description="micro-batches per optimizer step (with auto: chosen)"
     )
-    effective_batch_size: Optional[int] = Field(
+    effective_batch_size: int | None = Field(
         None,
         ge=1,
         description="examples per optimizer step and process with micro_batch_size auto (default 8 x gradient_accumulation)",
@@ -131,7 +125,7 @@ class TrainSpec(Section):
     preflight: bool = Field(
         True, description="estimate memory before loading the model and refuse a run that will not fit"
     )
-    memory_limit_mb: Optional[float] = Field(
+    memory_limit_mb: float | None = Field(
         None,
         gt=0,
         description="memory (MiB) the run may add to the process, for the pre-flight check and micro_batch_size auto "
@@ -154,20 +148,20 @@ class TrainSpec(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="autocast precision (trainable weights stay float32)"
     )
-    max_grad_norm: Optional[float] = Field(
+    max_grad_norm: float | None = Field(
         1.0, gt=0, description="clip gradients to this norm (null: no clipping)"
     )
     seed: int = Field(0, description="seed for initialisation, data order and dropout")
-    eval_every: Optional[int] = Field(
+    eval_every: int | None = Field(
         None, ge=1, description="evaluate every N steps (default: at the end of each epoch)"
     )
-    early_stopping_patience: Optional[int] = Field(
+    early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after N evaluations without improvement"
     )
-    metric: Optional[str] = Field(
+    metric: str | None = Field(
         None, description="metric that decides the best evaluation (default: the task's)"
     )
-    save_every: Optional[int] = Field(None, ge=1, description="write a checkpoint every N steps")
+    save_every: int | None = Field(None, ge=1, description="write a checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
     log_every: int = Field(10, ge=1, description="log training loss every N steps")
     report_to: list[Literal["tensorboard"]] = Field(
@@ -177,7 +171,7 @@ class TrainSpec(Section):
     )
 
     @model_validator(mode="after")
-    def _effective_batch_needs_auto(self) -> "TrainSpec":
+    def _effective_batch_needs_auto(self) -> TrainSpec:
         # with a fixed micro-batch the effective batch is micro x accumulation; a second number could contradict it
         if self.effective_batch_size is not None and self.micro_batch_size != "auto":
             raise ValueError(
@@ -217,17 +211,13 @@ class ForgettingSpec(Section):
 class Recipe(Section):
     """A whole recipe."""
 
-    name: Optional[str] = Field(None, description="run name (default: the recipe file's stem)")
-    extends: Optional[str] = Field(
-        None, description="a recipe this one overrides (path relative to this file)"
-    )
+    name: str | None = Field(None, description="run name (default: the recipe file's stem)")
+    extends: str | None = Field(None, description="a recipe this one overrides (path relative to this file)")
     model: ModelSpec
     data: DataSpec
-    strategies: list[Union[str, dict[str, Any]]] = Field(
-        min_length=1, description="strategies applied in order"
-    )
+    strategies: list[str | dict[str, Any]] = Field(min_length=1, description="strategies applied in order")
     train: TrainSpec = Field(default_factory=TrainSpec)
-    forgetting: Optional[ForgettingSpec] = Field(
+    forgetting: ForgettingSpec | None = Field(
         None, description="measure forgetting on general text (comparisons turn it on)"
     )
     output: str = Field("runs/{name}", description="run directory; {name} is replaced by the run name")

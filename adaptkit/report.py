@@ -20,9 +20,9 @@ import math
 import os
 import statistics
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
-
+from typing import Any
 
 # Numeric columns of a run, averaged over the finished seeds of a variant.
 NUMERIC_COLUMNS = (

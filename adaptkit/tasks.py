@@ -6,8 +6,9 @@ and how to score predictions. Plugins add tasks through ``adaptkit_register_task
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from adaptkit.data import require_columns
 from adaptkit.errors import DataError

@@ -37,8 +37,8 @@ from adaptkit.checkpoint import (
 )
 from adaptkit.data import apply_transforms, load_data
 from adaptkit.errors import AdaptkitError, ConfigError
-from adaptkit.feature_cache import FeatureCache, check_cacheable
 from adaptkit.estimate import confirm_micro_batch, plan_memory, write_memory_plan
+from adaptkit.feature_cache import FeatureCache, check_cacheable
 from adaptkit.forgetting import compare as compare_forgetting
 from adaptkit.forgetting import general_texts, measure
 from adaptkit.plugins import PluginHost
@@ -366,7 +366,7 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     upcast = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
     if upcast:  # GradScaler and optimizers need float32 master weights: never train fp16 weights
         run.log(f"adaptkit: upcasting {len(upcast)} trainable tensors to float32 (e.g. {upcast[0]})")
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
         half = next(

@@ -15,7 +15,8 @@ resumed from a checkpoint, trains on exactly the same examples.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from adaptkit.errors import DataError
 from adaptkit.hookspecs import hookimpl

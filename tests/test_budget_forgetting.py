@@ -110,7 +110,7 @@ def test_general_texts_are_prose_from_python_docs(tmp_path):
 def test_forgetting_is_zero_for_an_untouched_model_and_grows_with_training(workdir, host):
     """LM loss on general text: exactly the same before and after `none`; up after full training on other text."""
     with open(workdir / "lm.jsonl", "w") as f:
-        for i in range(64):
+        for _i in range(64):
             f.write(json.dumps({"text": "good great fine nice fun " * 3}) + "\n")
     untouched = run(
         workdir,

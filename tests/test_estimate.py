@@ -19,7 +19,7 @@ from adaptkit.estimate import ALLOCATOR_ENV, DoesNotFitError, Estimator, divisor
 from adaptkit.recipe import apply_overrides, validate
 
 # the hand-counted model: LLaMA, 2 blocks, hidden 64, MLP 128, 4 heads of 16, 2 key/value heads, vocabulary 128
-V, H, I, HEADS, HD, KVD, LAYERS = 128, 64, 128, 4, 16, 32, 2
+V, H, I, HEADS, HD, KVD, LAYERS = 128, 64, 128, 4, 16, 32, 2  # noqa: E741 (the paper-style names of the hand count)
 B, S = 2, 16
 T = B * S  # tokens in a micro-batch
 BLOCK_PARAMS = H * H * 2 + H * KVD * 2 + 3 * H * I + 2 * H  # q, o; k, v; gate, up, down; two norms

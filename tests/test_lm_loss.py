@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import types
-from pathlib import Path
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch

@@ -128,11 +128,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(workdir):
     resumed = json.loads((workdir / "runs" / "killed" / "summary.json").read_text())
     assert resumed["param_digest"] == expected["param_digest"]
     assert resumed["final_metrics"] == pytest.approx(expected["final_metrics"])
-    losses = lambda d: [
-        h["loss"]
-        for h in map(json.loads, (workdir / "runs" / d / "metrics.jsonl").read_text().splitlines())
-        if "loss" in h
-    ]
+
+    def losses(d):
+        return [
+            h["loss"]
+            for h in map(json.loads, (workdir / "runs" / d / "metrics.jsonl").read_text().splitlines())
+            if "loss" in h
+        ]
+
     assert losses("killed")[-1] == pytest.approx(losses("straight")[-1])
 
 

@@ -386,7 +386,7 @@ def test_adamw_is_torchs_fused_kernel_and_steps_as_the_plain_one_does():
     opt = build_optimizer([{"params": fused, "weight_decay": 0.1}], spec)
     ref = torch.optim.AdamW([{"params": plain, "weight_decay": 0.1}], lr=1e-2, foreach=False)
     assert opt.defaults["fused"] is True
-    for step in range(3):
+    for _step in range(3):
         for a, b in zip(fused, plain):
             a.grad = torch.randn_like(a)
             b.grad = a.grad.clone()
