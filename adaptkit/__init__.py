@@ -3,12 +3,11 @@
 Importing adaptkit does not import torch; the heavy libraries load when a model is touched.
 """
 
-from adaptkit.adapted import Adapted, apply
+from adaptkit.adapt.stack import Adapted, apply
+from adaptkit.contract.hookspecs import hookimpl
+from adaptkit.contract.strategy import Strategy, StrategyConfig, TrainState
 from adaptkit.errors import AdaptkitError, ConfigError, StrategyError
-from adaptkit.hookspecs import hookimpl
-from adaptkit.strategy import Strategy, StrategyConfig, TrainState
-
-__version__ = "0.1.0"
+from adaptkit.version import __version__
 
 __all__ = [
     "Adapted",

@@ -60,9 +60,8 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Print every packaged model: package, license, description and whether (and where) it is cached."""
-    from adaptkit.packaged import listing
-
-    rows = listing()
+    models = _host(args).registries["models"]
+    rows = [{"name": name, **models[name].obj.info()} for name in sorted(models)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -78,9 +77,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
     """Fetch a packaged model unless cached and print its directory."""
-    from adaptkit.packaged import fetch
-
-    print(fetch(args.name))
+    models = _host(args).registries["models"]
+    if args.name not in models:
+        raise AdaptkitError(f"unknown packaged model '{args.name}'; known: {', '.join(sorted(models))}")
+    print(models[args.name].obj.fetch())
     return 0
 
 
@@ -111,8 +111,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Validate a recipe (or a comparison recipe, every run of it) and print its resolved form."""
     from adaptkit.compare import is_comparison, plan
-    from adaptkit.recipe import load_recipe, read_raw
-    from adaptkit.yaml_loader import dump_yaml
+    from adaptkit.recipe.schema import load_recipe, read_raw
+    from adaptkit.recipe.yaml import dump_yaml
 
     if is_comparison(read_raw(args.recipe)):
         p = plan(args.recipe, args.overrides, host=_host(args))
@@ -155,8 +155,8 @@ def _estimate_args(p: argparse.ArgumentParser) -> None:
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Print the estimate table (or JSON), and the suggestions when it does not fit."""
     from adaptkit.compare import is_comparison
-    from adaptkit.estimate import estimate_report, parse_memory, render
-    from adaptkit.recipe import load_recipe, read_raw
+    from adaptkit.estimate.estimator import estimate_report, parse_memory, render
+    from adaptkit.recipe.schema import load_recipe, read_raw
 
     if args.device_memory is not None:
         parse_memory(args.device_memory)  # a bad size fails before anything heavy loads
@@ -231,8 +231,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, printing the run directory and final metrics."""
     from adaptkit.compare import is_comparison
-    from adaptkit.recipe import load_recipe, read_raw
-    from adaptkit.training import train
+    from adaptkit.recipe.schema import load_recipe, read_raw
+    from adaptkit.train.loop import train
 
     if is_comparison(read_raw(args.recipe)):
         raise ConfigError(
@@ -406,7 +406,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _host(args: argparse.Namespace):
-    from adaptkit.plugins import get_plugin_host
+    from adaptkit.host.manager import get_plugin_host
 
     return get_plugin_host(args.plugins)
 

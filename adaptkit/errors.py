@@ -56,3 +56,7 @@ class DataError(AdaptkitError):
 
 class CheckpointError(AdaptkitError):
     """A checkpoint is incomplete, corrupted, unsafe or belongs to another base model."""
+
+
+class DoesNotFitError(AdaptkitError):
+    """The estimated peak of a training step exceeds the memory available for it."""

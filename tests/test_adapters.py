@@ -254,7 +254,7 @@ class _PeftWrapping(Strategy):
 
 
 def test_refuses_to_follow_a_peft_wrapping_strategy():
-    from adaptkit_plugins.adapters import Adapters, AdaptersConfig
+    from adaptkit_plugins.strategies.adapters import Adapters, AdaptersConfig
 
     adapters = Adapters(AdaptersConfig(), name="adapters")
     stack = [_PeftWrapping(AdaptersConfig(), name="lora"), adapters]
@@ -410,11 +410,11 @@ def test_bad_config_is_a_config_error(host, options, path):
 
 
 def test_every_config_field_is_described():
-    from adaptkit_plugins.adapters import AdaptersConfig
+    from adaptkit_plugins.strategies.adapters import AdaptersConfig
 
     assert all(f.description for f in AdaptersConfig.model_fields.values())
 
 
 def test_plugin_imports_without_torch():
-    code = "import sys, adaptkit_plugins.adapters; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, adaptkit_plugins.strategies.adapters; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

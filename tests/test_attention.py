@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from adaptkit.attention import (
+from adaptkit.kernels.attention import (
     ATTENTION_NAME,
     DropoutAttention,
     attention_forward,
@@ -233,10 +233,10 @@ def test_a_model_without_dropout_or_on_another_attention_is_left_alone():
 def test_training_switches_a_model_with_dropout_and_learns(tmp_path, host):
     """adaptkit's training runs BERT (attention dropout 0.1) on this attention; the run learns, and
     what it saves reloads in plain transformers with SDPA."""
-    from adaptkit.recipe import validate
+    from adaptkit.recipe.schema import validate
     from adaptkit.runs import evaluate_run, open_run
     from adaptkit.testing import load_recipe_model, save_tiny_pretrained, write_sentiment
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     save_tiny_pretrained(tmp_path / "bert", "bert")
     write_sentiment(tmp_path / "train.jsonl", 160, seed=0)

@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from adaptkit.cli import main
 from adaptkit.errors import ConfigError
-from adaptkit.recipe import DataSpec, ModelSpec, Recipe, TrainSpec, apply_overrides, validate
+from adaptkit.recipe.schema import DataSpec, ModelSpec, Recipe, TrainSpec, apply_overrides, validate
+from adaptkit.recipe.yaml import dump_yaml, load_yaml
 from adaptkit.testing import plugin_host, save_tiny_pretrained
-from adaptkit.yaml_loader import dump_yaml, load_yaml
 
 ERROR_LINE = re.compile(r"^adaptkit(?: [a-z]+)?: error: ")
 DELETE = object()

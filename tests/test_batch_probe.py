@@ -22,11 +22,11 @@ VOCAB = 16000  # the logits (vocabulary x tokens) dominate a step's memory: 4 MB
 
 CHILD = r"""
 import resource, sys
-import adaptkit.lm_loss
+import adaptkit.kernels.lm_loss
 from adaptkit.cli import main
 
 # the whole micro-batch in one chunk: the loss' logits buffer grows with the batch, 4 MB an example
-adaptkit.lm_loss.CHUNK_BYTES["cpu"] = 2**40
+adaptkit.kernels.lm_loss.CHUNK_BYTES["cpu"] = 2**40
 
 warm, recipe, headroom = sys.argv[1], sys.argv[2], int(sys.argv[3])
 assert main(["train", warm, "--fresh"]) == 0  # maps torch's kernels, the tokenizer's threads, malloc arenas
@@ -91,9 +91,9 @@ LORA = "[{name: lora, r: 4, dropout: 0.1}]"  # dropout: the trial steps draw ran
 
 
 def test_a_trial_step_out_of_memory_steps_down_and_training_is_unchanged(probe_dir, host):
-    from adaptkit.estimate import BATCH_FILE
-    from adaptkit.recipe import load_recipe
-    from adaptkit.training import train
+    from adaptkit.recipe.schema import load_recipe
+    from adaptkit.train.loop import train
+    from adaptkit.train.memory import BATCH_FILE
 
     auto = recipe(
         probe_dir, "auto", LORA, "micro_batch_size: auto, effective_batch_size: 32, max_steps: 2, lr: 1.0e-2"
@@ -146,9 +146,9 @@ def test_trial_steps_train_what_gradual_unfreezing_thaws_later(probe_dir, host):
     """The micro-batch must fit the last phase too; the blocks thawed for the trial are frozen again, unchanged."""
     import torch
 
-    from adaptkit.recipe import load_recipe
+    from adaptkit.recipe.schema import load_recipe
     from adaptkit.testing import load_recipe_model
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     strategies = "[{name: gradual_unfreeze, every: 1}]"  # the head first; a block per epoch after that
     train_spec = "micro_batch_size: {}, max_steps: 1, lr: 1.0e-2"
@@ -174,8 +174,8 @@ def test_trial_steps_train_what_gradual_unfreezing_thaws_later(probe_dir, host):
 
 
 def test_a_resumed_run_does_not_try_again(probe_dir, host):
-    from adaptkit.recipe import load_recipe
-    from adaptkit.training import train
+    from adaptkit.recipe.schema import load_recipe
+    from adaptkit.train.loop import train
 
     spec = "micro_batch_size: auto, effective_batch_size: 16, max_steps: {}, save_every: 1"
     first = train(
@@ -195,8 +195,8 @@ def test_a_resumed_run_does_not_try_again(probe_dir, host):
 
 def test_trial_steps_with_qlora_and_a_paged_8bit_optimizer(probe_dir, host):
     """bitsandbytes' optimizer keeps its own state per parameter: the trial's must be dropped too."""
-    from adaptkit.recipe import load_recipe
-    from adaptkit.training import train
+    from adaptkit.recipe.schema import load_recipe
+    from adaptkit.train.loop import train
 
     strategies = "[{name: lora, r: 4, quantize: 4bit}]"
     train_spec = "micro_batch_size: {}, max_steps: 2, lr: 1.0e-2, optimizer: paged_adamw_8bit"
@@ -221,7 +221,7 @@ def test_the_trial_batch_is_made_of_the_longest_examples():
     """Lengths come from Arrow, through the data set's own row order (a shuffle or select is respected)."""
     import datasets
 
-    from adaptkit.batch_probe import _longest_first
+    from adaptkit.train.batch_probe import _longest_first
 
     d = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in (3, 9, 1, 9, 5)], "labels": [0] * 5})
     assert _longest_first(d, 3) == [1, 3, 4]  # ties keep row order

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from adaptkit.errors import DataError
-from adaptkit.forgetting import general_texts, measure
-from adaptkit.recipe import load_recipe
+from adaptkit.recipe.schema import load_recipe
 from adaptkit.testing import save_tiny_pretrained, write_sentiment
+from adaptkit.train.forgetting import general_texts, measure
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def run(
     model: str = "bert",
     task: str = "classification",
 ):
-    from adaptkit.training import train as train_run
+    from adaptkit.train.loop import train as train_run
 
     path = workdir / "r.yaml"
     data = (

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fake_dists import BROKEN, GOOD, FakeSite
 
-from adaptkit.plugins import DEFAULT_PLUGINS
+from adaptkit.host.manager import DEFAULT_PLUGINS
 
 ADAPTKIT = Path(sys.executable).with_name("adaptkit")
 EXAMPLE_DIST = "adaptkit-example-plugin"
@@ -244,7 +244,7 @@ def builtin_plugin_modules() -> list[str]:
 
 def test_builtin_plugin_modules_import_without_torch():
     modules = builtin_plugin_modules()
-    assert {"adaptkit_plugins.freeze", "adaptkit_plugins.full"} <= set(modules)
+    assert {"adaptkit_plugins.strategies.freeze", "adaptkit_plugins.strategies.full"} <= set(modules)
     for module in modules:
         code = f"import sys, {module}; assert 'torch' not in sys.modules"
         result = subprocess.run(
@@ -264,9 +264,9 @@ def test_import_chain_finds_the_culprit():
         "import time: self [us] | cumulative | imported package\n"
         "import time:       10 |         10 |     torch._C\n"
         "import time:       10 |         20 |   torch\n"
-        "import time:       10 |         30 | adaptkit_plugins.lora\n"
+        "import time:       10 |         30 | adaptkit_plugins.strategies.lora\n"
     )
-    assert import_chain(sample, "torch") == "torch <- adaptkit_plugins.lora"
+    assert import_chain(sample, "torch") == "torch <- adaptkit_plugins.strategies.lora"
 
 
 # -- usage errors -------------------------------------------------------------------------------

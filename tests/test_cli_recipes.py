@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptkit.yaml_loader import load_yaml
+from adaptkit.recipe.yaml import load_yaml
 
 EXE = Path(sys.executable).with_name("adaptkit")
 ROOT = Path(__file__).resolve().parents[1]

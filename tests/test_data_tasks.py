@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from adaptkit.data import load_data
+from adaptkit.contract.task import IGNORE
+from adaptkit.data.load import load_data
 from adaptkit.errors import DataError
-from adaptkit.recipe import DataSpec
-from adaptkit.tasks import IGNORE, CausalLM, Classification, LanguageModeling
+from adaptkit.recipe.schema import DataSpec
 from adaptkit.testing import tiny_tokenizer
+from adaptkit_plugins.tasks import CausalLM, Classification, LanguageModeling
 
 ROWS = [{"text": f"good movie {i}", "label": "pos" if i % 3 else "neg"} for i in range(30)]
 

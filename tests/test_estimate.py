@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from adaptkit.cli import main
-from adaptkit.errors import AdaptkitError, ConfigError
-from adaptkit.estimate import ALLOCATOR_ENV, DoesNotFitError, Estimator, divisors, parse_memory, suggest
-from adaptkit.recipe import apply_overrides, validate
+from adaptkit.errors import AdaptkitError, ConfigError, DoesNotFitError
+from adaptkit.estimate.estimator import Estimator, divisors, parse_memory, suggest
+from adaptkit.recipe.schema import apply_overrides, validate
+from adaptkit.train.allocator import ALLOCATOR_ENV
 
 # the hand-counted model: LLaMA, 2 blocks, hidden 64, MLP 128, 4 heads of 16, 2 key/value heads, vocabulary 128
 V, H, I, HEADS, HD, KVD, LAYERS = 128, 64, 128, 4, 16, 32, 2  # noqa: E741 (the paper-style names of the hand count)
@@ -81,7 +82,7 @@ def test_full_training_terms_by_hand(llama_dir, host, estimator):
     )  # final norm (input, normalised, 1/rms), the loss' targets and weight
     assert est.activations == embeddings + LAYERS * per_block + rope + after
     assert est.activations_per_block == per_block + rope
-    # training computes the loss a chunk of tokens at a time (adaptkit.lm_loss; all T tokens fit one
+    # training computes the loss a chunk of tokens at a time (adaptkit.kernels.lm_loss; all T tokens fit one
     # chunk here): nothing logits-sized is kept, a chunk's logits and their gradient are the term
     assert est.logits == 2 * 4 * T * V
     assert est.largest_block == 4 * V * H  # the embedding's (and the head's) gradient, made afresh each step
@@ -475,7 +476,7 @@ def lm_dir(tmp_path_factory):
 
 
 def lm_recipe(lm_dir: Path, name: str, train: str, host):
-    from adaptkit.recipe import load_recipe
+    from adaptkit.recipe.schema import load_recipe
 
     path = write_recipe(
         lm_dir / f"{name}.yaml", lm_dir / "llama", "[full]", train, data_source=lm_dir / "train.jsonl"
@@ -484,7 +485,7 @@ def lm_recipe(lm_dir: Path, name: str, train: str, host):
 
 
 def test_preflight_refuses_a_run_that_will_not_fit(lm_dir, host):
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     _, recipe = lm_recipe(
         lm_dir, "tiny-limit", "micro_batch_size: 4, max_steps: 1, memory_limit_mb: 0.01", host
@@ -511,8 +512,8 @@ def test_preflight_refusal_from_the_cli(lm_dir, capsys):
 
 
 def test_auto_micro_batch_picks_the_largest_that_fits_and_resume_keeps_it(lm_dir, host, estimator):
-    from adaptkit.estimate import BATCH_FILE
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
+    from adaptkit.train.memory import BATCH_FILE
 
     def total(micro):
         _, r = lm_recipe(
@@ -563,9 +564,9 @@ def test_auto_micro_batch_picks_the_largest_that_fits_and_resume_keeps_it(lm_dir
 
 def test_qlora_end_to_end(lm_dir, host):
     """4-bit base, LoRA on every linear layer of the blocks, gradient checkpointing, paged 8-bit AdamW."""
-    from adaptkit.recipe import load_recipe
-    from adaptkit.training import train
-    from adaptkit.weights import load_tensors
+    from adaptkit.files import load_tensors
+    from adaptkit.recipe.schema import load_recipe
+    from adaptkit.train.loop import train
 
     path = write_recipe(
         lm_dir / "qlora.yaml",
@@ -587,7 +588,7 @@ def test_qlora_end_to_end(lm_dir, host):
 
 
 def test_auto_micro_batch_that_never_fits(lm_dir, host):
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     _, recipe = lm_recipe(
         lm_dir, "auto-none", "micro_batch_size: auto, max_steps: 1, memory_limit_mb: 0.01", host
@@ -603,7 +604,7 @@ def test_effective_batch_size_needs_auto(llama_dir, host):
 
 ALLOCATOR_CHILD = """
 import resource, sys, torch
-from adaptkit.estimate import set_cpu_allocator
+from adaptkit.train.allocator import set_cpu_allocator
 policy, sizes = sys.argv[1], [int(mib) for mib in sys.argv[2:]]
 print(set_cpu_allocator(policy) if policy != "glibc" else False)
 def faults_to_fill(mib):  # page faults while a new tensor of this size is written (and then freed)
@@ -653,7 +654,7 @@ def test_cpu_allocator_policy(policy, sizes, user_setting, fresh_pages):
 
 
 def test_an_allocator_tuned_in_glibc_tunables_is_left_alone(monkeypatch):
-    from adaptkit.estimate import allocator_set_by_user
+    from adaptkit.train.allocator import allocator_set_by_user
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
@@ -678,7 +679,7 @@ def test_meta_pass_saves_what_a_real_cpu_pass_with_attention_dropout_saves(tmp_p
     import torch
 
     import adaptkit
-    from adaptkit.attention import use_cpu_dropout_attention
+    from adaptkit.kernels.attention import use_cpu_dropout_attention
     from adaptkit.testing import tiny_config, tiny_model
 
     config = tiny_config("bert", num_labels=2)

@@ -40,8 +40,8 @@ def probe_recipe(d: Path, family: str, cache: bool, strategies: list | None = No
 
 
 def run(raw: dict, host):
-    from adaptkit.recipe import validate
-    from adaptkit.training import train
+    from adaptkit.recipe.schema import validate
+    from adaptkit.train.loop import train
 
     return train(validate(raw, host=host), host, fresh=True)
 
@@ -106,9 +106,9 @@ def test_cache_is_removed_after_training_and_the_backbone_is_untouched(probe_dir
     """The caller's model gets its own forward back, and its frozen weights are bitwise unchanged."""
     import torch
 
-    from adaptkit.recipe import validate
+    from adaptkit.recipe.schema import validate
     from adaptkit.testing import load_recipe_model
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     recipe = validate(probe_recipe(probe_dir, "bert", cache=True), host=host)
     loaded = load_recipe_model(recipe, host)
@@ -153,7 +153,7 @@ def saved_per_block(model, inputs) -> dict[int, int]:
     """How many tensors autograd keeps for backward while each block runs."""
     import torch
 
-    from adaptkit.anatomy import find_blocks
+    from adaptkit.contract.anatomy import find_blocks
 
     _, blocks = find_blocks(model)
     current, saved = [None], {i: 0 for i in range(len(blocks))}
@@ -185,7 +185,7 @@ def test_frozen_bottom_blocks_keep_nothing_for_backward(host):
 
 def test_gradual_unfreezing_early_phase_keeps_nothing_below_the_unfrozen_blocks(host):
     from adaptkit import apply
-    from adaptkit.strategy import TrainState
+    from adaptkit.contract.strategy import TrainState
     from adaptkit.testing import tiny_inputs
 
     model = tiny_model("llama", "causal_lm", num_hidden_layers=3)

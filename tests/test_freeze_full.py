@@ -10,13 +10,13 @@ from torch import nn
 
 import adaptkit
 from adaptkit import Adapted, StrategyError, TrainState
-from adaptkit.anatomy import tied_groups
+from adaptkit.contract.anatomy import tied_groups
 from adaptkit.errors import CheckpointError, SharedParameterError
 from adaptkit.testing import tiny_inputs, tiny_model
 
 FAMILIES = ("bert", "gpt2", "llama", "vit")
 
-# Written out per family rather than derived with adaptkit.anatomy, so the expected counts are
+# Written out per family rather than derived with adaptkit.contract.anatomy, so the expected counts are
 # computed independently of the code under test.
 HEAD = {
     "bert": lambda m: m.classifier,

@@ -18,7 +18,7 @@ BASE_LR = 1e-2
 
 
 def groups_of(family: str, model: nn.Module) -> list[dict[int, nn.Parameter]]:
-    """The expected unfreezing groups, top first, written out per family (not via adaptkit.anatomy)."""
+    """The expected unfreezing groups, top first, written out per family (not via adaptkit.contract.anatomy)."""
     if family == "bert":
         top, blocks, bottom = (
             [model.classifier, model.bert.pooler],

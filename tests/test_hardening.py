@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from adaptkit.checkpoint import checkpoint_dirs, verify
 from adaptkit.cli import main
 from adaptkit.errors import CheckpointError, ConfigError
-from adaptkit.recipe import load_recipe
+from adaptkit.recipe.schema import load_recipe
 from adaptkit.testing import save_tiny_pretrained, write_sentiment
+from adaptkit.train.checkpoint import checkpoint_dirs, verify
 
 ADAPTKIT = [sys.executable, "-m", "adaptkit"]
 # 12 steps, a checkpoint every 3, the newest 2 kept; bert-tiny trains every weight (`full`)
@@ -490,8 +490,8 @@ def bin_model(work: Path, name: str, extra: dict | None = None) -> Path:
 
 
 def test_bin_weights_are_refused_unless_allowed(work, host, capsys):
-    from adaptkit.loaders import from_pretrained
-    from adaptkit.tasks import Classification
+    from adaptkit_plugins.loaders.transformers import from_pretrained
+    from adaptkit_plugins.tasks import Classification
 
     clean = bin_model(work, "bert_bin")
     recipe = load_recipe(recipe_file(work, "bin", model=""), host=host)
@@ -558,8 +558,8 @@ def remote_code_model(work: Path, sentinel: Path) -> Path:
 
 
 def test_the_loader_refuses_remote_code_without_the_flag(work, host, tmp_path, monkeypatch):
-    from adaptkit.loaders import from_pretrained
-    from adaptkit.tasks import Classification
+    from adaptkit_plugins.loaders.transformers import from_pretrained
+    from adaptkit_plugins.tasks import Classification
 
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     sentinel = tmp_path / "remote_code_ran"
@@ -600,7 +600,7 @@ def test_remote_code_runs_only_when_the_recipe_says_so(work, tmp_path):
 
 
 def test_fp16_mixed_precision_on_the_cpu_is_refused_before_anything_is_touched(work, host, finished):
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     path, run_dir = copy_run(work, finished, "fp16_cpu")
     before = (run_dir / "summary.json").read_bytes()
@@ -619,7 +619,7 @@ def test_float16_weights_train_in_float32_under_autocast(work, host, capsys):
     import torch
 
     from adaptkit.runs import open_run
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     train_spec = "max_steps: 8, lr: 1.0e-2, micro_batch_size: 16, log_every: 1, seed: 0"
     strategies = "[{name: freeze, trainable_top_blocks: 1}]"

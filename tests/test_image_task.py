@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adaptkit.data import load_data
+from adaptkit.data.load import load_data
 from adaptkit.errors import DataError
-from adaptkit.recipe import DataSpec, load_recipe
+from adaptkit.recipe.schema import DataSpec, load_recipe
 from adaptkit.testing import save_tiny_pretrained
 
 SIZE = 24  # larger than the tiny ViT's 16x16 input: the processor must resize
@@ -80,7 +80,7 @@ def test_freeze_probe_learns_stripes_and_frozen_weights_stay(imagedir, host):
     from transformers import AutoModelForImageClassification
 
     from adaptkit.runs import evaluate_run, open_run
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     untrained = train(
         load_recipe(
@@ -226,7 +226,7 @@ def test_unknown_label_and_label_ids(imagedir, host, tmp_path):
 
 def test_auto_micro_batch_trial_steps_on_images(imagedir, host):
     """Images have no token lengths to sort by: the trial takes the first rows; the run equals a fixed-size one."""
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     auto = train(
         load_recipe(

@@ -1,4 +1,4 @@
-"""The chunked causal-LM loss (adaptkit.lm_loss) against transformers' own, on every architecture it covers."""
+"""The chunked causal-LM loss (adaptkit.kernels.lm_loss) against transformers' own, on every architecture it covers."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 import transformers as tf
 
-from adaptkit import lm_loss
-from adaptkit.lm_loss import MODEL_TYPES, causal_lm_loss, model_loss, output_layer, training_loss
+from adaptkit.kernels import lm_loss
+from adaptkit.kernels.lm_loss import MODEL_TYPES, causal_lm_loss, model_loss, output_layer, training_loss
 
 V = 300
 CAUSAL = types.SimpleNamespace(auto_model="AutoModelForCausalLM")
@@ -221,8 +221,8 @@ def test_evaluation_computes_the_models_loss_without_its_logits(monkeypatch):
     """adaptkit's evaluation of a causal LM goes through the chunked loss and reports transformers' loss."""
     from accelerate import Accelerator
 
-    from adaptkit.tasks import CausalLM
-    from adaptkit.training import Run, evaluate
+    from adaptkit.train.loop import Run, evaluate
+    from adaptkit_plugins.tasks import CausalLM
 
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(CONFIGS["llama"]())

@@ -20,7 +20,7 @@ from adaptkit.errors import CheckpointError, SharedParameterError  # noqa: E402
 from adaptkit.testing import tiny_inputs, tiny_model  # noqa: E402
 
 FAMILIES = ("bert", "gpt2", "llama", "vit")
-#: Written out here rather than found by adaptkit.anatomy, so the counts are checked independently.
+#: Written out here rather than found by adaptkit.contract.anatomy, so the counts are checked independently.
 BLOCKS = {"bert": "bert.encoder.layer", "gpt2": "transformer.h", "llama": "model.layers", "vit": "vit.layers"}
 HEAD = {"bert": "classifier", "gpt2": "score", "llama": "score", "vit": "classifier"}
 R = 4

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from adaptkit import packaged
 from adaptkit.cli import main
 from adaptkit.testing import load_recipe_model
+from adaptkit_plugins.loaders import packaged
 
 SMOL = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
@@ -198,7 +198,7 @@ def test_smollm2_is_dequantized_once_into_safetensors_that_match_the_gguf(real_h
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adaptkit.recipe import DataSpec, ModelSpec
+    from adaptkit.recipe.schema import DataSpec, ModelSpec
 
     path = fetch_timed(SMOL)
     assert_cache_holds_only_models(real_home)
@@ -216,7 +216,7 @@ def test_smollm2_is_dequantized_once_into_safetensors_that_match_the_gguf(real_h
     stamp = (path / "model.safetensors").stat().st_mtime_ns
 
     # the second load: from the cache, with no index reachable, nothing rewritten
-    from adaptkit.tasks import CausalLM
+    from adaptkit_plugins.tasks import CausalLM
 
     with pytest.MonkeyPatch.context() as mp:
         cut_off_pip(mp)
@@ -278,8 +278,8 @@ def test_smollm2_is_dequantized_once_into_safetensors_that_match_the_gguf(real_h
 def test_smollm2_lora_run_through_a_recipe(real_home, host, tmp_path):
     import torch
 
-    from adaptkit.recipe import load_recipe
-    from adaptkit.training import train
+    from adaptkit.recipe.schema import load_recipe
+    from adaptkit.train.loop import train
 
     facts = [
         ("Zorb", "green"),
@@ -331,8 +331,8 @@ def test_smollm2_lora_run_through_a_recipe(real_home, host, tmp_path):
 def test_minilm_classification_run_through_a_recipe(real_home, host, tmp_path, monkeypatch):
     import torch
 
-    from adaptkit.recipe import load_recipe
-    from adaptkit.training import train
+    from adaptkit.recipe.schema import load_recipe
+    from adaptkit.train.loop import train
 
     path = fetch_timed(MINILM)
     assert_cache_holds_only_models(real_home)

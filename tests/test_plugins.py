@@ -16,9 +16,10 @@ import pytest
 from fake_dists import BROKEN, GOOD, FakeSite
 
 import adaptkit
-from adaptkit import Strategy, StrategyConfig, hookimpl, hookspecs
+from adaptkit import Strategy, StrategyConfig, hookimpl
+from adaptkit.contract import hookspecs
 from adaptkit.errors import PluginError
-from adaptkit.plugins import PluginHost, PluginInfo, get_plugin_host
+from adaptkit.host.manager import PluginHost, PluginInfo, get_plugin_host
 from adaptkit.testing import plugin_host
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,10 +99,12 @@ def test_autoload_env_hides_entry_points_and_p_brings_one_back(monkeypatch):
 
 def test_p_of_an_already_autoloaded_module_is_harmless(monkeypatch, capsys):
     monkeypatch.delenv("ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    host = get_plugin_host(["adaptkit_example_plugin", "adaptkit_plugins.freeze"])
+    host = get_plugin_host(["adaptkit_example_plugin", "adaptkit_plugins.strategies.freeze"])
     assert host.registries["strategies"]["bitfit"].plugin.name == "bitfit"
     assert host.registries["strategies"]["freeze"].plugin.source == "builtin"
-    assert not [p for p in host.broken if p.name in ("adaptkit_example_plugin", "adaptkit_plugins.freeze")]
+    assert not [
+        p for p in host.broken if p.name in ("adaptkit_example_plugin", "adaptkit_plugins.strategies.freeze")
+    ]
     assert "adaptkit_example_plugin" not in capsys.readouterr().err
 
 
@@ -482,7 +485,7 @@ def hook_call_problems(source: str, filename: str, specs: dict[str, tuple[str, .
             continue
         where = f"{filename}:{node.lineno} {name}"
         if name not in specs:
-            problems.append(f"{where}: not a hook in adaptkit.hookspecs")
+            problems.append(f"{where}: not a hook in adaptkit.contract.hookspecs")
             continue
         if args:
             problems.append(f"{where}: positional arguments")

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from adaptkit.errors import AdaptkitError, ConfigError, DataError
-from adaptkit.recipe import DataSpec
+from adaptkit.recipe.schema import DataSpec
 from adaptkit.testing import save_tiny_pretrained
 
 reasoning_gym = pytest.importorskip("reasoning_gym")
 
-from adaptkit_plugins.reasoning_gym import load, score, split_seed  # noqa: E402
+from adaptkit_plugins.data_sources.reasoning_gym import load, score, split_seed  # noqa: E402
 
 OPTIONS = {"task": "spell_backward", "size": 40, "eval_size": 20, "config": {"max_word_len": 5}}
 
@@ -99,7 +99,7 @@ def test_gold_answers_score_one_and_wrong_answers_less():
 
 def test_generated_text_is_reduced_to_its_first_line_before_scoring():
     """What a model writes after the answer (a new line, an explanation) does not count against it."""
-    from adaptkit.tasks import extract_answer
+    from adaptkit_plugins.tasks import extract_answer
 
     val = load(OPTIONS, 0)["validation"]
     generated = [f"  {answer} \nbecause I reversed the letters" for answer in val["response"]]
@@ -150,7 +150,7 @@ def test_bad_options_name_the_field(options, path, words):
 
 def test_through_the_recipe_and_load_data(host):
     """``data.source: reasoning_gym`` in a recipe; data.max_eval_examples still caps validation."""
-    from adaptkit.data import load_data
+    from adaptkit.data.load import load_data
 
     spec = DataSpec(source="reasoning_gym", options=OPTIONS, max_eval_examples=5)
     splits, files = load_data(spec, host, seed=0)
@@ -169,8 +169,8 @@ def test_greedy_generation_with_left_padding_matches_one_prompt_at_a_time():
     """Batched prompts of different lengths (left-padded) get exactly the continuations they get alone."""
     import torch
 
-    from adaptkit.tasks import generate_texts
     from adaptkit.testing import tiny_model, tiny_tokenizer
+    from adaptkit_plugins.tasks import generate_texts
 
     tok = tiny_tokenizer("llama")
     model = tiny_model("llama", "causal_lm", seed=1, pad_token_id=0, eos_token_id=tok.eos_token_id)
@@ -201,8 +201,8 @@ def write_recipe(tmp: Path, name: str, data: str, strategy: str, train: str) -> 
 
 def test_answer_accuracy_of_a_tiny_llama_trained_end_to_end(tmp_path, host):
     """A run on reasoning_gym data logs answer_accuracy at every evaluation; it decides the best one."""
-    from adaptkit.recipe import load_recipe
-    from adaptkit.training import train
+    from adaptkit.recipe.schema import load_recipe
+    from adaptkit.train.loop import train
 
     save_tiny_pretrained(tmp_path / "llama", "llama", "causal_lm", chat=True)
     data = "{source: reasoning_gym, max_length: 48, options: {task: spell_backward, size: 24, eval_size: 6, max_new_tokens: 4, config: {max_word_len: 4}}}"
@@ -253,8 +253,8 @@ def write_yes_no(path: Path, n: int, seed: int) -> Path:
 @pytest.mark.parametrize("chat", [True, False])
 def test_a_model_that_learned_the_answers_scores_one_and_an_untrained_one_zero(tmp_path, host, chat):
     """The scoring is real: generation, template, EOS and extraction give 1.0 only when the answers are right."""
-    from adaptkit.recipe import load_recipe
-    from adaptkit.training import train
+    from adaptkit.recipe.schema import load_recipe
+    from adaptkit.train.loop import train
 
     save_tiny_pretrained(tmp_path / "llama", "llama", "causal_lm", chat=chat)
     (tmp_path / "data").mkdir()
@@ -271,7 +271,7 @@ def test_a_model_that_learned_the_answers_scores_one_and_an_untrained_one_zero(t
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adaptkit.data import load_data
+    from adaptkit.data.load import load_data
 
     splits, files = load_data(recipe.data, host, seed=0)
     task = host.lookup("tasks", "causal_lm").obj(recipe.data)
@@ -287,8 +287,8 @@ def test_rows_without_a_scorer_are_judged_by_loss_and_an_unknown_scorer_is_named
     """No ``scorer`` column: no generation, eval_loss decides. A scorer that is no metric: a DataError naming it."""
     import datasets
 
-    from adaptkit.tasks import CausalLM
     from adaptkit.testing import tiny_model, tiny_tokenizer
+    from adaptkit_plugins.tasks import CausalLM
 
     plain = datasets.Dataset.from_dict({"prompt": ["one two"], "response": ["three"]})
     task = CausalLM(DataSpec(source="x"))

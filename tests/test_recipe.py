@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adaptkit.errors import ConfigError
-from adaptkit.recipe import Recipe, apply_overrides, deep_merge, load_recipe, read_raw, validate
-from adaptkit.yaml_loader import load_yaml, parse_scalar
+from adaptkit.recipe.schema import Recipe, apply_overrides, deep_merge, load_recipe, read_raw, validate
+from adaptkit.recipe.yaml import load_yaml, parse_scalar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -611,7 +611,7 @@ def test_shipped_recipe_validates(path, host):
     if path is None:
         pytest.skip("recipes/ holds no *.yaml recipe yet")
     from adaptkit.compare import is_comparison, plan
-    from adaptkit.recipe import read_raw
+    from adaptkit.recipe.schema import read_raw
 
     first = path.read_text().splitlines()[0]
     assert first.startswith("# Run: ") and "adaptkit" in first, (

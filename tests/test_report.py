@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from adaptkit.report import (
+from adaptkit.compare.report import (
     CSV_COLUMNS,
     aggregate,
     format_table,
     humanize_bytes,
     humanize_count,
-    write_report,
+    write_report_files,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -139,7 +139,7 @@ def rows() -> list[dict]:
 def report(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     """One report written for the read-only checks (drawing the plots is the slow part)."""
     out = tmp_path_factory.mktemp("report") / "cmp"
-    return out, write_report(out, make_rows(), "LoRA & QLoRA", META)
+    return out, write_report_files(out, make_rows(), "LoRA & QLoRA", META)
 
 
 def test_aggregate_means_stds_and_failures(rows):
@@ -332,11 +332,11 @@ def test_report_html_is_self_contained(report):
 
 def test_no_forgetting_means_three_plots_and_a_note(rows, tmp_path):
     out = tmp_path / "cmp"
-    write_report(out, rows, "with", META)
+    write_report_files(out, rows, "with", META)
     assert (out / "plots" / "forgetting_vs_gain.png").exists()
     for row in rows:
         row["forgetting"] = None
-    written = write_report(out, rows, "without", META)  # into the same directory again
+    written = write_report_files(out, rows, "without", META)  # into the same directory again
     pngs = sorted(p.name for p in (out / "plots").iterdir())
     assert pngs == ["loss_curves.png", "memory_throughput.png", "metric_vs_params.png"]  # stale one removed
     assert sum(name.startswith("plots/") for name in written) == 3
@@ -361,7 +361,7 @@ def test_missing_values_and_failed_only_do_not_crash(rows, tmp_path):
         table = format_table(case)
         assert len(table.splitlines()) == 2 + len({r.get("variant") for r in case})
         out = tmp_path / str(len(case))
-        written = write_report(out, case, "edge", {})
+        written = write_report_files(out, case, "edge", {})
         assert all(p.stat().st_size > 0 for p in written.values())
         json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert "no status recorded" in format_table(sparse)
@@ -379,9 +379,9 @@ def test_missing_values_and_failed_only_do_not_crash(rows, tmp_path):
 
 def test_atomic_writes_leave_no_temp_files(rows, tmp_path):
     out = tmp_path / "cmp"
-    written = write_report(out, rows, "first", META)
+    written = write_report_files(out, rows, "first", META)
     before = {name: os.stat(path).st_ino for name, path in written.items()}
-    again = write_report(out, rows, "again", META)
+    again = write_report_files(out, rows, "again", META)
     files = {p for p in out.rglob("*") if p.is_file()}
     assert files == set(again.values())  # nothing else: no .tmp leftovers
     # every file was replaced by a rename, not rewritten in place
@@ -390,5 +390,7 @@ def test_atomic_writes_leave_no_temp_files(rows, tmp_path):
 
 
 def test_import_does_not_load_matplotlib():
-    code = "import sys, adaptkit.report; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    code = (
+        "import sys, adaptkit.compare.report; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

@@ -17,8 +17,8 @@ SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 def test_sst2_recipe_beats_chance_clearly(tmp_path, host):
     if not (SST2 / "train.tsv").is_file():
         pytest.skip(f"SST-2 not found at {SST2} (see ../shared/data/README.md)")
-    from adaptkit.recipe import load_recipe
-    from adaptkit.training import train
+    from adaptkit.recipe.schema import load_recipe
+    from adaptkit.train.loop import train
 
     recipe = tmp_path / "sst2.yaml"
     recipe.write_text(
@@ -35,8 +35,8 @@ def test_sst2_recipe_beats_chance_clearly(tmp_path, host):
 
 
 def test_packaged_fetch_failure_says_what_was_tried(tmp_path, monkeypatch):
-    from adaptkit import packaged
     from adaptkit.errors import AdaptkitError
+    from adaptkit_plugins.loaders import packaged
 
     monkeypatch.setenv("ADAPTKIT_HOME", str(tmp_path))
     monkeypatch.setitem(

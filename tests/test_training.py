@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptkit.recipe import load_recipe
+from adaptkit.recipe.schema import load_recipe
 from adaptkit.testing import save_tiny_pretrained, write_sentiment
 
 ADAPTKIT = [sys.executable, "-m", "adaptkit"]
@@ -60,7 +60,7 @@ def test_freeze_trains_only_what_it_should_and_learns(workdir, host):
     import torch
 
     from adaptkit.runs import evaluate_run, open_run
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     path = recipe_file(
         workdir,
@@ -140,9 +140,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(workdir):
 
 
 def test_corrupted_checkpoint_is_skipped_and_rotation_keeps_newest(workdir, host):
-    from adaptkit.checkpoint import checkpoint_dirs, verify
     from adaptkit.errors import CheckpointError
-    from adaptkit.training import train
+    from adaptkit.train.checkpoint import checkpoint_dirs, verify
+    from adaptkit.train.loop import train
 
     path = recipe_file(
         workdir,
@@ -263,7 +263,7 @@ def test_an_infinite_loss_changes_no_weight(workdir, host):
     import torch
 
     from adaptkit import hookimpl
-    from adaptkit.training import TrainingError, train
+    from adaptkit.train.loop import TrainingError, train
 
     class Poison:
         run, after_step_2 = None, None
@@ -333,7 +333,7 @@ def test_export_merged_reproduces_the_run_and_predict_works(workdir, host, tmp_p
     import transformers
 
     from adaptkit.runs import export, open_run, predict
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     name = "exp_lora" if "lora" in strategies else "exp_freeze"
     path = recipe_file(workdir, name, strategies, "max_steps: 6, lr: 1.0e-2, micro_batch_size: 16")
@@ -364,7 +364,7 @@ def test_export_merged_reproduces_the_run_and_predict_works(workdir, host, tmp_p
 
 def test_early_stopping_ends_the_run_after_patience_evaluations(workdir, host):
     """With a learning rate too small to change accuracy, no evaluation improves on the first one."""
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     path = recipe_file(
         workdir,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptkit.recipe import load_recipe
+from adaptkit.recipe.schema import load_recipe
 from adaptkit.testing import WORDS, save_tiny_pretrained, sentiment_rows
 
 ADAPTKIT = [sys.executable, "-m", "adaptkit"]
@@ -86,7 +86,7 @@ def test_accumulation_gives_the_update_of_one_big_batch(lm, host, tmp_path, micr
     """
     import torch
 
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     data = tmp_path / "data"
     data.mkdir()
@@ -122,7 +122,7 @@ def test_two_processes_give_the_update_of_one_big_batch(lm, host, tmp_path, micr
     counts across ranks: the normalisation is over the tokens of all ranks, not a mean of rank means."""
     import torch
 
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     data = tmp_path / "data"
     data.mkdir()
@@ -215,8 +215,8 @@ def clf_recipe(d: Path, name: str, train: str, data: str = "", strategies: str =
 
 
 def test_word_dropout_is_deterministic_per_example_and_keeps_word_order(clf, host):
-    from adaptkit.data import apply_transforms, load_data
-    from adaptkit.recipe import DataSpec
+    from adaptkit.data.load import apply_transforms, load_data
+    from adaptkit.recipe.schema import DataSpec
 
     spec = DataSpec(source=str(clf / "data"), transforms=[{"name": "word_dropout", "p": 0.3, "seed": 1}])
     splits, _ = load_data(spec, host, 0)
@@ -243,7 +243,7 @@ def is_subsequence(part: list[str], whole: list[str]) -> bool:
 
 def test_transforms_change_the_training_split_only(clf, host):
     """Through the training run's own data preparation: validation tokens are untouched."""
-    from adaptkit.training import Run, prepare_model_and_data
+    from adaptkit.train.loop import Run, prepare_model_and_data
 
     def prepared(transforms: str):
         recipe = load_recipe(
@@ -265,9 +265,9 @@ def test_transforms_change_the_training_split_only(clf, host):
 def test_lowercase_and_bad_transform_options(clf, host):
     import datasets
 
-    from adaptkit.data import apply_transforms
+    from adaptkit.data.load import apply_transforms
     from adaptkit.errors import ConfigError, DataError
-    from adaptkit.recipe import DataSpec
+    from adaptkit.recipe.schema import DataSpec
 
     ds = datasets.Dataset.from_dict({"text": ["Hello World", None], "label": [0, 1]})
 
@@ -318,7 +318,7 @@ def test_tensorboard_gets_the_logged_metrics(clf, host):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     path = clf_recipe(
         clf,
@@ -375,8 +375,8 @@ def test_adamw_is_torchs_fused_kernel_and_steps_as_the_plain_one_does():
     """Fused AdamW (no temporaries, one kernel per dtype) on the CPU: the same update as torch's loop."""
     import torch
 
-    from adaptkit.recipe import TrainSpec
-    from adaptkit.training import build_optimizer
+    from adaptkit.recipe.schema import TrainSpec
+    from adaptkit.train.loop import build_optimizer
 
     torch.manual_seed(0)
     shapes = [(8, 576), (576, 8), (576, 1536), (576,)]
@@ -403,7 +403,7 @@ def test_bitsandbytes_optimizers_train_on_cpu_and_resume(clf, host, optimizer):
     so the optimizer's (8-bit) state round-trips through the safetensors checkpoint."""
     import torch
 
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     common = f"optimizer: {optimizer}, lr: 1.0e-3, micro_batch_size: 8, scheduler: constant, save_every: 2"
     straight = train(
@@ -447,7 +447,7 @@ def test_model_dropout_reaches_config_and_modules(tmp_path, host, family, task):
     """model.dropout sets every dropout probability of the config, every nn.Dropout and attention dropout."""
     import torch
 
-    from adaptkit.training import Run, prepare_model_and_data
+    from adaptkit.train.loop import Run, prepare_model_and_data
 
     save_tiny_pretrained(tmp_path / family, family, task=task)
     write_jsonl(
@@ -488,7 +488,7 @@ def test_model_dropout_reaches_config_and_modules(tmp_path, host, family, task):
 def lm_runs(lm, tmp_path_factory):
     """Two finished causal-LM runs that learned to answer "good movie": plain prompt/response, and chat."""
     from adaptkit.testing import plugin_host
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     host = plugin_host()
     d = tmp_path_factory.mktemp("lm_runs")
@@ -554,7 +554,7 @@ def test_generate_stops_at_the_models_context(lm, tmp_path, host):
     """GPT-2 has 64 learned positions: generation stops there; a longer prompt is a one-line error."""
     from adaptkit.errors import AdaptkitError
     from adaptkit.runs import generate, open_run
-    from adaptkit.training import train
+    from adaptkit.train.loop import train
 
     write_jsonl(tmp_path / "sft.jsonl", sft_rows(8, seed=1))
     path = write_recipe(
@@ -576,7 +576,7 @@ def test_generate_stops_at_the_models_context(lm, tmp_path, host):
 
 PEAK_CHILD = """
 import gc, torch
-from adaptkit.training import peak_memory_mb, reset_peak_memory
+from adaptkit.train.loop import peak_memory_mb, reset_peak_memory
 cpu = torch.device("cpu")
 t = torch.ones(64 * 2**18)  # 64 MiB, written: resident
 del t

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pydantic import Field
 
 from adaptkit import Strategy, StrategyConfig, StrategyError, hookimpl
-from adaptkit.anatomy import head_parameter_names
+from adaptkit.contract.anatomy import head_parameter_names
 
-ADAPTKIT_API = 1  # the plugin API version this plugin needs (see adaptkit.hookspecs)
+ADAPTKIT_API = 1  # the plugin API version this plugin needs (see adaptkit.contract.hookspecs)
 
 
 class BitFitConfig(StrategyConfig):

@@ -1,0 +1,55 @@
+"""A comparison directory read back: its rows and metadata, and the report rebuilt from them (``adaptkit report``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from adaptkit.compare.child import row_from_run
+from adaptkit.errors import AdaptkitError
+
+
+def collect(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and metadata of a finished (or interrupted) comparison, read back from its directories."""
+    root = Path(root)
+    index = root / "comparison.json"
+    if not index.is_file():
+        raise AdaptkitError(
+            f"{root}: not a comparison directory (no comparison.json); run `adaptkit compare RECIPE` first"
+        )
+    meta = json.loads(index.read_text())
+    rows = [
+        row_from_run(root / e["run_dir"], e["variant"], e["seed"], root, error=e.get("error"))
+        for e in meta["runs"]
+    ]
+    return rows, meta
+
+
+def report_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """What the report's header says about the comparison: model, task, data, budget, tuning."""
+    base = meta.get("base", {})
+    model, data = base.get("model", {}), base.get("data", {})
+    out = {
+        "model": model.get("source"),
+        "task": model.get("task", "classification"),
+        "data": data.get("source"),
+    }
+    if data.get("options"):
+        out["data options"] = json.dumps(data["options"])
+    for label, t in (meta.get("tuning") or {}).items():
+        out[f"tuning {label}"] = f"{t['method']}: {json.dumps(t['chosen'])}"
+    out["date"] = time.strftime("%Y-%m-%d %H:%M")
+    return out
+
+
+def write_report(root: str | Path) -> tuple[dict[str, Path], str]:
+    """Rebuild the report files from the comparison directory; returns (files, terminal table)."""
+    from adaptkit.compare.report import format_table, write_report_files
+
+    rows, meta = collect(root)
+    files = write_report_files(
+        Path(root), rows, title=f"adaptkit comparison: {meta['name']}", meta=report_meta(meta)
+    )
+    return files, format_table(rows)

@@ -1,0 +1,82 @@
+"""Running one job of a plan as a child process, with progress and an estimate of the time left."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adaptkit.compare.child import command, row_from_run, run_child
+from adaptkit.compare.spec import Job, Plan
+from adaptkit.recipe.schema import apply_overrides
+
+
+class Runner:
+    """Runs a plan's jobs one child process at a time, skipping finished ones, and builds the rows."""
+
+    def __init__(self, plan: Plan, plugins: list[str] = (), echo: bool = True):
+        self.plan, self.plugins, self.echo = plan, list(plugins), echo
+        self.done, self.total, self.executed, self.spent = 0, 0, 0, 0.0
+
+    def log(self, message: str) -> None:
+        print(f"adaptkit: {message}", file=sys.stderr, flush=True)
+
+    def run(
+        self, job: Job, tag: str = "", overrides: dict[str, Any] | None = None, poll: Any = None
+    ) -> dict[str, Any]:
+        """Train one job (unless its identical recipe already finished) and return its row."""
+        raw = copy.deepcopy(job.raw)
+        key = job.key + tag
+        if overrides:
+            raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+        raw["name"], raw["output"] = f"{self.plan.root.name}/{key}", str(self.plan.root / "runs" / key)
+        run_dir, recipe_file = Path(raw["output"]), self.plan.root / "recipes" / f"{key}.yaml"
+        text = yaml.safe_dump(raw, sort_keys=False)
+        same = recipe_file.is_file() and recipe_file.read_text() == text
+        self.done += 1
+        if same and (run_dir / "summary.json").is_file():
+            self.log(f"{key}: finished earlier, skipped")
+            return row_from_run(run_dir, job.variant, job.seed, self.plan.root)
+        if not same and run_dir.exists():  # the recipe changed: its old checkpoints must not be resumed
+            shutil.rmtree(run_dir)
+        recipe_file.parent.mkdir(parents=True, exist_ok=True)
+        recipe_file.write_text(text)
+        left = (
+            f", about {_duration(self.spent / self.executed * (self.total - self.done + 1))} left"
+            if self.executed
+            else ""
+        )
+        self.log(f"[{self.done}/{self.total}] {key}{left}")
+        t0 = time.monotonic()
+        rc, error = run_child(
+            command(recipe_file, self.plugins, self.plan.spec.launch),
+            self.plan.root / "logs" / f"{key}.log",
+            poll,
+            self.echo,
+        )
+        self.spent += time.monotonic() - t0
+        self.executed += 1
+        row = row_from_run(run_dir, job.variant, job.seed, self.plan.root, error=error if rc else None)
+        if rc and row["status"] == "finished":  # a summary from before, but this attempt failed
+            row.update(status="failed", error=error)
+        if row["status"] == "failed":
+            self.log(f"{key} failed: {row['error']}")
+        return row
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def score(row: dict[str, Any]) -> float:
+    """A finished row's selection value, larger is better; failed rows rank last."""
+    if row.get("status") != "finished" or row.get("best_metric") is None:
+        return -math.inf
+    return row["best_metric"] if row["greater_is_better"] else -row["best_metric"]

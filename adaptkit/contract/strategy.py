@@ -1,0 +1,139 @@
+"""The strategy contract: what a fine-tuning strategy plugin implements.
+
+A strategy is an object built from a validated config. The host applies the strategies of a
+stack in the order given (``freeze`` then ``lora``), each to the model the previous one
+returned, and later asks each of them for optimizer groups, reactions to training events,
+what to save, how to load it back onto a fresh base model and how to merge it.
+
+This module must not import torch: ``adaptkit strategies`` reads these classes without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from adaptkit.errors import NotMergeableError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class StrategyConfig(BaseModel):
+    """Base class of strategy configs: a pydantic model that rejects unknown fields.
+
+    Give every field a type, a default and a ``Field(description=...)``: ``adaptkit strategies``
+    shows them, and recipe errors repeat them.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass
+class TrainState:
+    """Where training stands when an event fires.
+
+    ``step`` counts optimizer steps already taken; ``epoch`` counts epochs already finished
+    (both start at 0). A resumed run fires ``train_start`` with the restored values, so a
+    strategy whose behaviour depends only on this state resumes exactly.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    num_processes: int = 1
+
+
+class Strategy:
+    """Base class of strategies. Subclasses implement ``apply`` and override what they need.
+
+    The defaults describe a strategy that only changes which existing parameters train: it
+    saves the parameters it made trainable (``self.owned``) and merges as a no-op.
+    """
+
+    #: False when the strategy's effect cannot be folded into a plain model (``merge`` raises).
+    mergeable: ClassVar[bool] = True
+    #: True when the strategy trains the whole model and so combines with nothing else.
+    exclusive: ClassVar[bool] = False
+    #: True when ``apply`` wraps the model in a ``peft.PeftModel``; a stack holds at most one.
+    wraps_with_peft: ClassVar[bool] = False
+
+    def __init__(self, config: StrategyConfig, name: str | None = None):
+        self.config = config
+        self.name = name or type(self).__name__.lower()
+        #: Parameters this strategy trains (now or later), keyed by their name in the model
+        #: it was applied to. Filled by ``apply``; the default save and load use it.
+        self.owned: dict[str, torch.nn.Parameter] = {}
+
+    # -- building ----------------------------------------------------------------------------
+
+    def check(self, stack: list[Strategy], position: int) -> None:
+        """Refuse a combination that cannot work by raising ``StrategyError``.
+
+        Called before anything is applied, with the whole stack and this strategy's index.
+        """
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Modify ``model`` (freeze, inject modules, replace the head) and return it.
+
+        May return a different object (peft wraps the model). Must leave the model's
+        train/eval mode as it found it and keep trainable parameters in float32.
+        """
+        raise NotImplementedError
+
+    # -- training ----------------------------------------------------------------------------
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
+        """Optimizer groups with their own learning rates, or None for the default group.
+
+        Each group is ``{"params": [...], "lr": float, "name": str}`` and may list parameters
+        that are still frozen (``pending_parameters``): the optimizer is built once, with
+        every parameter that may ever train, so learning-rate schedules cover them all.
+        """
+        return None
+
+    def pending_parameters(self, model: nn.Module) -> list[torch.nn.Parameter]:
+        """Parameters this strategy will make trainable later, but not yet.
+
+        The host keeps their gradients at None (so AdamW applies neither decay nor momentum)
+        and, in multi-process runs, lets DDP synchronise them from the start.
+        """
+        return []
+
+    def on_event(self, model: nn.Module, event: str, state: TrainState) -> bool:
+        """React to ``train_start``, ``epoch_start`` or ``step_start``.
+
+        Return True when the set of trainable parameters changed.
+        """
+        return False
+
+    # -- saving, loading, merging ------------------------------------------------------------
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """Write what this strategy changed (and only that) into ``directory``."""
+        from adaptkit.files import save_tensors
+
+        save_tensors({name: p.detach() for name, p in self.owned.items()}, directory / WEIGHTS_FILE)
+
+    def load(self, model: nn.Module, directory: Path) -> nn.Module:
+        """Load what ``save`` wrote onto ``model``, a fresh base this strategy was just applied to."""
+        from adaptkit.files import load_into
+
+        load_into(self.owned, directory / WEIGHTS_FILE, owner=self.name)
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold this strategy into a plain model for export and return it.
+
+        The default fits strategies whose trained parameters already live in the model.
+        """
+        if not self.mergeable:
+            raise NotMergeableError(f"strategy '{self.name}' cannot be merged into a plain model")
+        return model

@@ -1,0 +1,98 @@
+"""The task contract: what a task registered through ``adaptkit_register_tasks`` implements.
+
+A task knows which head the model needs, how data rows become model inputs, how to batch them
+and how to score predictions. The built-in tasks (``adaptkit_plugins.tasks``) subclass ``Task``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from adaptkit.errors import DataError
+
+if TYPE_CHECKING:
+    from adaptkit.recipe.schema import DataSpec
+
+#: The label value that losses and metrics skip (transformers' convention).
+IGNORE = -100
+
+
+class Task:
+    """Base class of tasks. ``auto_model`` names the transformers auto class of the model."""
+
+    auto_model: ClassVar[str] = "AutoModel"
+    #: The metric that decides the best evaluation, and whether larger is better.
+    metric: ClassVar[str] = "eval_loss"
+    greater_is_better: ClassVar[bool] = False
+
+    def __init__(self, data: DataSpec):
+        self.data = data
+
+    def setup(self, splits: Any, files: dict[str, str]) -> None:
+        """Inspect the loaded splits before the model exists (columns, label names)."""
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Extra ``from_pretrained`` arguments for the head (``num_labels``, label names)."""
+        return {}
+
+    def load_processor(self, path: str, common: dict[str, Any]) -> Any:
+        """The tokenizer (or image processor) that goes with the model at ``path``."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, **common)
+
+    def prepare_model(self, model: Any, processor: Any) -> None:
+        """Make model and processor agree (a pad token for models that have none)."""
+        if getattr(processor, "pad_token", "x") is None:
+            processor.pad_token = processor.eos_token
+        if getattr(processor, "pad_token_id", None) is not None and model.config.pad_token_id is None:
+            model.config.pad_token_id = processor.pad_token_id
+
+    def encode(self, split: Any, processor: Any, file: str) -> Any:
+        """Turn a split's rows into model inputs (a ``datasets.Dataset`` of token ids and labels)."""
+        raise NotImplementedError
+
+    def collate(self, processor: Any) -> Callable[[list[dict]], dict]:
+        """The function that pads a list of encoded rows into a batch of tensors."""
+        raise NotImplementedError
+
+    def loss_items(self, batch: dict) -> Any:
+        """How many items the model's loss is a mean over in ``batch``: here one per example.
+
+        The training loop weights each micro-batch by this count, so that gradient accumulation
+        gives the mean over the whole accumulated batch (C18).
+        """
+        return batch["labels"].shape[0]
+
+    def predictions(self, outputs: Any, batch: dict) -> tuple[Any, Any] | None:
+        """Predictions and references of one evaluation batch (tensors), or None for loss-only tasks."""
+        return None
+
+    def metrics(self, predictions: Any, references: Any) -> dict[str, float]:
+        """Task metrics from all evaluation predictions."""
+        return {}
+
+    def generation_metrics(
+        self, model: Any, processor: Any, split: Any, metrics: Mapping[str, Callable]
+    ) -> dict[str, float]:
+        """Metrics that need the model to generate (evaluation by generation); ``{}`` by default.
+
+        Called by the training loop after each evaluation with the plain model (unwrapped from
+        DDP; possibly a peft model; leave its train/eval mode as it was), the processor, the raw
+        validation rows (a ``datasets.Dataset``, before ``encode``) and the host's registered
+        metric functions by name. An override returns extra metrics to log next to ``eval_loss``
+        (``CausalLM`` returns ``answer_accuracy`` when the rows name a ``scorer``); to make one of
+        them decide the best evaluation, set ``self.metric`` and ``self.greater_is_better`` in
+        ``setup``.
+        """
+        return {}
+
+
+def require_columns(dataset, columns: list[str], file: str) -> None:
+    """A DataError naming the file and the missing column, with the columns that do exist."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise DataError(
+            f"{file}: no column {missing[0]!r}; the columns are {dataset.column_names} (set it in the recipe's data section)"
+        )

@@ -1,0 +1,192 @@
+"""A causal LM's training loss without its logits tensor.
+
+The usual loss (``model(**batch).loss``) holds batch x sequence x vocabulary floats several times
+over: the logits, their log-probabilities (kept for the backward) and two gradients of that size
+at the backward's start. For SmolLM2's 49,152-token vocabulary and 2 x 256 tokens that is four
+96 MiB blocks, and a model with a 128k vocabulary holds gigabytes this way. Here the model's
+output layer is skipped, and the output layer and cross-entropy run a chunk of supervised tokens
+at a time, with the gradients of the hidden states (and of the output layer, where it trains)
+computed in the same pass: nothing logits-sized outlives a chunk, nothing is computed twice, and
+prompt tokens (label -100) never go through the output layer at all.
+
+It applies where the logits are exactly the output layer applied to the last hidden state, which
+is checked per architecture (``MODEL_TYPES``); everything else keeps ``model(**batch).loss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# Accelerate's distributed types where each process holds whole weights: a trial step on each
+# process needs no collective. FSDP and DeepSpeed shard
+# the model: one process alone cannot try a step (the estimate stands), and a layer's weight is
+# gathered only inside its own forward.
+UNSHARDED = ("NO", "MULTI_CPU", "MULTI_GPU")
+
+
+IGNORE = -100  # transformers' ignore_index: prompt and padding positions
+# Architectures whose causal-LM head is `logits = lm_head(last_hidden_state)`, nothing after it
+# (no soft-capping as in Gemma 2, no logit scale as in Cohere or Granite); each is tested
+# against transformers' own loss in tests/test_lm_loss.py.
+MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
+# A chunk's logits are at most this many bytes (float32). Larger chunks make fewer, larger matrix
+# products (each re-reads the whole output layer: 16 MiB chunks made SmolLM2's loss slower than
+# transformers' on a 2-core CPU, 32 MiB ones 16% faster); on the CPU 32 MiB is glibc's largest
+# block that it serves from the heap rather than mapping it afresh (and faulting its pages in
+# again) every step. A GPU gets larger chunks: its matrix products need more rows to run at rate.
+CHUNK_BYTES = {"cpu": 32 * 2**20}
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+
+
+def model_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The model's own loss for ``batch``: what transformers computes from ``labels``."""
+    return model(**batch).loss
+
+
+def output_layer(model: Any) -> torch.nn.Linear | None:
+    """The output layer the chunked loss can stand in for, or None where the model's own loss must be used.
+
+    ``model`` is the plain or peft-wrapped causal LM (not an Accelerate/DDP wrapper).
+    """
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return None  # virtual tokens are prepended inside peft's forward: the labels no longer line up
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "model_type", None) not in MODEL_TYPES:
+        return None
+    head = base.get_output_embeddings()
+    # exactly nn.Linear: a LoRA-wrapped or quantized head computes something else
+    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    return head
+
+
+def chunked_output_layer(model: Any, auto_model: str, distributed_type: str = "NO") -> torch.nn.Linear | None:
+    """The output layer when training computes the loss in chunks (a causal LM, unsharded weights), else None."""
+    if auto_model != "AutoModelForCausalLM" or distributed_type not in UNSHARDED:
+        return None
+    return output_layer(model)
+
+
+def chunk_rows(vocab: int, device_type: str) -> int:
+    """How many tokens go through the output layer at once."""
+    return max(1, CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES) // (4 * vocab))
+
+
+def training_loss(model: Any, task: Any, distributed_type: str, autocast: Callable[[], Any]) -> LossFn:
+    """The function training calls as ``loss_fn(wrapped_model, batch)`` for one micro-batch's mean loss.
+
+    ``model`` is the unwrapped model, ``task`` the run's task, ``distributed_type`` Accelerate's
+    (its ``.value``), ``autocast`` Accelerate's ``autocast`` context (the output layer runs in the
+    precision the model's forward runs in).
+    """
+    head = chunked_output_layer(model, task.auto_model, distributed_type)
+    if head is None:
+        return model_loss
+
+    def loss_fn(wrapped: torch.nn.Module, batch: dict) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        head.forward = _hidden_states  # the model returns its last hidden state as "logits"
+        try:
+            hidden = wrapped(**inputs).logits
+        finally:
+            del head.forward
+        with autocast():
+            return causal_lm_loss(hidden, batch["labels"], head.weight, head.bias)
+
+    return loss_fn
+
+
+def _hidden_states(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of next-token prediction, as transformers' ``ForCausalLMLoss`` computes it.
+
+    ``hidden`` (batch, seq, hidden) are the states the output layer (``weight``, ``bias``) would
+    turn into logits; position t predicts ``labels[:, t + 1]``; labels of -100 are not predicted.
+    With no supervised token the loss is 0 (transformers gives NaN).
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    rows = chunk_rows(weight.shape[0], hidden.device.type)
+    return _LinearCrossEntropy.apply(hidden[:, :-1][keep], weight, bias, targets[keep], rows)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(hidden_i @ weight.T + bias, target_i), a chunk of rows at a time; gradients made in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        exact = torch.promote_types(
+            dtype, torch.float32
+        )  # half logits are upcast for the loss, as transformers does
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n = hidden.shape[0]
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            total = torch.zeros((), dtype=exact, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=exact, device=weight.device) if need_w else None
+            grad_b = torch.zeros(bias.shape, dtype=exact, device=bias.device) if need_b else None
+            buffer = (
+                torch.empty((min(chunk, n), w.shape[0]), dtype=exact, device=hidden.device) if n else None
+            )
+            for start in range(0, n, chunk):
+                h, t = hidden[start : start + chunk].to(dtype), targets[start : start + chunk]
+                # one logits buffer for all chunks: a fresh block per chunk costs its page faults again
+                logits = buffer[: len(t)]
+                if dtype == exact:
+                    torch.mm(h, w.t(), out=logits)
+                    if b is not None:
+                        logits += b
+                else:
+                    logits.copy_(torch.nn.functional.linear(h, w, b))
+                lse = logits.logsumexp(-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if not (need_h or need_w or need_b):
+                    continue
+                # d(sum of the chunk's losses)/d logits = softmax - one-hot, made in the logits' memory
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(len(t), device=g.device), t] -= 1
+                if need_b:
+                    grad_b += g.sum(0)
+                g = g.to(dtype)
+                if need_h:
+                    if grad_h.dtype == dtype:
+                        torch.mm(g, w, out=grad_h[start : start + chunk])
+                    else:
+                        grad_h[start : start + chunk] = g @ w
+                if need_w:
+                    if dtype == exact:
+                        grad_w.addmm_(g.t(), h)
+                    else:
+                        grad_w += g.t() @ h
+        ctx.rows = max(n, 1)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return total / ctx.rows
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        scale = grad_out / ctx.rows
+        grads, ctx.grads = (
+            ctx.grads,
+            None,
+        )  # released as they are handed over: autograd may keep them as .grad
+        out = [
+            None if g is None else g.mul_(scale.to(g.dtype)).to(dtype) for g, dtype in zip(grads, ctx.dtypes)
+        ]
+        return (*out, None, None)

@@ -1,0 +1,236 @@
+"""Memory planning for a run: before the weights load, resolve ``micro_batch_size: auto`` from the
+estimate and refuse a run that will not fit; after ``prepare``, confirm the choice with trial steps.
+
+The chosen micro-batch is written to the run directory so that a resumed run reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adaptkit.errors import DoesNotFitError
+from adaptkit.estimate.estimator import (
+    Estimator,
+    MiB,
+    divisors,
+    does_not_fit_message,
+    effective_batch,
+    format_bytes,
+    free_memory,
+    largest_fitting_micro_batch,
+    suggest,
+    with_micro_batch,
+)
+from adaptkit.train.allocator import ALLOCATOR_SLACK, GLIBC_MMAP_THRESHOLD_MAX, set_cpu_allocator
+
+if TYPE_CHECKING:
+    from adaptkit.recipe.schema import Recipe
+
+BATCH_FILE = "batch_size.json"
+
+
+def plan_memory(run: Any, fresh_dir: bool, loaded: bool) -> tuple[Any, dict[str, Any]]:
+    """Before the weights load: resolve ``micro_batch_size: auto`` and refuse a run that will not fit.
+
+    Returns the train section with a concrete micro-batch and accumulation, and what was found
+    (for summary.json). The budget is what the run may add to this process: the device's free
+    memory (psutil's available RAM on a CPU, shared by the processes of this machine; CUDA's
+    free memory), capped by ``train.memory_limit_mb``; the estimate is taken without the process
+    baseline, which is already resident. A ``batch_size.json`` that ``write_memory_plan`` left in
+    the run directory is read back on resume (unless ``fresh_dir``), so a resumed run uses the
+    micro-batch it started with. With ``loaded`` (weights already in memory) only ``auto`` is resolved.
+    The micro-batch chosen here is the estimate's; ``confirm_micro_batch`` then tries it for real.
+    """
+    from adaptkit.recipe.identity import recipe_id
+
+    recipe, acc, spec = run.recipe, run.accelerator, run.recipe.train
+    auto = not isinstance(spec.micro_batch_size, int)
+    info: dict[str, Any] = {"preflight": spec.preflight, "micro_batch_size_auto": auto}
+    if not auto and not spec.preflight:
+        return spec, info
+    device = acc.device
+    free = free_memory(device)
+    share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    budget = None if free is None else free // share
+    if spec.memory_limit_mb is not None:
+        limit = int(spec.memory_limit_mb * MiB)
+        budget = limit if budget is None else min(budget, limit)
+    info["budget_mb"] = None if budget is None else budget / MiB
+
+    estimator = None
+    try:
+        estimator = Estimator(
+            run.host, device="cuda" if device.type == "cuda" else "cpu", overhead_bytes=0, peak_tflops=0
+        )
+    except Exception as exc:  # an estimate that cannot be made never blocks training
+        run.log(f"adaptkit: memory estimate skipped: {type(exc).__name__}: {exc}")
+
+    if auto:
+        total = effective_batch(spec)
+        saved = None if fresh_dir else _read_batch_file(run.run_dir / BATCH_FILE, recipe_id(recipe), total)
+        if saved:
+            micro = saved
+            info["chosen_before"] = True
+            run.log(
+                f"adaptkit: micro_batch_size auto: using {micro}, as chosen before ({run.run_dir / BATCH_FILE})"
+            )
+        else:
+            micro = _choose(run, estimator, recipe, budget, total)
+            if acc.num_processes > 1:  # every rank must accumulate alike: the smallest choice wins
+                micro = smallest_across_processes(acc, micro)
+            run.log(
+                f"adaptkit: micro_batch_size auto: {micro} x {total // micro} accumulation steps ({total} examples "
+                f"per step{'' if budget is None else ', within ' + format_bytes(budget)})"
+            )
+        spec = spec.model_copy(update={"micro_batch_size": micro, "gradient_accumulation": total // micro})
+        acc.gradient_accumulation_steps = spec.gradient_accumulation
+        info.update(
+            micro_batch_size=micro,
+            gradient_accumulation=total // micro,
+            effective_batch_size=total,
+            run_id=recipe_id(recipe),
+        )
+
+    if spec.preflight and not loaded and estimator is not None and budget is not None:
+        resolved = recipe.model_copy(update={"train": spec})
+        try:
+            est = estimator.estimate(resolved)
+        except (
+            Exception
+        ) as exc:  # a model or strategy the estimator cannot build: training reports its own errors
+            run.log(f"adaptkit: memory estimate skipped: {type(exc).__name__}: {exc}")
+            return spec, info
+        info["estimate_mb"] = est.total / MiB
+        if est.total > budget:
+            raise DoesNotFitError(
+                does_not_fit_message(est, budget, suggest(estimator, resolved, budget), device.type)
+            )
+        # keeping freed memory for reuse makes CPU steps faster but holds more than the live peak:
+        # worth it only where glibc would unmap a step's blocks; a run that would not fit otherwise
+        # pays for returning freed memory at once (see set_cpu_allocator)
+        if device.type == "cpu":
+            tight = est.total * ALLOCATOR_SLACK > budget
+            policy = "release" if tight else "keep" if est.largest_block > GLIBC_MMAP_THRESHOLD_MAX else None
+            if policy and set_cpu_allocator(policy):
+                info["allocator"] = policy
+            if info.get("allocator") == "release":
+                run.log(
+                    f"adaptkit: memory is tight (about {format_bytes(est.total)} of {format_bytes(budget)}): freed memory "
+                    "goes back to the system at once, which makes steps slower"
+                )
+    return spec, info
+
+
+def smallest_across_processes(acc: Any, value: int) -> int:
+    """The smallest ``value`` of all processes (Accelerate's reduce has max and sum, not min)."""
+    import torch
+
+    return -int(acc.reduce(torch.tensor(-value, device=acc.device), "max").item())
+
+
+def confirm_micro_batch(
+    run: Any,
+    spec: Any,
+    info: dict[str, Any],
+    model: Any,
+    optimizer: Any,
+    dataset: Any,
+    collate: Any,
+    pending: list[Any],
+    loss_fn: Any,
+) -> Any:
+    """After ``plan_memory``, with model and optimizer prepared: trial steps confirm ``auto``'s micro-batch.
+
+    Steps down through the divisors of the effective batch while a trial step runs out of memory
+    (``adaptkit.train.batch_probe``); returns the train section to use and records the sizes tried in
+    ``info``. With several processes the smallest micro-batch any of them could run wins.
+    """
+    from adaptkit.kernels.lm_loss import UNSHARDED
+    from adaptkit.train.batch_probe import probe_micro_batch
+
+    acc = run.accelerator
+    if acc.distributed_type.value not in UNSHARDED:
+        run.log(
+            f"adaptkit: micro_batch_size auto: no trial step under {acc.distributed_type.value} "
+            f"(one process holds only a shard); the estimate's {spec.micro_batch_size} stands"
+        )
+        return spec
+    total = info["effective_batch_size"]
+    candidates = [d for d in divisors(total) if d <= spec.micro_batch_size]
+    failure = None
+    try:
+        micro, info["tried"] = probe_micro_batch(
+            acc, model, optimizer, dataset, collate, candidates, pending, run.log, loss_fn
+        )
+    except DoesNotFitError as exc:
+        if acc.num_processes == 1:
+            raise
+        micro, failure = 0, exc  # the other processes wait in the reduction below: all stop together
+    if acc.num_processes > 1:
+        micro = smallest_across_processes(acc, micro)
+        if micro == 0:
+            raise failure or DoesNotFitError(
+                "train.micro_batch_size auto: another process ran out of memory in a trial "
+                "step even with a micro-batch of 1; see its message"
+            )
+    if micro == spec.micro_batch_size:
+        return spec
+    run.log(
+        f"adaptkit: micro_batch_size auto: {micro} x {total // micro} accumulation steps, as trial steps showed"
+    )
+    acc.gradient_accumulation_steps = total // micro
+    info.update(micro_batch_size=micro, gradient_accumulation=total // micro)
+    return spec.model_copy(update={"micro_batch_size": micro, "gradient_accumulation": total // micro})
+
+
+def _choose(run: Any, estimator: Estimator | None, recipe: Recipe, budget: int | None, total: int) -> int:
+    """The largest micro-batch that fits; without an estimate or a budget, the largest divisor up to 8."""
+    fallback = max(d for d in divisors(total) if d <= 8)
+    if estimator is None or budget is None:
+        run.log(f"adaptkit: micro_batch_size auto: no estimate or budget, using {fallback}")
+        return fallback
+    try:
+        found = largest_fitting_micro_batch(estimator, recipe, budget)
+    except Exception as exc:  # the estimator cannot build this model: fall back rather than refuse
+        run.log(
+            f"adaptkit: micro_batch_size auto: no estimate ({type(exc).__name__}: {exc}), using {fallback}"
+        )
+        return fallback
+    if found is None:
+        one = with_micro_batch(recipe, 1)
+        est = estimator.estimate(one)
+        raise DoesNotFitError(
+            "train.micro_batch_size auto: not even a micro-batch of 1 fits; "
+            + does_not_fit_message(est, budget, suggest(estimator, one, budget), estimator.device)
+        )
+    return found[0]
+
+
+def write_memory_plan(run_dir: Path, info: dict[str, Any]) -> None:
+    """Record the micro-batch ``auto`` chose in ``<run dir>/batch_size.json`` (atomically); nothing without auto."""
+    from adaptkit.files import write_json
+
+    if info.get("micro_batch_size_auto") and not info.get("chosen_before"):
+        keys = (
+            "run_id",
+            "micro_batch_size",
+            "gradient_accumulation",
+            "effective_batch_size",
+            "budget_mb",
+            "tried",
+        )
+        write_json(Path(run_dir) / BATCH_FILE, {k: info.get(k) for k in keys})
+
+
+def _read_batch_file(path: Path, run_id: str, total: int) -> int | None:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("run_id") != run_id or saved.get("effective_batch_size") != total:
+        return None
+    micro = saved.get("micro_batch_size")
+    return micro if isinstance(micro, int) and micro >= 1 and total % micro == 0 else None

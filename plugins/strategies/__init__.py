@@ -1,0 +1,1 @@
+"""The first-party fine-tuning strategies, each written only against adaptkit's public plugin API."""
