@@ -155,7 +155,8 @@ def _estimate_args(p: argparse.ArgumentParser) -> None:
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Print the estimate table (or JSON), and the suggestions when it does not fit."""
     from adaptkit.compare import is_comparison
-    from adaptkit.estimate.estimator import estimate_report, parse_memory, render
+    from adaptkit.estimate.render import estimate_report, render
+    from adaptkit.estimate.units import parse_memory
     from adaptkit.recipe.schema import load_recipe, read_raw
 
     if args.device_memory is not None:

@@ -60,3 +60,7 @@ class CheckpointError(AdaptkitError):
 
 class DoesNotFitError(AdaptkitError):
     """The estimated peak of a training step exceeds the memory available for it."""
+
+
+class TrainingError(AdaptkitError):
+    """Training cannot go on (a NaN loss, say); the last good checkpoint is kept."""

@@ -30,8 +30,8 @@ class OpenRun:
 
 def open_run(run_dir: str | Path, host: PluginHost, data: str | None = None) -> OpenRun:
     """Rebuild the base model named in the run's recipe and load the final strategy state onto it."""
-    from adaptkit.data.load import load_data
-    from adaptkit.train.loop import quiet_libraries
+    from adaptkit.adapt.pipeline import load_base
+    from adaptkit.train.setup import quiet_libraries
 
     quiet_libraries()
     run_dir = Path(run_dir)
@@ -41,15 +41,12 @@ def open_run(run_dir: str | Path, host: PluginHost, data: str | None = None) -> 
     if data:
         raw["data"]["source"] = data
     recipe = validate(raw, host=host, source=str(run_dir / "recipe.yaml"))
-    splits, files = load_data(recipe.data, host, recipe.train.seed)
-    task = host.lookup("tasks", recipe.model.task).obj(recipe.data)
-    task.setup(splits, files)
-    loaded = host.pm.hook.adaptkit_load_model(spec=recipe.model, task=task)
-    task.prepare_model(loaded.model, loaded.processor)
+    base = load_base(recipe, host)
+    loaded, task = base.loaded, base.task
     adapted = Adapted.load(loaded.model, run_dir / "final", host=host)
     adapted.model.eval()
     return OpenRun(
-        recipe, task, loaded.processor, adapted, splits, files, trained_batch_size(run_dir, recipe)
+        recipe, task, loaded.processor, adapted, base.splits, base.files, trained_batch_size(run_dir, recipe)
     )
 
 
@@ -66,7 +63,8 @@ def evaluate_run(run: OpenRun, split: str = "validation") -> dict[str, float]:
     import torch
     from accelerate import Accelerator
 
-    from adaptkit.train.loop import Run, evaluate
+    from adaptkit.train.context import Run
+    from adaptkit.train.evaluate import evaluate
 
     ds = run.task.encode(run.splits[split], run.processor, run.files[split])
     loader = torch.utils.data.DataLoader(

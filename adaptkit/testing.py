@@ -192,14 +192,11 @@ def save_tiny_pretrained(
 
 
 def load_recipe_model(recipe, host: PluginHost):
-    """The base model exactly as ``train`` loads it (data, task setup, then the load hook), to pass
-    back as ``train(..., loaded_model=...)`` and inspect afterwards."""
-    from adaptkit.data.load import load_data
+    """The base model exactly as ``train`` loads it (data, task setup, the load hook, the task's
+    preparation), to pass back as ``train(..., loaded_model=...)`` and inspect afterwards."""
+    from adaptkit.adapt.pipeline import load_base
 
-    splits, files = load_data(recipe.data, host, recipe.train.seed)
-    task = host.lookup("tasks", recipe.model.task).obj(recipe.data)
-    task.setup(splits, files)
-    return host.pm.hook.adaptkit_load_model(spec=recipe.model, task=task)
+    return load_base(recipe, host).loaded
 
 
 POSITIVE = "good great fine nice fun best love wonderful".split()

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in ALLOCATOR_ENV:
             env.pop(key, None)
 
-    from adaptkit.estimate.estimator import Estimator, format_bytes
+    from adaptkit.estimate.estimator import Estimator
+    from adaptkit.estimate.units import format_bytes
     from adaptkit.host.manager import get_plugin_host
     from adaptkit.recipe.schema import load_recipe
 

@@ -30,5 +30,6 @@ def macro_f1(predictions: Sequence, references: Sequence) -> float:
 
 @hookimpl
 def adaptkit_register_metrics(register):
+    """Register the ``accuracy`` and ``macro_f1`` metrics."""
     register("accuracy", accuracy)
     register("macro_f1", macro_f1)

@@ -66,5 +66,6 @@ def lowercase(column: str = "text") -> Callable[[dict[str, Any]], dict[str, Any]
 
 @hookimpl
 def adaptkit_register_transforms(register):
+    """Register the ``word_dropout`` and ``lowercase`` transforms."""
     register("word_dropout", word_dropout)
     register("lowercase", lowercase)

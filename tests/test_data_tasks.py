@@ -1,4 +1,4 @@
-"""Data loading (files, directories, held-out split) and the built-in tasks' encoding (C19, C20)."""
+"""Data loading (files, directories, held-out split) and the built-in tasks' encoding (loss on responses only, padding masked by position)."""
 
 from __future__ import annotations
 
@@ -245,7 +245,7 @@ def test_missing_text_pair_column(tmp_path, host):
         classification(tmp_path, host, ROWS, ROWS, text_pair="hypothesis")
 
 
-# -- causal-LM fine-tuning (C19, C20) -----------------------------------------------------------
+# -- causal-LM fine-tuning: loss on responses only, padding masked by position -----------------
 
 
 def dataset(rows):

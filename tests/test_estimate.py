@@ -15,7 +15,9 @@ import pytest
 
 from adaptkit.cli import main
 from adaptkit.errors import AdaptkitError, ConfigError, DoesNotFitError
-from adaptkit.estimate.estimator import Estimator, divisors, parse_memory, suggest
+from adaptkit.estimate.estimator import Estimator
+from adaptkit.estimate.suggest import divisors, suggest
+from adaptkit.estimate.units import parse_memory
 from adaptkit.recipe.schema import apply_overrides, validate
 from adaptkit.train.allocator import ALLOCATOR_ENV
 

@@ -136,7 +136,7 @@ def test_frozen_weights_stay_bitwise_equal_and_trainable_ones_move(host, family,
 
 
 def test_a_parameter_frozen_after_it_had_a_grad_is_not_decayed(host):
-    """C2: AdamW skips a parameter whose grad is None, but not one holding a stale zero grad."""
+    """AdamW skips a parameter whose grad is None, but not one holding a stale zero grad."""
     results = {}
     for set_to_none in (True, False):
         adapted = adaptkit.apply(tiny_model("bert"), "freeze", host=host, trainable_top_blocks=1)
@@ -162,7 +162,7 @@ def test_a_parameter_frozen_after_it_had_a_grad_is_not_decayed(host):
 @pytest.mark.parametrize("strategy", ["freeze", "full"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_trainable_parameter_gets_a_gradient(host, family, strategy, checkpointing):
-    """C14/C1 preflight: one backward reaches every trainable parameter with a non-zero grad."""
+    """Preflight, with and without reentrant checkpointing: one backward reaches every trainable parameter with a non-zero grad."""
     options = {"trainable_top_blocks": 1} if strategy == "freeze" else {}
     adapted = adaptkit.apply(tiny_model(family), strategy, host=host, **options)
     model = adapted.model

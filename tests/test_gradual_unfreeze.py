@@ -1,5 +1,5 @@
 """``gradual_unfreeze`` (ULMFiT): the schedule of trainable groups, discriminative learning rates,
-an optimizer built once (C3), frozen groups untouched by AdamW (C2), resuming, saving, ties and
+an optimizer built once and scheduling groups unfrozen later, frozen groups untouched by AdamW, resuming, saving, ties and
 composition with other strategies."""
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def test_discriminative_learning_rates(host):
 
 
 def test_a_linear_schedule_covers_groups_unfrozen_later(host):
-    """C3: transformers #20029 -- a group added after the scheduler was built is not scheduled."""
+    """transformers #20029: a group added after the scheduler was built is not scheduled."""
     steps_per_epoch, epochs = 2, 5
     total = steps_per_epoch * epochs
     adapted = adaptkit.apply(tiny_model("gpt2"), "gradual_unfreeze", host=host)

@@ -221,7 +221,8 @@ def test_evaluation_computes_the_models_loss_without_its_logits(monkeypatch):
     """adaptkit's evaluation of a causal LM goes through the chunked loss and reports transformers' loss."""
     from accelerate import Accelerator
 
-    from adaptkit.train.loop import Run, evaluate
+    from adaptkit.train.context import Run
+    from adaptkit.train.evaluate import evaluate
     from adaptkit_plugins.tasks import CausalLM
 
     torch.manual_seed(0)

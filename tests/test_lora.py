@@ -47,7 +47,7 @@ def linear_shapes(model, family, skip_blocks=()):
 
 def same_backbone_new_head(base_state, family, task="classification", **cfg):
     """A fresh base as from_pretrained gives it: the same pretrained backbone, a head initialised
-    with another seed. Loading an adapter onto it exposes a head that was not saved (C5)."""
+    with another seed. Loading an adapter onto it exposes a head that was not saved."""
     fresh = tiny_model(family, task=task, seed=1, **cfg)
     head = HEAD[family] + "."
     fresh.load_state_dict({k: v for k, v in base_state.items() if not k.startswith(head)}, strict=False)
@@ -126,7 +126,7 @@ def test_lora_at_init_leaves_outputs_unchanged(host, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adamw_with_decay_moves_only_trainable_parameters(host, family):
-    """C2: frozen weights bitwise unchanged under AdamW weight decay; every trainable one moves."""
+    """Frozen weights bitwise unchanged under AdamW weight decay; every trainable one moves."""
     model = tiny_model(family)
     batch = tiny_inputs(model)
     adapted = adaptkit.apply(model, "lora", host=host, r=R)
@@ -145,7 +145,7 @@ def test_adamw_with_decay_moves_only_trainable_parameters(host, family):
     "checkpointing", [None, True, False], ids=["no-gc", "gc-reentrant", "gc-nonreentrant"]
 )
 def test_every_trainable_parameter_gets_a_gradient(host, family, checkpointing):
-    """C1/C14: with reentrant checkpointing and frozen embeddings, LoRA gets no gradient unless
+    """With reentrant checkpointing and frozen embeddings, LoRA gets no gradient unless
     an input requires grad; the strategy makes sure one does, even when checkpointing is
     switched on after it ran."""
     model = tiny_model(family)
@@ -178,7 +178,7 @@ def test_default_init_gives_lora_b_a_gradient_under_reentrant_checkpointing(host
 
 @pytest.mark.parametrize("start_training", [False, True])
 def test_train_eval_mode_is_preserved(host, start_training):
-    """C10: peft builds its dropout in training mode; an eval model must stay in eval."""
+    """peft builds its dropout in training mode; an eval model must stay in eval."""
     model = tiny_model("bert").train(start_training)
     adapted = adaptkit.apply(model, "lora", host=host, r=R, dropout=0.5)
     assert {m.training for m in adapted.model.modules()} == {start_training}
@@ -192,7 +192,7 @@ def test_train_eval_mode_is_preserved(host, start_training):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_adapter_loads_with_plain_peft_on_a_fresh_base(host, family, tmp_path):
-    """C5/C6: the trained head is saved, every key loads, and plain peft reproduces the logits."""
+    """The trained head is saved, every key loads, and plain peft reproduces the logits."""
     model = tiny_model(family)
     batch = tiny_inputs(model)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -216,11 +216,11 @@ def test_saved_adapter_loads_with_plain_peft_on_a_fresh_base(host, family, tmp_p
         same_backbone_new_head(base_state, family), tmp_path / "run", host=host, check_base=False
     )
     assert torch.allclose(logits(again.model, batch), expected, atol=1e-6, rtol=0)
-    assert again.num_trainable() == adapted.num_trainable()  # C9: comes back trainable
+    assert again.num_trainable() == adapted.num_trainable()  # comes back trainable
 
 
 def test_load_on_another_base_is_refused_by_default(host, tmp_path):
-    """C8: the manifest's base fingerprint catches an adapter loaded onto different weights."""
+    """The manifest's base fingerprint catches an adapter loaded onto different weights."""
     model = tiny_model("llama")
     adaptkit.apply(model, "lora", host=host, r=R).save(tmp_path / "run")
     with pytest.raises(CheckpointError, match="different base"):
@@ -229,7 +229,7 @@ def test_load_on_another_base_is_refused_by_default(host, tmp_path):
 
 
 def test_load_is_strict_and_refuses_pickle(host, tmp_path):
-    """C6/S2: a missing key is an error, not a warning; a .bin adapter is never unpickled."""
+    """A missing key is an error, not a warning; a .bin adapter is never unpickled."""
     from safetensors.torch import load_file, save_file
 
     model = tiny_model("bert")
@@ -253,7 +253,7 @@ def test_load_is_strict_and_refuses_pickle(host, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merge_gives_the_same_logits(host, family):
-    """C11: merge_and_unload in float32 reproduces the adapted model."""
+    """merge_and_unload in float32 reproduces the adapted model."""
     model = tiny_model(family)
     batch = tiny_inputs(model)
     adapted = adaptkit.apply(model, "lora", host=host, r=R, init="random")
@@ -277,7 +277,7 @@ def _tied_llama(seed=0):
     "modules_to_save", [[], ["embed_tokens", "lm_head"]], ids=["blocks-only", "train-tied-embeddings"]
 )
 def test_tied_embeddings_survive_merge_save_and_reload(host, tmp_path, modules_to_save):
-    """C4/C23: the tie holds after merge, save_pretrained and from_pretrained."""
+    """Tied embeddings: the tie holds after merge, save_pretrained and from_pretrained."""
     model = _tied_llama()
     batch = tiny_inputs(model)
     adapted = adaptkit.apply(model, "lora", host=host, r=R, init="random", modules_to_save=modules_to_save)
@@ -426,7 +426,7 @@ def test_qlora_4bit(host, tmp_path, family):
     assert len(quantized) == len(linear_shapes(tiny_model(family), family))
     assert all(m.weight.quant_type == "nf4" and m.weight.dtype == torch.uint8 for m in quantized)
     assert fp32_bytes / quantized_weight_bytes(adapted.model.get_base_model(), family) >= 3.5
-    # C13: nothing else was upcast or quantized (embeddings, norms, head keep their dtype)
+    # nothing else was upcast or quantized (embeddings, norms, head keep their dtype)
     now = {
         n.replace("base_model.model.", "").replace(".original_module", ""): p.dtype
         for n, p in adapted.model.named_parameters()
@@ -467,7 +467,7 @@ def test_qlora_4bit(host, tmp_path, family):
 
 
 def test_qlora_4bit_with_bf16_compute_upcasts_nothing(host):
-    """C13: a bf16 base stays bf16 outside the quantized layers; only the adapters are fp32."""
+    """A bf16 base stays bf16 outside the quantized layers; only the adapters are fp32."""
     model = tiny_model("llama").to(torch.bfloat16)
     adapted = adaptkit.apply(model, "lora", host=host, r=R, quantize="4bit", compute_dtype="bfloat16")
     frozen = {p.dtype for p in adapted.model.parameters() if not p.requires_grad and p.dtype != torch.uint8}

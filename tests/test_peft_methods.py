@@ -76,7 +76,7 @@ def test_method_applies_trains_and_round_trips(host, tmp_path, method, options, 
             adaptkit.apply(model, "peft", host=host, method=method, options=options)
         return
     adapted = adaptkit.apply(model, "peft", host=host, method=method, options=options)
-    assert not adapted.model.training  # C10: eval stays eval
+    assert not adapted.model.training  # peft builds dropout in training mode: eval stays eval
     trainable = {n: p.detach().clone() for n, p in adapted.model.named_parameters() if p.requires_grad}
     assert trainable and all(p.dtype == torch.float32 for p in adapted.trainable_parameters())
     frozen = {n: p.detach().clone() for n, p in adapted.model.named_parameters() if not p.requires_grad}

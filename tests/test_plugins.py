@@ -50,7 +50,7 @@ def snapshot(host: PluginHost) -> dict:
 
 
 def assert_fully_gone(host: PluginHost, name: str) -> None:
-    """A refused plugin leaves nothing behind in pluggy (P2)."""
+    """A refused plugin leaves nothing behind in pluggy."""
     assert host.pm.get_plugin(name) is None
     assert name not in dict(host.pm.list_name_plugin())
     for caller in vars(host.pm.hook).values():
@@ -228,7 +228,8 @@ def test_a_broken_entry_point_plugin_is_isolated(site, capsys, kind):
     assert info in host.broken
     assert_fully_gone(host, name)
     assert {"freeze", "full", "bitfit"} <= set(host.registries["strategies"])
-    assert host.registries["strategies"]["freeze"].plugin.source == "builtin"  # S5: builtin wins
+    # a builtin wins over a plugin of the same name
+    assert host.registries["strategies"]["freeze"].plugin.source == "builtin"
     for registered in ("typo_owner", "from_the_future", "unmarked", "notstrat"):
         assert registered not in host.registries["strategies"]
 
@@ -278,7 +279,7 @@ def test_two_distributions_claiming_one_plugin_name_are_both_named(site):
 
 
 def test_load_order_does_not_depend_on_discovery_order(site, monkeypatch):
-    """P6: importlib.metadata's order follows sys.path and the filesystem; the host sorts."""
+    """importlib.metadata's order follows sys.path and the filesystem; the host sorts."""
     for letter in "zyxa":
         site.add(
             f"order-{letter}",
@@ -339,7 +340,7 @@ class _MarkedNonHook:
 
 
 def test_validation_failure_rolls_back_and_the_name_can_be_reused():
-    """P2: pluggy must not keep a plugin that failed validation."""
+    """pluggy must not keep a plugin that failed validation."""
     host = PluginHost()
     bad = _BadArgument()
     assert not host.add(bad, PluginInfo("bad", "tests", "-p"))
@@ -353,7 +354,7 @@ def test_validation_failure_rolls_back_and_the_name_can_be_reused():
 
 @pytest.mark.parametrize("plugin", [_SpecnameTypo, _MarkedNonHook])
 def test_hookimpls_of_unknown_hooks_are_refused_whatever_their_name(plugin):
-    """P1: pluggy would accept these silently, and they would never run."""
+    """Implementations of hooks that do not exist: pluggy would accept them silently; they would never run."""
     host = PluginHost()
     assert not host.add(plugin(), PluginInfo("typo", "tests", "-p"))
     assert "not an adaptkit hook" in host.broken[0].error
@@ -371,7 +372,7 @@ def test_a_register_hook_without_the_register_argument_is_fine():
 
 
 def test_notify_isolates_a_raising_plugin():
-    """P4: one failing notification hook names itself and the others still run."""
+    """One failing notification hook names itself and the others still run."""
     for order in itertools.permutations(["first", "raiser", "last"]):
         calls = []
 
@@ -406,7 +407,7 @@ def test_notify_isolates_a_raising_plugin():
 
 
 def test_firstresult_load_model_a_plugin_wins_over_the_trylast_loader():
-    """P5: the trylast builtin loader only answers when no other plugin does, in any order."""
+    """The trylast builtin loader only answers when no other plugin does, in any order."""
 
     class BuiltinLoader:
         @hookimpl(trylast=True)
@@ -465,8 +466,9 @@ def test_every_hookspec_is_documented_prefixed_and_default_free():
 
 
 def hook_call_problems(source: str, filename: str, specs: dict[str, tuple[str, ...]]) -> list[str]:
-    """P8: ``*.hook.<name>(...)`` and ``host.notify/call_strict("<name>", ...)`` calls must pass
-    every spec argument by keyword, and nothing else."""
+    """``*.hook.<name>(...)``, ``host.notify/call_strict("<name>", ...)`` and
+    ``run.notify_plugins("<name>", ...)`` calls must pass every spec argument by keyword, and
+    nothing else (``notify_plugins`` passes ``run`` itself and may take ``strict``)."""
     problems = []
     for node in ast.walk(ast.parse(source, filename)):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
@@ -475,7 +477,7 @@ def hook_call_problems(source: str, filename: str, specs: dict[str, tuple[str, .
         if isinstance(func.value, ast.Attribute) and func.value.attr == "hook":
             name = func.attr
         elif (
-            func.attr in ("notify", "call_strict")
+            func.attr in ("notify", "call_strict", "notify_plugins")
             and args
             and isinstance(args[0], ast.Constant)
             and isinstance(args[0].value, str)
@@ -483,16 +485,17 @@ def hook_call_problems(source: str, filename: str, specs: dict[str, tuple[str, .
             name, args = args[0].value, args[1:]
         else:
             continue
+        implied = {"run"} if func.attr == "notify_plugins" else set()  # Run.notify_plugins passes itself
         where = f"{filename}:{node.lineno} {name}"
         if name not in specs:
             problems.append(f"{where}: not a hook in adaptkit.contract.hookspecs")
             continue
         if args:
             problems.append(f"{where}: positional arguments")
-        keywords = [k.arg for k in node.keywords]
+        keywords = [k.arg for k in node.keywords if not (implied and k.arg == "strict")]
         if None in keywords:
             problems.append(f"{where}: **kwargs cannot be checked; name every argument")
-        elif set(keywords) != set(specs[name]):
+        elif set(keywords) | implied != set(specs[name]):
             problems.append(f"{where}: passes {sorted(keywords)}, the spec takes {sorted(specs[name])}")
     return problems
 
@@ -519,3 +522,23 @@ def test_every_hook_call_in_adaptkit_uses_keywords_covering_the_spec():
         for path in sorted((ROOT / folder).rglob("*.py")):
             problems += hook_call_problems(path.read_text(), str(path.relative_to(ROOT)), specs)
     assert problems == []
+
+
+@pytest.mark.parametrize("name", ["loaders", "tasks"])
+def test_an_essential_plugin_cannot_be_blocked(name, capsys):
+    """As pytest refuses ``-p no:main``: without loaders or tasks no recipe can run."""
+    from adaptkit.cli import main
+    from adaptkit.errors import PluginError
+
+    with pytest.raises(PluginError, match=f"plugin '{name}' is essential and cannot be blocked"):
+        get_plugin_host([f"no:{name}"])
+    assert main(["-p", f"no:{name}", "strategies"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"adaptkit: error: plugin '{name}' is essential and cannot be blocked (-p no:{name})"]
+
+
+def test_other_builtin_plugins_can_be_blocked():
+    host = get_plugin_host(["no:lora", "no:packaged"], autoload=False)
+    assert "lora" not in host.registries["strategies"]
+    assert "full" in host.registries["strategies"]
+    assert host.registries["models"] == {}

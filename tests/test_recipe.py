@@ -1,4 +1,5 @@
-"""Recipes: strict YAML (R7, S4), the schema with dotted-path errors, extends, overrides, S3."""
+"""Recipes: strict YAML (its implicit-typing traps, no unsafe loaders), the schema with dotted-path
+errors, extends, overrides, and trust_remote_code pinned to a commit."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def problems_of(exc: pytest.ExceptionInfo) -> dict[str, str]:
     return {path: msg for path, msg in exc.value.problems}
 
 
-# -- YAML traps (R7) ---------------------------------------------------------------------------
+# -- YAML traps --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -309,7 +310,7 @@ def test_defaults_of_a_minimal_recipe(host):
     assert recipe.strategies == ["freeze"]
 
 
-# -- trust_remote_code (S3) --------------------------------------------------------------------
+# -- trust_remote_code -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("revision", [None, "main", "v1.0", "abc123", "A" * 40, "g" * 40, "a" * 39])
@@ -538,7 +539,7 @@ def test_arbitrary_overrides_only_raise_config_errors(items, base):
     assert isinstance(out, dict)
 
 
-# -- source scan (S4) --------------------------------------------------------------------------
+# -- source scan: no unsafe YAML or torch loads ------------------------------------------------
 
 UNSAFE_YAML = re.compile(
     r"\byaml\.(?:load|load_all|full_load|full_load_all|unsafe_load|unsafe_load_all)\(|\bunsafe_load\b|FullLoader|UnsafeLoader"

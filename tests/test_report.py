@@ -14,14 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from adaptkit.compare.report import (
-    CSV_COLUMNS,
-    aggregate,
-    format_table,
-    humanize_bytes,
-    humanize_count,
-    write_report_files,
-)
+from adaptkit.compare.report.aggregate import aggregate
+from adaptkit.compare.report.table import format_table, humanize_bytes, humanize_count
+from adaptkit.compare.report.write import CSV_COLUMNS, write_report_files
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOTAL = 22_000_000

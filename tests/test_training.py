@@ -263,7 +263,8 @@ def test_an_infinite_loss_changes_no_weight(workdir, host):
     import torch
 
     from adaptkit import hookimpl
-    from adaptkit.train.loop import TrainingError, train
+    from adaptkit.errors import TrainingError
+    from adaptkit.train.loop import train
 
     class Poison:
         run, after_step_2 = None, None

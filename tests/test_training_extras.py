@@ -243,7 +243,8 @@ def is_subsequence(part: list[str], whole: list[str]) -> bool:
 
 def test_transforms_change_the_training_split_only(clf, host):
     """Through the training run's own data preparation: validation tokens are untouched."""
-    from adaptkit.train.loop import Run, prepare_model_and_data
+    from adaptkit.train.context import Run
+    from adaptkit.train.prepare import prepare_model_and_data
 
     def prepared(transforms: str):
         recipe = load_recipe(
@@ -376,7 +377,7 @@ def test_adamw_is_torchs_fused_kernel_and_steps_as_the_plain_one_does():
     import torch
 
     from adaptkit.recipe.schema import TrainSpec
-    from adaptkit.train.loop import build_optimizer
+    from adaptkit.train.optim import build_optimizer
 
     torch.manual_seed(0)
     shapes = [(8, 576), (576, 8), (576, 1536), (576,)]
@@ -447,7 +448,8 @@ def test_model_dropout_reaches_config_and_modules(tmp_path, host, family, task):
     """model.dropout sets every dropout probability of the config, every nn.Dropout and attention dropout."""
     import torch
 
-    from adaptkit.train.loop import Run, prepare_model_and_data
+    from adaptkit.train.context import Run
+    from adaptkit.train.prepare import prepare_model_and_data
 
     save_tiny_pretrained(tmp_path / family, family, task=task)
     write_jsonl(
@@ -576,7 +578,7 @@ def test_generate_stops_at_the_models_context(lm, tmp_path, host):
 
 PEAK_CHILD = """
 import gc, torch
-from adaptkit.train.loop import peak_memory_mb, reset_peak_memory
+from adaptkit.train.measure import peak_memory_mb, reset_peak_memory
 cpu = torch.device("cpu")
 t = torch.ones(64 * 2**18)  # 64 MiB, written: resident
 del t

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from adaptkit.train.state import RunSummary
+
 ERROR_PREFIX = "adaptkit: error:"
 
 
@@ -123,27 +125,27 @@ def row_from_run(
     if not summary_file.is_file():
         row.update(status="failed", error=error or "the run did not finish (no summary.json)")
         return row
-    s = json.loads(summary_file.read_text())
-    final, metric = s["final_metrics"], s.get("metric", "eval_loss")
-    train_loss = s.get("final_train_loss")
-    forgetting = s.get("forgetting") or {}
+    s = RunSummary.read(summary_file)
+    final = s.final_metrics
+    train_loss = s.final_train_loss
+    forgetting = s.forgetting or {}
     row.update(
         status="finished",
         error=None,
-        strategies=s["strategies"],
-        trainable_parameters=s["trainable_parameters"],
-        total_parameters=s["total_parameters"],
-        trainable_percent=100.0 * s["trainable_parameters"] / max(s["total_parameters"], 1),
-        peak_memory_mb=s["peak_memory_mb"],
-        memory_kind=s.get("memory_kind", "cpu_rss"),
-        wall_time_s=s["wall_time_s"],
-        samples_per_s=s["samples_per_s"] if s["steps"] else None,
-        tokens_per_s=s["tokens_per_s"] if s["steps"] and s["tokens_per_s"] else None,
-        steps=s["steps"],
-        metric=metric,
-        greater_is_better=s.get("greater_is_better", False),
-        final_metric=final.get(metric, final.get("eval_loss")),
-        best_metric=s.get("best_metric"),
+        strategies=s.strategies,
+        trainable_parameters=s.trainable_parameters,
+        total_parameters=s.total_parameters,
+        trainable_percent=100.0 * s.trainable_parameters / max(s.total_parameters, 1),
+        peak_memory_mb=s.peak_memory_mb,
+        memory_kind=s.memory_kind,
+        wall_time_s=s.wall_time_s,
+        samples_per_s=s.samples_per_s if s.steps else None,
+        tokens_per_s=s.tokens_per_s if s.steps and s.tokens_per_s else None,
+        steps=s.steps,
+        metric=s.metric,
+        greater_is_better=s.greater_is_better,
+        final_metric=final.get(s.metric, final.get("eval_loss")),
+        best_metric=s.best_metric,
         eval_loss=final.get("eval_loss"),
         train_loss=train_loss,
         overfit_gap=final["eval_loss"] - train_loss
@@ -151,6 +153,6 @@ def row_from_run(
         else None,
         forgetting=forgetting.get("value"),
         forgetting_measure=forgetting.get("measure"),
-        saved_bytes=s.get("saved_bytes"),
+        saved_bytes=s.saved_bytes,
     )
     return row

@@ -46,7 +46,8 @@ def report_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 def write_report(root: str | Path) -> tuple[dict[str, Path], str]:
     """Rebuild the report files from the comparison directory; returns (files, terminal table)."""
-    from adaptkit.compare.report import format_table, write_report_files
+    from adaptkit.compare.report.table import format_table
+    from adaptkit.compare.report.write import write_report_files
 
     rows, meta = collect(root)
     files = write_report_files(

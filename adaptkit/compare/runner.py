@@ -26,6 +26,7 @@ class Runner:
         self.done, self.total, self.executed, self.spent = 0, 0, 0, 0.0
 
     def log(self, message: str) -> None:
+        """Print a progress line to stderr, where the children's output goes too."""
         print(f"adaptkit: {message}", file=sys.stderr, flush=True)
 
     def run(

@@ -41,7 +41,7 @@ def optimise(
     root = runner.plan.root
     root.mkdir(parents=True, exist_ok=True)
     from adaptkit.recipe.schema import TrainSpec
-    from adaptkit.train.loop import selection_metric
+    from adaptkit.train.evaluate import selection_metric
 
     task = runner.plan.host.lookup("tasks", job.raw["model"].get("task", "classification")).obj
     train = TrainSpec(

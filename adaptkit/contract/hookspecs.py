@@ -54,7 +54,7 @@ def adaptkit_register_strategies(register: Callable[..., None]) -> None:
 def adaptkit_register_tasks(register: Callable[..., None]) -> None:
     """Register tasks (what a model learns: classification, causal-LM SFT, ...).
 
-    Call ``register(name, task_class)`` with a subclass of ``adaptkit_plugins.tasks.Task``. A task builds
+    Call ``register(name, task_class)`` with a subclass of ``adaptkit.contract.task.Task``. A task builds
     the model's head, turns data rows into batches and computes its metrics.
     """
 
@@ -120,7 +120,7 @@ def adaptkit_load_model(spec: ModelSpec, task: Task) -> LoadedModel | None:
     ``spec`` is the recipe's validated ``model`` section (source, dtype, ``trust_remote_code``,
     ...); ``task`` is the task instance, whose ``auto_model`` names the transformers auto class
     and whose ``model_kwargs()`` gives head options (``num_labels``, label names). Return an
-    ``adaptkit_plugins.loaders.transformers.LoadedModel`` if this plugin
+    ``adaptkit.contract.model.LoadedModel`` if this plugin
     recognises ``spec.source``, otherwise ``None``. The built-in transformers loader runs last
     (``trylast``), so any plugin can take over a source before it.
     """
@@ -130,7 +130,7 @@ def adaptkit_load_model(spec: ModelSpec, task: Task) -> LoadedModel | None:
 def adaptkit_on_train_start(run: Any) -> None:
     """Called once on every process after the model, data and optimizer are prepared.
 
-    ``run`` is the ``adaptkit.train.loop.Run`` (recipe, accelerator, model, run directory).
+    ``run`` is the ``adaptkit.train.context.Run`` (recipe, accelerator, model, run directory).
     An exception here is reported naming the plugin and stops the run before any step.
     """
 

@@ -61,7 +61,7 @@ class Task:
         """How many items the model's loss is a mean over in ``batch``: here one per example.
 
         The training loop weights each micro-batch by this count, so that gradient accumulation
-        gives the mean over the whole accumulated batch (C18).
+        gives the mean over the whole accumulated batch.
         """
         return batch["labels"].shape[0]
 

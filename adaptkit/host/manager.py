@@ -2,13 +2,15 @@
 
 Three sources, loaded in this fixed order (so the outcome never depends on the filesystem):
 
-1. built-in plugins (``DEFAULT_PLUGINS``): adaptkit's own loaders and tasks and the first-party
-   strategies in ``adaptkit_plugins``; they use the same ``hookimpl`` marker as everyone else;
+1. built-in plugins (``DEFAULT_PLUGINS``): everything in ``adaptkit_plugins`` (the ``plugins/``
+   folder): loaders, tasks, metrics, transforms, data sources and the first-party strategies;
+   they use the same ``hookimpl`` marker as everyone else;
 2. installed distributions advertising the entry-point group ``adaptkit``, sorted by
    distribution and entry-point name; skipped when ``ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD`` is set;
 3. modules named explicitly (``adaptkit -p package.module``).
 
-``-p no:NAME`` blocks a plugin by name. A plugin that fails (import error, bad hook, unknown hook,
+``-p no:NAME`` blocks a plugin by name, except the ``ESSENTIAL`` ones no recipe can run
+without (as pytest refuses ``-p no:main``). A plugin that fails (import error, bad hook, unknown hook,
 too new an API, duplicate registration) is recorded as broken with a one-line reason naming it
 and its distribution; every other plugin keeps working.
 """
@@ -51,6 +53,9 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("reasoning_gym", "adaptkit_plugins.data_sources.reasoning_gym"),
     ("baselines", "adaptkit_plugins.strategies.baselines"),
 )
+
+#: Built-in plugins no recipe can run without: blocking one is refused.
+ESSENTIAL = ("loaders", "tasks")
 
 #: The registries filled by ``adaptkit_register_*`` hooks: hook suffix -> what one entry is.
 REGISTRIES = ("strategies", "tasks", "data_sources", "metrics", "transforms", "models")
@@ -396,6 +401,11 @@ def get_plugin_host(
     """
     args = list(plugins)
     blocked = {arg[3:] for arg in args if arg.startswith("no:")}
+    essential = sorted(blocked & set(ESSENTIAL)) if builtins else []
+    if essential:
+        raise PluginError(
+            f"plugin '{essential[0]}' is essential and cannot be blocked (-p no:{essential[0]})"
+        )
     explicit = [arg for arg in args if not arg.startswith("no:")]
     if autoload is None:
         autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)

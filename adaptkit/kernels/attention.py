@@ -3,12 +3,12 @@
 torch's CPU ``scaled_dot_product_attention`` has a fused kernel only without dropout; with
 dropout (BERT's attention dropout of 0.1, GPT-2's) it takes the math path, which keeps three
 attention-sized tensors per layer for the backward pass (batch x heads x sequence x sequence
-floats; with queries, keys and values, 45 MiB a layer for all-MiniLM-L6-v2 at 16 x 128 tokens)
-and draws its mask with ``bernoulli_``. Here, as in the fused kernels, the backward pass recomputes the attention
-probabilities from the saved queries, keys and each row's log-sum-exp; only the dropout mask
-is kept, as booleans, drawn with ``rand >= p`` (half the time of ``bernoulli_`` here). A layer
-then keeps 15 MiB in that example, and takes about the math path's time with a backward pass
-and less without one (a frozen layer: 17-20 against 23-38 ms on a 2-core CPU).
+floats, on top of the queries, keys and values) and draws its mask with ``bernoulli_``. Here, as
+in the fused kernels, the backward pass recomputes the attention probabilities from the saved
+queries, keys and each row's log-sum-exp; only the dropout mask is kept, as booleans, drawn with
+``rand >= p``, which is faster than ``bernoulli_``. A layer then keeps one byte per attention
+score instead of three floats, and takes about the math path's time with a backward pass and
+less without one (a frozen layer).
 
 Training sets it on every model that uses transformers' ``sdpa`` attention
 (``use_cpu_dropout_attention``); it hands every other call to transformers' own
@@ -55,6 +55,7 @@ class DropoutAttention(torch.autograd.Function):
         p: float,
         scale: float,
     ) -> torch.Tensor:
+        """The attention output; saves what the backward pass recomputes the probabilities from."""
         probs, lse = _probabilities(q, k, mask, scale)
         keep = torch.rand_like(probs) >= p
         out = torch.matmul(probs.mul_(keep), v).mul_(1 / (1 - p))  # the 1/(1-p) on the smaller tensor
@@ -64,6 +65,7 @@ class DropoutAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
+        """Gradients of q, k and v, with the probabilities recomputed from the saved log-sum-exp."""
         q, k, v, mask, keep, lse, out = ctx.saved_tensors
         probs, _ = _probabilities(q, k, mask, ctx.scale, lse)
         # softmax's backward needs sum_j P_ij dP_ij per row, which is grad_i . out_i: no attention-sized product

@@ -33,10 +33,10 @@ IGNORE = -100  # transformers' ignore_index: prompt and padding positions
 # against transformers' own loss in tests/test_lm_loss.py.
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
 # A chunk's logits are at most this many bytes (float32). Larger chunks make fewer, larger matrix
-# products (each re-reads the whole output layer: 16 MiB chunks made SmolLM2's loss slower than
-# transformers' on a 2-core CPU, 32 MiB ones 16% faster); on the CPU 32 MiB is glibc's largest
-# block that it serves from the heap rather than mapping it afresh (and faulting its pages in
-# again) every step. A GPU gets larger chunks: its matrix products need more rows to run at rate.
+# products, and each product re-reads the whole output layer, so chunks too small cost more than
+# the unchunked loss; on the CPU 32 MiB is glibc's largest block that it serves from the heap
+# rather than mapping it afresh (and faulting its pages in again) every step. A GPU gets larger
+# chunks: its matrix products need more rows to run at rate.
 CHUNK_BYTES = {"cpu": 32 * 2**20}
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 

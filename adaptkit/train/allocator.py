@@ -36,17 +36,18 @@ def allocator_set_by_user() -> bool:
 def set_cpu_allocator(policy: str) -> bool:
     """Choose what glibc does with freed tensors (Linux, CPU training): ``keep`` or ``release`` them.
 
-    By default glibc serves blocks over 32 MiB (a causal LM's logits and their gradients) with
-    mmap and unmaps them when freed, so every step faults in their pages afresh: LoRA on
-    SmolLM2-135M spends about a fifth of a step there. ``keep`` serves every tensor from the heap
-    and keeps freed memory for the next step (mmap and trim thresholds of 1 GiB): steps about
-    1.1-1.2x faster, for 6-9% more resident memory. ``release`` (a fixed 128 KiB mmap threshold)
-    gives every tensor-sized block its own mapping, returned when freed: the process holds its
-    live memory and no more, and pays a page fault on every fresh page (LoRA steps 1.5x slower
-    than glibc's default). Training keeps when memory is ample and releases when it is tight
-    (``plan_memory``), and leaves glibc's default where no block of a step exceeds 32 MiB (then
-    the default keeps them all in the heap already). Returns False, changing nothing, where there is no glibc ``mallopt`` or
-    the environment already sets glibc's allocator (``ALLOCATOR_ENV``).
+    By default glibc serves blocks over ``GLIBC_MMAP_THRESHOLD_MAX`` (a causal LM's logits and
+    their gradients) with mmap and unmaps them when freed, so every step faults in their pages
+    afresh, a sizeable part of a small model's step. ``keep`` serves every tensor from the heap
+    and keeps freed memory for the next step (mmap and trim thresholds of 1 GiB): faster steps,
+    for somewhat more resident memory. ``release`` (a fixed 128 KiB mmap threshold) gives every
+    tensor-sized block its own mapping, returned when freed: the process holds its live memory
+    and no more, and pays a page fault on every fresh page, so steps are markedly slower than
+    with glibc's default. Training keeps when memory is ample and releases when it is tight
+    (``plan_memory``), and leaves glibc's default where no block of a step exceeds that
+    threshold (then the default keeps them all in the heap already). benchmarks/README.md has
+    the measured figures. Returns False, changing nothing, where there is no glibc ``mallopt``
+    or the environment already sets glibc's allocator (``ALLOCATOR_ENV``).
     """
     import ctypes
 

@@ -50,6 +50,22 @@ class FeatureCache:
         """Memory the cached features take."""
         return sum(t.numel() * t.element_size() for row in self.rows.values() for t in row.values())
 
+    def summary(self) -> dict[str, int]:
+        """What the cache held and saved, for the run's summary."""
+        return {
+            "examples": len(self.rows),
+            "bytes": self.nbytes,
+            "computed": self.misses,
+            "cached": self.hits,
+        }
+
+    def report(self) -> str:
+        """One line for the log: how many examples, how much memory, how many forward passes saved."""
+        return (
+            f"adaptkit: feature cache: {len(self.rows)} examples, {self.nbytes / 2**20:.1f} MiB; "
+            f"{self.misses} computed, {self.hits} from the cache"
+        )
+
     def install(self) -> None:
         """Answer the backbone's calls from the cache from now on."""
         self.backbone.forward = self.forward

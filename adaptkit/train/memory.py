@@ -12,21 +12,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adaptkit.errors import DoesNotFitError
-from adaptkit.estimate.estimator import (
-    Estimator,
-    MiB,
+from adaptkit.estimate.estimator import Estimator
+from adaptkit.estimate.machine import free_memory
+from adaptkit.estimate.render import does_not_fit_message
+from adaptkit.estimate.suggest import (
     divisors,
-    does_not_fit_message,
     effective_batch,
-    format_bytes,
-    free_memory,
     largest_fitting_micro_batch,
     suggest,
     with_micro_batch,
 )
+from adaptkit.estimate.units import MiB, format_bytes
 from adaptkit.train.allocator import ALLOCATOR_SLACK, GLIBC_MMAP_THRESHOLD_MAX, set_cpu_allocator
 
 if TYPE_CHECKING:
+    from adaptkit.estimate.result import Estimate
     from adaptkit.recipe.schema import Recipe
 
 BATCH_FILE = "batch_size.json"
@@ -44,84 +44,123 @@ def plan_memory(run: Any, fresh_dir: bool, loaded: bool) -> tuple[Any, dict[str,
     micro-batch it started with. With ``loaded`` (weights already in memory) only ``auto`` is resolved.
     The micro-batch chosen here is the estimate's; ``confirm_micro_batch`` then tries it for real.
     """
-    from adaptkit.recipe.identity import recipe_id
-
-    recipe, acc, spec = run.recipe, run.accelerator, run.recipe.train
+    spec = run.recipe.train
     auto = not isinstance(spec.micro_batch_size, int)
     info: dict[str, Any] = {"preflight": spec.preflight, "micro_batch_size_auto": auto}
     if not auto and not spec.preflight:
         return spec, info
-    device = acc.device
+    device = run.accelerator.device
+    budget = _budget(spec, device)
+    info["budget_mb"] = None if budget is None else budget / MiB
+    estimator = _estimator(run, device)
+    if auto:
+        spec = _resolve_auto(run, spec, estimator, budget, fresh_dir, info)
+    if spec.preflight and not loaded and estimator is not None and budget is not None:
+        _preflight(run, spec, estimator, budget, device, info)
+    return spec, info
+
+
+def _budget(spec: Any, device: Any) -> int | None:
+    """The bytes this run may add: its share of the device's free memory, capped by
+    ``train.memory_limit_mb``; None when neither is known."""
     free = free_memory(device)
     share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     budget = None if free is None else free // share
     if spec.memory_limit_mb is not None:
         limit = int(spec.memory_limit_mb * MiB)
         budget = limit if budget is None else min(budget, limit)
-    info["budget_mb"] = None if budget is None else budget / MiB
+    return budget
 
-    estimator = None
+
+def _estimator(run: Any, device: Any) -> Estimator | None:
+    """An estimator for the run's device, without the process baseline (already resident) or a
+    time estimate; None, logged, when it cannot be made: an estimate never blocks training."""
     try:
-        estimator = Estimator(
+        return Estimator(
             run.host, device="cuda" if device.type == "cuda" else "cpu", overhead_bytes=0, peak_tflops=0
         )
-    except Exception as exc:  # an estimate that cannot be made never blocks training
+    except Exception as exc:
         run.log(f"adaptkit: memory estimate skipped: {type(exc).__name__}: {exc}")
+        return None
 
-    if auto:
-        total = effective_batch(spec)
-        saved = None if fresh_dir else _read_batch_file(run.run_dir / BATCH_FILE, recipe_id(recipe), total)
-        if saved:
-            micro = saved
-            info["chosen_before"] = True
-            run.log(
-                f"adaptkit: micro_batch_size auto: using {micro}, as chosen before ({run.run_dir / BATCH_FILE})"
-            )
-        else:
-            micro = _choose(run, estimator, recipe, budget, total)
-            if acc.num_processes > 1:  # every rank must accumulate alike: the smallest choice wins
-                micro = smallest_across_processes(acc, micro)
-            run.log(
-                f"adaptkit: micro_batch_size auto: {micro} x {total // micro} accumulation steps ({total} examples "
-                f"per step{'' if budget is None else ', within ' + format_bytes(budget)})"
-            )
-        spec = spec.model_copy(update={"micro_batch_size": micro, "gradient_accumulation": total // micro})
-        acc.gradient_accumulation_steps = spec.gradient_accumulation
-        info.update(
-            micro_batch_size=micro,
-            gradient_accumulation=total // micro,
-            effective_batch_size=total,
-            run_id=recipe_id(recipe),
+
+def _resolve_auto(
+    run: Any,
+    spec: Any,
+    estimator: Estimator | None,
+    budget: int | None,
+    fresh_dir: bool,
+    info: dict[str, Any],
+) -> Any:
+    """The train section with ``auto`` replaced by a micro-batch: the one chosen before (resume),
+    else the largest the estimate fits; what was chosen goes into ``info``."""
+    from adaptkit.recipe.identity import recipe_id
+
+    recipe, acc = run.recipe, run.accelerator
+    total = effective_batch(spec)
+    saved = None if fresh_dir else _read_batch_file(run.run_dir / BATCH_FILE, recipe_id(recipe), total)
+    if saved:
+        micro = saved
+        info["chosen_before"] = True
+        run.log(
+            f"adaptkit: micro_batch_size auto: using {micro}, as chosen before ({run.run_dir / BATCH_FILE})"
         )
+    else:
+        micro = _choose(run, estimator, recipe, budget, total)
+        if acc.num_processes > 1:  # every rank must accumulate alike: the smallest choice wins
+            micro = smallest_across_processes(acc, micro)
+        run.log(
+            f"adaptkit: micro_batch_size auto: {micro} x {total // micro} accumulation steps "
+            f"({total} examples per step{'' if budget is None else ', within ' + format_bytes(budget)})"
+        )
+    spec = spec.model_copy(update={"micro_batch_size": micro, "gradient_accumulation": total // micro})
+    acc.gradient_accumulation_steps = spec.gradient_accumulation
+    info.update(
+        micro_batch_size=micro,
+        gradient_accumulation=total // micro,
+        effective_batch_size=total,
+        run_id=recipe_id(recipe),
+    )
+    return spec
 
-    if spec.preflight and not loaded and estimator is not None and budget is not None:
-        resolved = recipe.model_copy(update={"train": spec})
-        try:
-            est = estimator.estimate(resolved)
-        except (
-            Exception
-        ) as exc:  # a model or strategy the estimator cannot build: training reports its own errors
-            run.log(f"adaptkit: memory estimate skipped: {type(exc).__name__}: {exc}")
-            return spec, info
-        info["estimate_mb"] = est.total / MiB
-        if est.total > budget:
-            raise DoesNotFitError(
-                does_not_fit_message(est, budget, suggest(estimator, resolved, budget), device.type)
-            )
-        # keeping freed memory for reuse makes CPU steps faster but holds more than the live peak:
-        # worth it only where glibc would unmap a step's blocks; a run that would not fit otherwise
-        # pays for returning freed memory at once (see set_cpu_allocator)
-        if device.type == "cpu":
-            tight = est.total * ALLOCATOR_SLACK > budget
-            policy = "release" if tight else "keep" if est.largest_block > GLIBC_MMAP_THRESHOLD_MAX else None
-            if policy and set_cpu_allocator(policy):
-                info["allocator"] = policy
-            if info.get("allocator") == "release":
-                run.log(
-                    f"adaptkit: memory is tight (about {format_bytes(est.total)} of {format_bytes(budget)}): freed memory "
-                    "goes back to the system at once, which makes steps slower"
-                )
-    return spec, info
+
+def _preflight(
+    run: Any, spec: Any, estimator: Estimator, budget: int, device: Any, info: dict[str, Any]
+) -> None:
+    """Refuse a run whose estimate exceeds ``budget`` (``DoesNotFitError``, with the changes that
+    would fit); on a CPU, choose glibc's policy for freed memory from the estimate."""
+    resolved = run.recipe.model_copy(update={"train": spec})
+    try:
+        est = estimator.estimate(resolved)
+    except Exception as exc:
+        # a model or strategy the estimator cannot build: training reports its own errors
+        run.log(f"adaptkit: memory estimate skipped: {type(exc).__name__}: {exc}")
+        return
+    info["estimate_mb"] = est.total / MiB
+    if est.total > budget:
+        raise DoesNotFitError(
+            does_not_fit_message(est, budget, suggest(estimator, resolved, budget), device.type)
+        )
+    if device.type == "cpu":
+        _choose_allocator(run, est, budget, info)
+
+
+def _choose_allocator(run: Any, est: Estimate, budget: int, info: dict[str, Any]) -> None:
+    """Keep freed memory for reuse, or return it at once (see ``set_cpu_allocator``).
+
+    Keeping it makes CPU steps faster but holds more than the live peak: worth it only where
+    glibc would unmap a step's blocks. A run that would not fit otherwise pays for returning
+    freed memory at once.
+    """
+    tight = est.total * ALLOCATOR_SLACK > budget
+    policy = "release" if tight else "keep" if est.largest_block > GLIBC_MMAP_THRESHOLD_MAX else None
+    if policy and set_cpu_allocator(policy):
+        info["allocator"] = policy
+    if info.get("allocator") == "release":
+        run.log(
+            f"adaptkit: memory is tight (about {format_bytes(est.total)} of {format_bytes(budget)}): "
+            "freed memory goes back to the system at once, which makes steps slower"
+        )
 
 
 def smallest_across_processes(acc: Any, value: int) -> int:
@@ -179,7 +218,8 @@ def confirm_micro_batch(
     if micro == spec.micro_batch_size:
         return spec
     run.log(
-        f"adaptkit: micro_batch_size auto: {micro} x {total // micro} accumulation steps, as trial steps showed"
+        f"adaptkit: micro_batch_size auto: {micro} x {total // micro} accumulation steps, "
+        "as trial steps showed"
     )
     acc.gradient_accumulation_steps = total // micro
     info.update(micro_batch_size=micro, gradient_accumulation=total // micro)
@@ -210,7 +250,8 @@ def _choose(run: Any, estimator: Estimator | None, recipe: Recipe, budget: int |
 
 
 def write_memory_plan(run_dir: Path, info: dict[str, Any]) -> None:
-    """Record the micro-batch ``auto`` chose in ``<run dir>/batch_size.json`` (atomically); nothing without auto."""
+    """Record the micro-batch ``auto`` chose in ``<run dir>/batch_size.json`` (atomically);
+    nothing without auto."""
     from adaptkit.files import write_json
 
     if info.get("micro_batch_size_auto") and not info.get("chosen_before"):
@@ -226,6 +267,7 @@ def write_memory_plan(run_dir: Path, info: dict[str, Any]) -> None:
 
 
 def _read_batch_file(path: Path, run_id: str, total: int) -> int | None:
+    """The micro-batch a ``batch_size.json`` records for this run and effective batch, if valid."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):

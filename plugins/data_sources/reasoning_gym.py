@@ -239,9 +239,11 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 @hookimpl
 def adaptkit_register_data_sources(register):
+    """Register the ``reasoning_gym`` data source."""
     register(SOURCE, load)
 
 
 @hookimpl
 def adaptkit_register_metrics(register):
+    """Register the ``reasoning_gym`` metric: the mean of reasoning-gym's own verifier scores."""
     register(SOURCE, score)

@@ -263,6 +263,7 @@ def from_gguf(gguf: Path) -> Path:
 
 @hookimpl
 def adaptkit_register_models(register):
+    """Register the packaged models by name."""
     for model in PACKAGED.values():
         register(model.name, model)
 

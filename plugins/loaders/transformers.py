@@ -89,6 +89,7 @@ def _refuse_pickled_weights(path: str, spec: ModelSpec) -> None:
 
 @hookimpl(trylast=True)
 def adaptkit_load_model(spec, task):
+    """Load a local model directory or a hub id through transformers (the loader of last resort)."""
     source = spec.source
     if Path(source).exists() and not Path(source).is_dir():
         return None  # a single file (GGUF, ...) is for another loader

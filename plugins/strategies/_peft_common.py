@@ -128,7 +128,7 @@ def check_ties(model: nn.Module, module_names: list[str], strategy: str, what: s
     """True when a module in ``module_names`` holds a weight tied to another module.
 
     For ``modules_to_save`` the caller turns on peft's ``ensure_weight_tying`` (both copies stay
-    one); for LoRA targets it is refused (C4): a delta on a tied matrix changes the other use of
+    one); for LoRA targets it is refused: a delta on a tied matrix changes the other use of
     it too, and merging it breaks the tie in a saved model.
     """
     tied = {n.rpartition(".")[0]: group for group in tied_groups(model) for n in group}
@@ -188,7 +188,7 @@ class PeftStrategy(Strategy):
         config = self.peft_config(model, modules_to_save)
         for p in model.parameters():
             p.requires_grad_(False)
-        # Reentrant gradient checkpointing (C1) needs an input that requires grad, else every
+        # Reentrant gradient checkpointing needs an input that requires grad, else every
         # checkpointed block drops out of autograd; the hook is harmless without checkpointing,
         # and checkpointing is often switched on after the strategy runs (by the Trainer).
         if hasattr(model, "enable_input_require_grads"):
@@ -201,7 +201,7 @@ class PeftStrategy(Strategy):
         except (ValueError, TypeError) as exc:  # TypeError: a layer type the method does not support
             raise StrategyError(f"{self.name}: peft refused the configuration: {exc}") from None
         upcast_trainable(wrapped)
-        # peft creates dropout and copies in training mode even on a model in eval mode (C10).
+        # peft creates dropout and copies in training mode even on a model in eval mode.
         wrapped.train(was_training)
         self.owned = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
         if not self.owned:
@@ -217,7 +217,7 @@ class PeftStrategy(Strategy):
         """
         state = _adapter_state(model)
         empty = [k for k, t in state.items() if t.numel() == 0]
-        if empty:  # a sharded parameter saved without gathering (C7)
+        if empty:  # a sharded parameter saved without gathering
             raise CheckpointError(
                 f"{self.name}: refusing to save empty tensors {empty[:3]} (sharded and not gathered?)"
             )
@@ -227,8 +227,8 @@ class PeftStrategy(Strategy):
         """Load the saved adapter onto ``model`` (a fresh base this strategy was just applied to).
 
         Strict: a missing or unexpected key is a CheckpointError, never a warning, because an
-        adapter that silently did not load leaves the base model's outputs (C6). Pickle files
-        are refused (S2).
+        adapter that silently did not load leaves the base model's outputs. Pickle files
+        are refused: unpickling can run arbitrary code.
         """
         import torch
         from peft.utils import set_peft_model_state_dict
@@ -307,7 +307,7 @@ def _tie_count(model: nn.Module) -> int:
 
 
 def _retie(model: nn.Module, strategy: str) -> None:
-    """Tie the input and output embeddings again after a merge unwrapped them (C4).
+    """Tie the input and output embeddings again after a merge unwrapped them.
 
     peft's tied ``modules_to_save`` copies come back as two Parameter objects over one storage;
     transformers' ``tie_weights`` makes them one again. Refused when the two hold different
@@ -329,7 +329,7 @@ def _retie(model: nn.Module, strategy: str) -> None:
 
 
 def upcast_trainable(model: nn.Module) -> None:
-    """Trainable parameters in float32: optimizers and grad scalers need fp32 masters (C12)."""
+    """Trainable parameters in float32: optimizers and grad scalers need fp32 masters."""
     import torch
 
     for p in model.parameters():

@@ -115,6 +115,7 @@ class Adapters(Strategy):
         self._earlier: list[Strategy] = []
 
     def check(self, stack, position):
+        """Refuse to follow a peft strategy; remember the strategies before this one."""
         for earlier in stack[:position]:
             if earlier.wraps_with_peft:
                 raise StrategyError(
@@ -124,6 +125,7 @@ class Adapters(Strategy):
         self._earlier = list(stack[:position])
 
     def apply(self, model):
+        """Insert a bottleneck adapter after each target layer; train the adapters, the head and norms asked for, nothing else."""
         from adaptkit_plugins.strategies._adapter_layer import AdapterWrapped, BottleneckAdapter
 
         cfg = self.config
@@ -260,4 +262,5 @@ def _set_submodule(model, name: str, module) -> None:
 
 @hookimpl
 def adaptkit_register_strategies(register):
+    """Register the ``adapters`` strategy."""
     register("adapters", Adapters, AdaptersConfig)

@@ -20,6 +20,7 @@ class NoTraining(Strategy):
     exclusive = True
 
     def apply(self, model):
+        """Freeze every parameter."""
         for p in model.parameters():
             p.requires_grad_(False)
         return model
@@ -35,6 +36,7 @@ class Scratch(Strategy):
     exclusive = True
 
     def apply(self, model):
+        """Re-initialise every weight from the architecture's initialiser and make all of them trainable."""
         # A model built from the config alone carries the architecture's initialisation (drawn
         # from the global RNG, which the training run has seeded); copying it in keeps the
         # model object, and so any tie between embeddings and output layer, intact.
@@ -49,5 +51,6 @@ class Scratch(Strategy):
 
 @hookimpl
 def adaptkit_register_strategies(register):
+    """Register the ``none`` and ``scratch`` baselines."""
     register("none", NoTraining, NoneConfig)
     register("scratch", Scratch, ScratchConfig)

@@ -39,6 +39,7 @@ class Freeze(Strategy):
     """Freeze the backbone; train the head and whatever else the config names."""
 
     def check(self, stack, position):
+        """Refuse to follow a peft strategy, whose adapters freezing would freeze."""
         for earlier in stack[:position]:
             if earlier.wraps_with_peft:
                 raise StrategyError(
@@ -46,6 +47,7 @@ class Freeze(Strategy):
                 )
 
     def apply(self, model):
+        """Freeze every parameter, then make the head and the parts the config names trainable."""
         cfg = self.config
         names = set(head_parameter_names(model)) if cfg.train_head else set()
         if cfg.trainable_top_blocks:
@@ -92,4 +94,5 @@ class Freeze(Strategy):
 
 @hookimpl
 def adaptkit_register_strategies(register):
+    """Register the ``freeze`` strategy."""
     register("freeze", Freeze, FreezeConfig)

@@ -15,6 +15,7 @@ class Full(Strategy):
     exclusive = True
 
     def apply(self, model):
+        """Make every parameter trainable."""
         for p in model.parameters():
             p.requires_grad_(True)
         self.owned = dict(model.named_parameters())
@@ -23,4 +24,5 @@ class Full(Strategy):
 
 @hookimpl
 def adaptkit_register_strategies(register):
+    """Register the ``full`` strategy."""
     register("full", Full, FullConfig)

@@ -161,7 +161,7 @@ class Lora(PeftStrategy):
                 fan_in_fan_out=bool(conv1d),
                 bias="none",
                 # Tied input and output embeddings trained through modules_to_save stay one
-                # matrix (C4) instead of two copies that drift apart.
+                # matrix instead of two copies that drift apart.
                 ensure_weight_tying=tied,
             )
         except ValueError as exc:
@@ -172,7 +172,7 @@ class Lora(PeftStrategy):
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the adapters into the weights; a quantized base is dequantized to float32 first.
 
-        Merging into 4-bit weights would round the update away (C11), so a QLoRA model merges
+        Merging into 4-bit weights would round the update away, so a QLoRA model merges
         into a float32 copy of its dequantized weights and comes back unquantized.
         """
         if self.config.quantize is None:
@@ -197,7 +197,7 @@ def quantize_linear_layers(model: nn.Module, names: list[str], config: LoraConfi
     """Replace the named Linear/Conv1D layers of ``model`` by bitsandbytes 4- or 8-bit layers, in place.
 
     Only these layers change: embeddings, norms and the head keep their dtype, and nothing is
-    upcast (C13). The model is marked ``is_loaded_in_4bit``/``8bit`` as transformers marks a
+    upcast. The model is marked ``is_loaded_in_4bit``/``8bit`` as transformers marks a
     quantized model, which is how peft picks its bitsandbytes LoRA layers.
     """
     import bitsandbytes as bnb
@@ -311,4 +311,5 @@ def _dequantize_merge_lora(model: nn.Module, conv1d: set[str]) -> None:
 
 @hookimpl
 def adaptkit_register_strategies(register):
+    """Register the ``lora`` strategy."""
     register("lora", Lora, LoraConfig)

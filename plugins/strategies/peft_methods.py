@@ -209,4 +209,5 @@ def _under(name: str, modules: list[str]) -> bool:
 
 @hookimpl
 def adaptkit_register_strategies(register):
+    """Register the ``peft`` strategy (any other peft method by name)."""
     register("peft", PeftMethod, PeftMethodConfig)

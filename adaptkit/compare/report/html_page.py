@@ -1,0 +1,154 @@
+"""``report.html``: one self-contained page (inline CSS, plots embedded as data URIs) that opens
+offline and can be sent as a single file; failed and partly failed variants stand out in the table."""
+
+from __future__ import annotations
+
+import base64
+import html
+
+from adaptkit.compare.report.aggregate import BASELINE
+from adaptkit.compare.report.notes import column_notes
+from adaptkit.compare.report.plots import PLOT_NAMES, SKIPPED_FORGETTING
+from adaptkit.compare.report.table import first_line, table_cells
+
+# Inline rather than linked, so the page needs no other file.
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       margin: 24px auto; max-width: 1260px; padding: 0 16px; color: #1d2329; line-height: 1.45; }
+h1 { font-size: 1.55em; margin: 0 0 6px; }
+h2 { font-size: 1.15em; margin-top: 26px; border-bottom: 1px solid #d8dde3; padding-bottom: 4px; }
+dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: 1px 16px; margin: 8px 0; font-size: 14px; }
+dl.meta dt { font-weight: 600; color: #4a5561; } dl.meta dd { margin: 0; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 12.5px; font-variant-numeric: tabular-nums; }
+th, td { padding: 5px 7px; border-bottom: 1px solid #e3e7ec; text-align: left; white-space: nowrap; }
+th { background: #f3f5f8; border-bottom: 2px solid #c9d0d8; }
+.num { text-align: right; }
+.sd { color: #6b7682; font-size: 11.5px; }
+tr.baseline td { color: #4a5561; font-style: italic; }
+tr.failed td { background: #fdecec; color: #8a1f1f; }
+td.error { white-space: normal; font-weight: 600; }
+tr.partial td.status { color: #a0522d; font-weight: 600; }
+.star { color: #b8860b; }
+.legend { font-size: 12px; color: #4a5561; margin-top: 6px; }
+ul.notes { font-size: 14px; padding-left: 20px; } ul.notes li { margin: 3px 0; }
+.plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(540px, 1fr)); gap: 16px; }
+figure { margin: 0; border: 1px solid #e3e7ec; border-radius: 6px; padding: 8px; }
+figure img { width: 100%; height: auto; display: block; }
+figcaption { font-size: 13px; color: #4a5561; margin-top: 4px; }
+p.skipped { color: #4a5561; font-style: italic; }
+"""
+
+# One caption per plot, saying how to read it.
+_CAPTIONS = {
+    "loss_curves": "Training (solid) and validation (dashed) loss, one seed per variant.",
+    "metric_vs_params": "Final metric against trainable parameters; error bars span ± one standard "
+    "deviation over seeds; circled points and the step line are the Pareto front.",
+    "memory_throughput": "Peak memory and throughput per variant (± one standard deviation over seeds).",
+    "forgetting_vs_gain": "Forgetting on general text against the task gain over the untouched model.",
+}
+
+
+def _html_cell(text: str, numeric: bool) -> str:
+    """A table cell, escaped; a ``± std`` part is set smaller so the mean reads first."""
+    mean, sep, std = text.partition(" ± ")
+    body = html.escape(mean) + (f' <span class="sd">± {html.escape(std)}</span>' if sep else "")
+    return f'<td class="num">{body}</td>' if numeric else f"<td>{body}</td>"
+
+
+def _html_table(variants: list[dict]) -> str:
+    """The table as HTML.
+
+    Row classes mark failed, partly failed and baseline rows; a star marks the Pareto front.
+    """
+    headers, cells, numeric = table_cells(variants)
+    out = ["<table><thead><tr>"]
+    out += [
+        f'<th class="num">{html.escape(h)}</th>' if num else f"<th>{html.escape(h)}</th>"
+        for h, num in zip(headers, numeric)
+    ]
+    out.append("</tr></thead><tbody>")
+    first_number = headers.index("trainable")
+    for v, row in zip(variants, cells):
+        classes = [
+            c
+            for c, on in (
+                ("failed", not v["n_ok"]),
+                ("partial", v["n_failed"] and v["n_ok"]),
+                ("baseline", v["variant"] == BASELINE),
+            )
+            if on
+        ]
+        out.append(f'<tr class="{" ".join(classes)}">' if classes else "<tr>")
+        name = html.escape(row[0]) + (
+            ' <span class="star" title="Pareto front">&#9733;</span>' if v["pareto"] else ""
+        )
+        out.append(f"<td>{name}</td>")
+        out += [_html_cell(c, num) for c, num in zip(row[1:first_number], numeric[1:first_number])]
+        if not v["n_ok"]:  # nothing was measured: one wide cell says why instead of a row of dashes
+            out.append(
+                f'<td class="error" colspan="{len(headers) - first_number}">{html.escape(row[-1])}</td>'
+            )
+        else:
+            out += [_html_cell(c, num) for c, num in zip(row[first_number:-1], numeric[first_number:-1])]
+            status = (
+                "ok" if not v["n_failed"] else f"{v['n_failed']} of {v['n_ok'] + v['n_failed']} seeds failed"
+            )
+            out.append(f'<td class="status">{html.escape(status)}</td>')
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def html_page(title: str, meta: dict, variants: list[dict], plots: dict[str, bytes]) -> str:
+    """The whole page: header, table with its legend, failures, the plots inline and the notes."""
+    e = html.escape
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+    ]
+    if meta:
+        out.append(
+            '<dl class="meta">'
+            + "".join(f"<dt>{e(str(k))}</dt><dd>{e(str(v))}</dd>" for k, v in meta.items())
+            + "</dl>"
+        )
+    legend = [
+        '<span class="star">&#9733;</span> on the Pareto front of final metric vs trainable parameters.'
+    ]
+    if any(not v["n_ok"] for v in variants):
+        legend.append("Red rows failed on every seed.")
+    if any(v["variant"] == BASELINE for v in variants):
+        legend.append("Italic: the untouched pretrained model.")
+    out += [
+        '<h2>Results</h2><div class="scroll">',
+        _html_table(variants),
+        "</div>",
+        f'<p class="legend">{" ".join(legend)}</p>',
+    ]
+    failures = [(v["variant"], err) for v in variants for err in v["errors"]]
+    if failures:
+        out.append('<h2>Failures</h2><ul class="notes">')
+        out += [
+            f"<li><b>{e(name)}</b> (seed {e(str(err['seed']))}): {e(first_line(err['error']))}</li>"
+            for name, err in failures
+        ]
+        out.append("</ul>")
+    out.append('<h2>Plots</h2><div class="plots">')
+    for name in PLOT_NAMES:
+        if name in plots:
+            data = base64.b64encode(plots[name]).decode("ascii")
+            out.append(
+                f'<figure><img alt="{e(name.replace("_", " "))}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{e(_CAPTIONS[name])}</figcaption></figure>"
+            )
+    out.append("</div>")
+    if "forgetting_vs_gain" not in plots:
+        out.append(f'<p class="skipped">{e(SKIPPED_FORGETTING)}</p>')
+    out.append('<h2>How the columns are measured</h2><ul class="notes">')
+    out += [f"<li>{e(n)}</li>" for n in column_notes(variants)]
+    out.append("</ul></body></html>")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,28 @@
+"""``report.md``: the comparison as a Markdown document (header, table, failures, notes, plots)."""
+
+from __future__ import annotations
+
+from adaptkit.compare.report.notes import column_notes
+from adaptkit.compare.report.plots import PLOT_NAMES, SKIPPED_FORGETTING
+from adaptkit.compare.report.table import first_line, markdown_table
+
+
+def markdown_page(title: str, meta: dict, variants: list[dict], plots: dict[str, bytes]) -> str:
+    """The Markdown report; plots are linked as ``plots/<name>.png`` beside it, not embedded."""
+    lines = [f"# {title}", ""]
+    lines += [f"- **{k}**: {v}" for k, v in meta.items()]
+    lines += ["", "## Results", "", markdown_table(variants), ""]
+    failures = [(v["variant"], e) for v in variants for e in v["errors"]]
+    if failures:
+        lines += ["## Failures", ""]
+        for name, e in failures:
+            lines += [f"- **{name}** (seed {e['seed']}): {first_line(e['error'])}"]
+        lines.append("")
+    lines += ["## How the columns are measured", ""] + [f"- {n}" for n in column_notes(variants)] + [""]
+    lines += ["## Plots", ""]
+    for name in PLOT_NAMES:
+        if name in plots:
+            lines += [f"![{name.replace('_', ' ')}](plots/{name}.png)", ""]
+    if "forgetting_vs_gain" not in plots:
+        lines += [SKIPPED_FORGETTING, ""]
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""How each column of the report is measured, worded from what the runs recorded (memory kind,
+metric direction, throughput unit, forgetting measure): the notes under the report's table."""
+
+from __future__ import annotations
+
+from adaptkit.compare.report.aggregate import greater_is_better, has_baseline, metric_name, throughput_key
+
+# Per memory kind a runner records: a short label for plot axes and the explanation for the notes.
+MEMORY_KINDS = {
+    "cpu_rss": (
+        "CPU RSS",
+        "the peak resident set size of the variant's process on the CPU "
+        "(includes Python, the libraries and the data)",
+    ),
+    "gpu_allocated": (
+        "GPU allocated",
+        "the peak GPU memory torch allocated (torch.cuda.max_memory_allocated; "
+        "without the CUDA context and the allocator's cache)",
+    ),
+}
+
+
+def column_notes(variants: list[dict]) -> list[str]:
+    """How each column is measured, one sentence or two per column."""
+    metric = metric_name(variants)
+    direction = "higher" if greater_is_better(variants) else "lower"
+    kinds = sorted({v["memory_kind"] for v in variants if v["memory_kind"]})
+    memory = (
+        "; ".join(
+            f"{MEMORY_KINDS[k][0]} runs: {MEMORY_KINDS[k][1]}" if len(kinds) > 1 else MEMORY_KINDS[k][1]
+            for k in kinds
+            if k in MEMORY_KINDS
+        )
+        or "peak memory of the variant's process"
+    )
+    measures = sorted({v["forgetting_measure"] for v in variants if v["forgetting_measure"]})
+    unit = "tokens" if throughput_key(variants) == "tokens_per_s" else "samples"
+    return [
+        "Each variant ran once per seed; numbers are means over its finished seeds, "
+        "with ± the sample standard deviation where there are several.",
+        "trainable: parameters that receive gradient updates, and their share of all parameters.",
+        f"peak MB: {memory}.",
+        "wall s: wall-clock time of the variant's training loop (evaluations during training included; "
+        f"loading and the final evaluation not); {unit}/s: {unit} trained on per second.",
+        f"{metric}: the task metric on the validation split at the end of training ({direction} is better); "
+        f"best {metric}: the best value over all evaluations.",
+        *(
+            [f"vs none: mean final {metric} minus that of the untouched pretrained model (variant 'none')."]
+            if has_baseline(variants)
+            else []
+        ),
+        "eval loss: validation loss at the end; overfit gap: eval loss minus training loss "
+        "(positive: the model fits its training data better than unseen data).",
+        "forgetting: change of loss on general text against the untouched base model; positive means "
+        "the variant forgot some of what the base model knew"
+        + (f" (measured as: {'; '.join(measures)})." if measures else "."),
+        "saved: size on disk of what the variant saves (an adapter, a head, or all weights).",
+    ]
