@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -432,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except AdaptkitError as exc:
-        print(f"adaptkit: error: {exc}", file=sys.stderr)
+        # an error every process of a launch finds alike is said once, by the first process
+        if not getattr(exc, "every_rank", False) or os.environ.get("RANK", "0") == "0":
+            print(f"adaptkit: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("adaptkit: interrupted", file=sys.stderr)

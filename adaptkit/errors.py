@@ -64,3 +64,10 @@ class DoesNotFitError(AdaptkitError):
 
 class TrainingError(AdaptkitError):
     """Training cannot go on (a NaN loss, say); the last good checkpoint is kept."""
+
+
+class LaunchError(AdaptkitError):
+    """The way the run was launched cannot work (FSDP without GPUs, say). Every process of the
+    launch finds the same, so only the first one says it."""
+
+    every_rank = True

@@ -7,7 +7,7 @@ model they are given.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from adaptkit.errors import StrategyError
 
@@ -106,19 +106,19 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in by_id.values() if len(names) > 1]
 
 
+def parameter_count(param: Any) -> int:
+    """How many values a parameter holds: a packed 4-bit bitsandbytes weight counts unpacked."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return int(shape.numel()) if shape is not None else param.numel()
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of distinct parameter elements (shared parameters counted once).
 
     4-bit bitsandbytes weights are stored packed, two values a byte; they are counted as the
     number of values they hold, so the total matches the unquantized model.
     """
-    total = 0
-    for param in model.parameters():
-        if trainable_only and not param.requires_grad:
-            continue
-        shape = getattr(getattr(param, "quant_state", None), "shape", None)
-        total += int(shape.numel()) if shape is not None else param.numel()
-    return total
+    return sum(parameter_count(p) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def untie_output_embeddings(model: nn.Module) -> None:

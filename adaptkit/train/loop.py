@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adaptkit.contract.anatomy import parameter_count
 from adaptkit.contract.strategy import TrainState
 from adaptkit.errors import TrainingError
 from adaptkit.files import atomic_write_bytes, write_json
@@ -46,6 +47,7 @@ from adaptkit.train.memory import plan_memory, write_memory_plan
 from adaptkit.train.optim import scale_gradients
 from adaptkit.train.prepare import Prepared, measure_general_text, set_up
 from adaptkit.train.setup import (
+    check_launch,
     make_accelerator,
     quiet_libraries,
     trackers,
@@ -57,6 +59,7 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     """Run (or resume) the training a recipe describes and return its summary."""
     from accelerate.utils import set_seed
 
+    check_launch()  # before anything is loaded or written
     quiet_libraries()
     run = Run(recipe=recipe, host=host, run_dir=recipe.run_dir)
     report_to = trackers(recipe.train)  # checked before anything is loaded
@@ -97,6 +100,7 @@ class Loop(Prepared):
 
     state: LoopState = field(default_factory=LoopState)
     gated: set[int] = field(default_factory=set)  # ids of pending parameters: their gradients drop
+    trained: set[int] = field(default_factory=set)  # ids of what the strategies train now
     window: Window | None = None
     clock: tuple[float, float] = (0.0, 0.0)  # (perf_counter at start, training seconds before it)
 
@@ -183,7 +187,9 @@ class Loop(Prepared):
     def train_epoch(self, bar: Any) -> bool:
         """One epoch, or what a resumed run has left of it; True when training should stop."""
         state, acc = self.state, self.acc
-        self.sampler.set_epoch(state.epoch)
+        # The prepared loader sets its sampler's epoch from its own count of passes on every
+        # iteration; a resumed process starts that count at 0, so it is set from the loop's state.
+        self.train_dl.set_epoch(state.epoch)
         self.fire("epoch_start")
         skip = state.batch_in_epoch
         loader = acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl
@@ -276,8 +282,16 @@ class Loop(Prepared):
         return stop
 
     def fire(self, event: str) -> None:
-        """Pass an event to the strategies, then note which parameters' gradients to drop."""
+        """Pass an event to the strategies, then note what they train and which gradients to drop.
+
+        Under several processes DDP needs every parameter that may ever train to require grad
+        from the start, so the host marks pending ones trainable and drops their gradients. It
+        undoes its own marking before each event: strategies always see, and set, their own
+        choice, and ``trained`` records that choice rather than the host's.
+        """
         state = self.state
+        for p in self.marked_for_ddp:
+            p.requires_grad_(False)
         train_state = TrainState(
             step=state.step,
             epoch=state.epoch,
@@ -287,11 +301,10 @@ class Loop(Prepared):
         )
         self.adapted.on_event(event, train_state)
         pending = self.adapted.pending_parameters()
-        if (
-            self.acc.num_processes > 1
-        ):  # strategies may have frozen them again; DDP expects every wrapped grad
-            for p in pending:
-                p.requires_grad_(True)
+        self.trained = {id(p) for p in self.adapted.model.parameters() if p.requires_grad}
+        self.marked_for_ddp = pending if self.acc.num_processes > 1 else []
+        for p in self.marked_for_ddp:
+            p.requires_grad_(True)
         self.gated = {id(p) for p in pending}
 
     def train_time(self) -> float:
@@ -372,6 +385,8 @@ class Loop(Prepared):
 
     def summarise(self, wall: float) -> RunSummary:
         """What the run achieved and what it cost, agreed across ranks where that matters."""
+        from accelerate.utils import gather_object
+
         run, acc, state, spec, adapted = self.run, self.acc, self.state, self.spec, self.adapted
         model = acc.unwrap_model(self.model)
         forgetting = None
@@ -379,20 +394,19 @@ class Loop(Prepared):
             after = measure_general_text(run, model, run.processor, run.task)
             forgetting = compare_forgetting(run.forgetting_base, after, run.recipe.forgetting.source)
         digest = param_digest(model)
-        digests = (
-            acc.gather_for_metrics([digest], use_gather_object=True) if acc.num_processes > 1 else [digest]
-        )
+        # every rank's digest: gather_for_metrics would trim to the data's remainder after the loop
+        # broke on an epoch's last batch, dropping the very ranks to compare
+        digests = gather_object([digest]) if acc.num_processes > 1 else [digest]
         train_losses = [h["loss"] for h in run.history if "loss" in h]
         metric, greater = selection_metric(spec, run.task)
-        # in multi-process runs, pending parameters require grad only for DDP's sake
-        pending = sum(p.numel() for p in adapted.pending_parameters() if p.requires_grad)
+        trained = [p for p in model.parameters() if id(p) in self.trained]
         return RunSummary(
             name=run.recipe.name,
             steps=state.step,
             epochs_completed=state.epoch,
             total_steps=self.total_steps,
             strategies=[s.name for s in adapted.strategies],
-            trainable_parameters=adapted.num_trainable() - pending,
+            trainable_parameters=sum(parameter_count(p) for p in trained),
             total_parameters=adapted.num_total(),
             final_metrics=next(h for h in reversed(run.history) if "eval_loss" in h),
             best_metric=state.best,

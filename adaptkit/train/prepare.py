@@ -37,6 +37,7 @@ class Prepared:
     cache: FeatureCache | None
     steps_per_epoch: int
     total_steps: int
+    marked_for_ddp: list[Any]  # pending parameters made trainable only so that DDP registers them
 
 
 def prepare_model_and_data(run: Run, loaded_model: Any = None) -> tuple[Adapted, Any, Any]:
@@ -79,9 +80,9 @@ def set_up(run: Run, spec: Any, memory: dict[str, Any], loaded_model: Any = None
     collate = run.task.collate(run.processor)
     # Parameters a strategy unfreezes later must be known to DDP when it wraps the model: they
     # require grad from the start, and their gradients are dropped until they are unfrozen.
-    if acc.num_processes > 1:
-        for p in adapted.pending_parameters():
-            p.requires_grad_(True)
+    marked = adapted.pending_parameters() if acc.num_processes > 1 else []
+    for p in marked:
+        p.requires_grad_(True)
     groups = adapted.param_groups(spec.lr, spec.weight_decay)
     # Nothing trains (the `none` baseline): the run evaluates the model as it is, in zero steps.
     trains = any(g["params"] for g in groups)
@@ -105,5 +106,5 @@ def set_up(run: Run, spec: Any, memory: dict[str, Any], loaded_model: Any = None
     scheduler = build_scheduler(optimizer, spec, total_steps) if trains else None
     return Prepared(
         run, spec, memory, adapted, wrapped, optimizer, scheduler, train_dl, eval_dl, sampler, loss_fn,
-        cache, steps_per_epoch, total_steps,
+        cache, steps_per_epoch, total_steps, marked,
     )  # fmt: skip

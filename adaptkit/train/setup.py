@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from adaptkit.errors import ConfigError
+from adaptkit.errors import ConfigError, LaunchError
 
 
 def make_accelerator(spec: Any, run_dir: Any, report_to: list[str]) -> Any:
@@ -132,3 +133,27 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+#: Accelerate's launch settings that shard the model, and the environment variable each sets.
+SHARDED_LAUNCHES = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED"}
+
+
+def check_launch() -> None:
+    """Refuse a launch adaptkit cannot run correctly, before anything is loaded or written.
+
+    FSDP and DeepSpeed need GPUs under Accelerate: on a machine without them a sharded launch
+    either fails deep inside Accelerate or runs unsharded processes that only look sharded.
+    """
+    import torch
+
+    for name, variable in SHARDED_LAUNCHES.items():
+        if (
+            os.environ.get(variable, "").lower() in ("1", "true", "yes")
+            and not torch.accelerator.is_available()
+        ):
+            raise LaunchError(
+                f"this launch asks for {name} ({variable}=true), which needs GPUs, and this machine has "
+                "none; on CPUs launch several processes with DDP instead "
+                "(accelerate launch --multi_gpu --num_processes N -m adaptkit train RECIPE)"
+            )

@@ -1,0 +1,333 @@
+"""Promises that must hold at the edges: resume across an epoch boundary, ranks in sync when the
+data leaves a remainder, the trainable count under several processes, and launches adaptkit
+cannot run.
+
+Every run here is a real ``adaptkit train`` in a child process (or under ``accelerate launch``
+on 2 CPU processes), killed with SIGKILL by a plugin where a test needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaptkit.testing import save_tiny_pretrained, write_sentiment
+
+# 96 rows at a micro-batch of 8: 12 steps an epoch; 16 steps cross into the second epoch.
+ROWS, STEPS = 96, 16
+TRAIN = f"max_steps: {STEPS}, lr: 1.0e-3, micro_batch_size: 8, save_every: 3, keep_checkpoints: 2, seed: 3"
+
+PLUGINS = {
+    # SIGKILL at the end of step KILL_AT_STEP, on every process of the run
+    "killer": """
+import os, signal
+from adaptkit import hookimpl
+
+
+@hookimpl
+def adaptkit_on_step_end(run, step, logs):
+    if step == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+""",
+    # after step DESYNC_AT_STEP, rank 1 alone nudges one weight: its replica no longer matches
+    "desync": """
+import os
+import torch
+from adaptkit import hookimpl
+
+
+@hookimpl
+def adaptkit_on_step_end(run, step, logs):
+    if step == int(os.environ["DESYNC_AT_STEP"]) and run.accelerator.process_index == 1:
+        with torch.no_grad():
+            next(run.adapted.model.parameters()).add_(1.0)
+""",
+    # a strategy that trains the head and, on every step, one of the first two blocks in turn:
+    # the other block is frozen again and pending (it will train again at the next step)
+    "alternate": '''
+from adaptkit import Strategy, StrategyConfig, hookimpl
+from adaptkit.contract.anatomy import find_blocks, head_parameter_names
+
+
+class Alternate(Strategy):
+    """Train the head and one of two blocks, switching every step."""
+
+    def apply(self, model):
+        heads = set(head_parameter_names(model))
+        _, blocks = find_blocks(model)
+        self.blocks = [list(blocks[0].parameters()), list(blocks[1].parameters())]
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in heads)
+        in_blocks = {id(p) for block in self.blocks for p in block}
+        self.owned = {n: p for n, p in model.named_parameters() if n in heads or id(p) in in_blocks}
+        self.active = 0
+        self._set()
+        return model
+
+    def _set(self):
+        for i, block in enumerate(self.blocks):
+            for p in block:
+                p.requires_grad_(i == self.active)
+
+    def on_event(self, model, event, state):
+        if event != "step_start":
+            return False
+        self.active = state.step % 2
+        self._set()
+        return True
+
+    def pending_parameters(self, model):
+        return self.blocks[1 - self.active]
+
+    def param_groups(self, model, lr):
+        return [{"params": list(self.owned.values()), "lr": lr}]
+
+
+@hookimpl
+def adaptkit_register_strategies(register):
+    register("alternate", Alternate, StrategyConfig)
+''',
+}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("guarantees")
+    save_tiny_pretrained(d / "bert", "bert")
+    # each data set a directory with its own validation file, so the training split has exactly
+    # the rows the step counts below assume
+    for name, rows in (("even", ROWS), ("odd", 97)):  # 97 = 6 x (8 x 2) + 1: one row for the last batch
+        write_sentiment(d / name / "train.jsonl", rows, seed=0)
+        write_sentiment(d / name / "validation.jsonl", 16, seed=1)
+    (d / "plugins").mkdir()
+    for name, source in PLUGINS.items():
+        (d / "plugins" / f"{name}.py").write_text(source)
+    return d
+
+
+def recipe(work: Path, name: str, strategies: str, train: str = TRAIN, data: str = "even") -> Path:
+    path = work / f"{name}.yaml"
+    path.write_text(
+        f"model: {{source: {work / 'bert'}, task: classification}}\n"
+        f"data: {{source: {work / data}, max_length: 16}}\n"
+        f"strategies: {strategies}\n"
+        f"train: {{{train}}}\n"
+        f"output: {work / 'runs'}/{{name}}\n"
+    )
+    return path
+
+
+def env(work: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1",
+        "PYTHONPATH": str(work / "plugins"),
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
+def launch(work: Path, args: list[str], processes: int = 1, **extra: str) -> subprocess.CompletedProcess:
+    """``adaptkit ARGS`` in a child process, or under ``accelerate launch`` on N CPU processes."""
+    if processes == 1:
+        cmd = [sys.executable, "-m", "adaptkit", *args]
+    else:
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "adaptkit", *args,
+        ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env(work, **extra))
+
+
+def summary(work: Path, name: str) -> dict:
+    return json.loads((work / "runs" / name / "summary.json").read_text())
+
+
+def train_fresh(work: Path, name: str, strategies: str, processes: int = 1, **kw) -> dict:
+    res = launch(work, ["train", str(recipe(work, name, strategies, **kw)), "--fresh"], processes)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return summary(work, name)
+
+
+STRATEGIES = {
+    "full": "[full]",
+    "lora": "[{name: lora, r: 4}]",
+    "qlora": "[{name: lora, r: 4, quantize: 4bit}]",
+    "adapters": "[adapters]",
+    # thaws a block every 4 steps: killed at step 8 or 14, after a thaw
+    "gradual_unfreeze": "[{name: gradual_unfreeze, every: 4, unit: step}]",
+}
+KILLS = [  # (kill at the end of this step, the checkpoint the resumed run starts from)
+    pytest.param(8, 6, id="resume-in-epoch-0-then-cross"),
+    pytest.param(14, 12, id="resume-at-the-boundary"),
+    pytest.param(16, 15, id="resume-mid-epoch-1"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at, resume_from", KILLS)
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_kill_and_resume_across_an_epoch_boundary_gives_the_uninterrupted_weights(
+    work, strategy, kill_at, resume_from
+):
+    if kill_at != 8 and strategy not in ("full", "gradual_unfreeze"):
+        pytest.skip("the other kill points are checked on full and gradual_unfreeze")
+    expected = straight_run(work, strategy)
+    name = f"kill_{strategy}_{kill_at}"
+    path = recipe(work, name, STRATEGIES[strategy])
+    run_dir = work / "runs" / name
+    killed = launch(work, ["-p", "killer", "train", str(path), "--fresh"], KILL_AT_STEP=str(kill_at))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (run_dir / "summary.json").exists()
+    resumed = launch(work, ["train", str(path)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(step {resume_from})" in resumed.stderr
+    got = summary(work, name)
+    assert (got["steps"], got["epochs_completed"]) == (STEPS, 1)
+    assert got["param_digest"] == expected["param_digest"]  # bitwise the same weights
+    assert got["trainable_parameters"] == expected["trainable_parameters"]
+
+
+def straight_run(work: Path, strategy: str) -> dict:
+    """The uninterrupted run of a strategy, trained once per module."""
+    name = f"straight_{strategy}"
+    if not (work / "runs" / name / "summary.json").is_file():
+        return train_fresh(work, name, STRATEGIES[strategy])
+    return summary(work, name)
+
+
+@pytest.mark.distributed
+def test_two_processes_killed_and_resumed_across_an_epoch_boundary_match_the_uninterrupted_run(work):
+    """2 processes: 6 steps an epoch, killed at step 8, resumed from step 6, an epoch's first step."""
+    lora = STRATEGIES["lora"]
+    expected = train_fresh(work, "ddp_straight", lora, processes=2)
+    assert expected["ranks_in_sync"] is True
+    path = recipe(work, "ddp_killed", lora)
+    killed = launch(work, ["-p", "killer", "train", str(path), "--fresh"], 2, KILL_AT_STEP="8")
+    assert killed.returncode != 0
+    assert not (work / "runs" / "ddp_killed" / "summary.json").exists()
+    resumed = launch(work, ["train", str(path)], 2)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "(step 6)" in resumed.stderr
+    got = summary(work, "ddp_killed")
+    assert (got["steps"], got["epochs_completed"], got["ranks_in_sync"]) == (STEPS, 2, True)
+    assert got["param_digest"] == expected["param_digest"]
+
+
+@pytest.mark.distributed
+def test_ranks_in_sync_is_false_when_one_rank_differs_even_with_a_remainder(work):
+    """97 rows on 2 processes at 8 a micro-batch: the epoch's last batch leaves one row, and the
+    run ends on it; rank 1 changes a weight after the last step."""
+    train = "max_steps: 7, lr: 1.0e-3, micro_batch_size: 8, seed: 3"
+    path = recipe(work, "desync", "[full]", train=train, data="odd")
+    res = launch(work, ["-p", "desync", "train", str(path), "--fresh"], 2, DESYNC_AT_STEP="7")
+    assert res.returncode == 0, res.stderr[-4000:]
+    got = summary(work, "desync")
+    assert got["steps"] == 7  # 13 batches of 8 shared by 2 processes: the epoch's last step
+    assert got["ranks_in_sync"] is False
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "strategies",
+    ["[{name: gradual_unfreeze, every: 3, unit: step}]", "[alternate]"],
+    ids=["gradual", "refreeze"],
+)
+def test_trainable_parameters_are_the_same_on_one_and_two_processes(work, strategies):
+    """Pending parameters require grad under DDP only for DDP's sake: the count leaves them out."""
+    train = "max_steps: 5, lr: 1.0e-3, micro_batch_size: 8, seed: 3"
+    name = "alt" if "alternate" in strategies else "grad"
+    plugins = ["-p", "alternate"] if "alternate" in strategies else []
+    counts = []
+    for processes in (1, 2):
+        path = recipe(work, f"count_{name}_{processes}", strategies, train=train)
+        res = launch(work, [*plugins, "train", str(path), "--fresh"], processes)
+        assert res.returncode == 0, res.stderr[-4000:]
+        got = summary(work, path.stem)
+        assert got["ranks_in_sync"] is True
+        counts.append((got["trainable_parameters"], got["total_parameters"]))
+    assert counts[0] == counts[1]
+    assert counts[0][0] < counts[0][1]  # something stayed frozen
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("flag", ["--use_fsdp"])  # --use_deepspeed stops in accelerate without deepspeed
+def test_a_sharded_launch_without_gpus_is_refused_in_one_line(work, flag):
+    path = recipe(
+        work, f"sharded{flag.replace('-', '_')}", "[full]", train="max_steps: 2, micro_batch_size: 8"
+    )
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", flag, "--num_processes", "2",
+        "--main_process_port", str(29600 + os.getpid() % 1000), "-m", "adaptkit", "train", str(path),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(work))
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if line.startswith("adaptkit: error:")]
+    assert len(errors) == 1, res.stderr[-4000:]
+    assert "needs GPUs" in errors[0] and "--multi_gpu" in errors[0]
+    assert "adaptkit/" not in res.stderr  # no traceback through adaptkit's code
+    assert not (work / "runs" / path.stem).exists()  # nothing written
+
+
+FRESH_INTERPRETER = r"""
+import importlib.abc, json, sys
+
+
+class NoAdaptkit(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("adaptkit", "adaptkit_plugins"):
+            raise ImportError(f"{name} imported: the export must load without adaptkit")
+
+
+sys.meta_path.insert(0, NoAdaptkit())
+import peft, torch, transformers
+
+merged, adapter, base, texts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+batch = transformers.AutoTokenizer.from_pretrained(merged)(texts, padding=True, return_tensors="pt")
+auto = transformers.AutoModelForSequenceClassification
+out = {}
+with torch.no_grad():
+    out["merged"] = auto.from_pretrained(merged).eval()(**batch).logits.tolist()
+    if adapter != "-":
+        config = transformers.AutoConfig.from_pretrained(merged)  # the label names travel with the export
+        plain = auto.from_pretrained(base, num_labels=2, id2label=config.id2label, label2id=config.label2id)
+        out["adapter"] = peft.PeftModel.from_pretrained(plain, adapter).eval()(**batch).logits.tolist()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["lora", "full", "adapters"])
+def test_exports_load_without_adaptkit_and_reproduce_the_run(work, tmp_path, strategy):
+    """The merged model (plain transformers) and, for LoRA, the adapter (plain peft) give the
+    run's logits in an interpreter where importing adaptkit fails."""
+    import torch
+
+    from adaptkit.host.manager import get_plugin_host
+    from adaptkit.runs import open_run
+
+    name = f"export_{strategy}"
+    train_fresh(work, name, STRATEGIES[strategy], train="max_steps: 4, lr: 1.0e-2, micro_batch_size: 8")
+    run_dir = work / "runs" / name
+    texts = ["the movie was great", "awful and dull, the worst"]
+    opened = open_run(run_dir, get_plugin_host(autoload=False))
+    batch = opened.processor(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = opened.adapted.model(**batch).logits
+    assert launch(work, ["export", str(run_dir), str(tmp_path / "merged"), "--merge"]).returncode == 0
+    adapter = "-"
+    if strategy == "lora":
+        adapter = str(tmp_path / "adapter")
+        assert launch(work, ["export", str(run_dir), adapter]).returncode == 0
+    args = [str(tmp_path / "merged"), adapter, str(work / "bert"), json.dumps(texts)]
+    res = subprocess.run([sys.executable, "-c", FRESH_INTERPRETER, *args], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for kind, logits in json.loads(res.stdout.strip().splitlines()[-1]).items():
+        torch.testing.assert_close(torch.tensor(logits), expected, atol=1e-5, rtol=1e-5, msg=kind)
