@@ -103,6 +103,7 @@ def work(tmp_path_factory) -> Path:
     # each data set a directory with its own validation file, so the training split has exactly
     # the rows the step counts below assume
     for name, rows in (("even", ROWS), ("odd", 97)):  # 97 = 6 x (8 x 2) + 1: one row for the last batch
+        (d / name).mkdir()
         write_sentiment(d / name / "train.jsonl", rows, seed=0)
         write_sentiment(d / name / "validation.jsonl", 16, seed=1)
     (d / "plugins").mkdir()
