@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+#: Both loops' AdamW weight decay: adaptkit's default (``train.weight_decay``).
+WEIGHT_DECAY = 0.0
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -181,7 +183,7 @@ class Result:
     peak_mib: float  # at the end of the last training step: peak RSS, or on a GPU its peak allocated memory
     trainable: int
     total: int
-    final_loss: float
+    losses: list[float]  # every step's training loss: the first shows both loops saw the same batch
 
 
 def summarise(
@@ -190,7 +192,7 @@ def summarise(
     stamps: list[tuple[int, float, float, float]],
     trainable: int,
     total: int,
-    loss: float,
+    losses: list[float],
 ) -> Result:
     """Throughput over the steps after the warm-up ones, and the peak memory at the last step."""
     assert len(stamps) == case.steps + case.warmup, stamps
@@ -206,7 +208,7 @@ def summarise(
         stamps[-1][2],
         trainable,
         total,
-        loss,
+        losses,
     )
 
 
@@ -239,6 +241,7 @@ def run_adaptkit(case: Case, workdir: Path) -> Result:
             "max_steps": case.steps + case.warmup,
             "micro_batch_size": case.batch,
             "lr": case.lr,
+            "weight_decay": WEIGHT_DECAY,
             "seed": 0,
             "log_every": 1000,
             "mixed_precision": case.mixed_precision,
@@ -253,7 +256,7 @@ def run_adaptkit(case: Case, workdir: Path) -> Result:
         _steptimes.STEPS,
         summary["trainable_parameters"],
         summary["total_parameters"],
-        summary["final_train_loss"],
+        _steptimes.LOSSES,
     )
 
 
@@ -326,8 +329,13 @@ def run_baseline(case: Case, workdir: Path) -> Result:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("classifier.") or any(name.startswith(t) for t in top))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=case.lr)
-    loader = torch.utils.data.DataLoader(data, batch_size=case.batch, shuffle=True)
+    try:  # the fused kernel where torch has one for these parameters: what a competent user picks
+        optimizer = torch.optim.AdamW(params, lr=case.lr, weight_decay=WEIGHT_DECAY, fused=True)
+    except RuntimeError:
+        optimizer = torch.optim.AdamW(params, lr=case.lr, weight_decay=WEIGHT_DECAY)
+    # shuffled with a seeded generator, as a careful user does for reproducible runs
+    sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(data, batch_size=case.batch, sampler=sampler)
     accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=case.mixed_precision)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     total_steps = case.steps + case.warmup
@@ -335,9 +343,10 @@ def run_baseline(case: Case, workdir: Path) -> Result:
         "linear", optimizer, num_warmup_steps=0, num_training_steps=total_steps
     )
     model.train()
-    stamps = []
+    stamps, losses = [], []
     for step, batch in enumerate(loader, 1):
         loss = model(**batch).loss
+        losses.append(loss.item())
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -349,7 +358,7 @@ def run_baseline(case: Case, workdir: Path) -> Result:
     unwrapped = accelerator.unwrap_model(model)
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
     total = sum(p.numel() for p in unwrapped.parameters())
-    return summarise("baseline", case, stamps, trainable, total, loss.item())
+    return summarise("baseline", case, stamps, trainable, total, losses)
 
 
 def worker_main(argv: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""An adaptkit plugin that records when each optimizer step ends and the peak memory at that time.
+"""An adaptkit plugin that records when each optimizer step ends, the peak memory at that time and the step's loss.
 
 The benchmarks load it with ``get_plugin_host(["_steptimes"])``, the same way ``adaptkit -p`` does:
 timing goes through adaptkit's public hook, not through its internals. It records what the
@@ -13,8 +13,11 @@ from adaptkit import hookimpl
 
 #: (step, perf_counter seconds, peak memory in MiB, CPU seconds of the process) after every optimizer step.
 STEPS: list[tuple[int, float, float, float]] = []
+#: The training loss of every optimizer step, as the loop logged it.
+LOSSES: list[float] = []
 
 
 @hookimpl
-def adaptkit_on_step_end(step):
+def adaptkit_on_step_end(step, logs):
     STEPS.append(stamp(step))
+    LOSSES.append(logs["loss"])

@@ -157,7 +157,7 @@ def main() -> None:
                     results[name, loop].append((result, (peaks[-2] + peaks[-1]) / 2))
                     print(
                         f"  {name} {loop}: {result.tokens_per_s:,.0f} tokens/s, peak {result.peak_mib:,.0f} MiB, "
-                        f"loss {result.final_loss:.3f}; matmul peak after it {peaks[-1] / 1e12:.1f} TFLOP/s",
+                        f"loss {result.losses[-1]:.3f}; matmul peak after it {peaks[-1] / 1e12:.1f} TFLOP/s",
                         flush=True,
                     )
     print(f"peak matmul over the run: {min(peaks) / 1e12:.1f} to {max(peaks) / 1e12:.1f} TFLOP/s")

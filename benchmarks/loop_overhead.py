@@ -3,40 +3,63 @@
 For each case (LoRA and full fine-tuning of SmolLM2-135M as a language model, and a classifier on
 all-MiniLM-L6-v2 with its top two blocks trainable) it runs adaptkit and a minimal
 transformers + peft + Accelerate loop on the same model, data, batch, sequence length and seed,
-each in its own process, alternating (adaptkit, baseline, adaptkit, baseline, ...) so that drift
-of a shared machine hits both. It prints the median throughput and peak memory of each side and
-their ratios: throughput ratio (target >= 1.0) and peak-memory ratio (target <= 1.0). Throughput
-is also given per CPU-second (user + system time of the process), which other processes on a
-shared machine disturb much less than wall time.
+each in its own process.
 
-    python benchmarks/loop_overhead.py [--repeats 2] [--cases lora full classification]
+The protocol is fixed before running: ``--repeats`` runs of each side per case (5 by default), in
+rounds of one run each whose order is drawn at random (seeded by ``--order-seed``), so that drift
+of a shared machine hits both sides alike. It prints the median with min and max of throughput
+and peak memory of each side, and their ratios of medians: throughput ratio (target >= 1.0) and
+peak-memory ratio (target <= 1.0). Throughput is also given per CPU-second (user + system time of
+the process), which other processes on a shared machine disturb much less than wall time. Every
+run's raw result goes, one JSON line each with the machine and library versions, to
+``benchmarks/results/loop_overhead-<date and time>.jsonl`` (``--results``).
+
+    python benchmarks/loop_overhead.py [--repeats 5] [--cases lora full classification]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CASES, machine, measure, median, worker_main  # noqa: E402
 
+from adaptkit.recipe.identity import library_versions  # noqa: E402
+
 
 def main() -> None:
     """Run the comparison and print one block per case."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each loop per case (alternating)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each loop per case")
     parser.add_argument("--cases", nargs="+", default=["lora", "full", "classification"], choices=list(CASES))
+    parser.add_argument(
+        "--order-seed", type=int, default=0, help="seed of the random order within each round"
+    )
+    parser.add_argument("--results", type=Path, help="raw results file (default: benchmarks/results/...)")
     args = parser.parse_args()
     loops = ["adaptkit", "baseline"]
-    print(f"machine: {machine()}")
+    order = random.Random(args.order_seed)
+    stamp = time.strftime("%Y-%m-%d-%H%M%S")
+    raw = args.results or Path(__file__).parent / "results" / f"loop_overhead-{stamp}.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    context = {"machine": machine(), "versions": library_versions(), "started": stamp}
+    print(f"machine: {context['machine']}\nraw results: {raw}")
     for name in args.cases:
         case = CASES[name]
         results = {loop: [] for loop in loops}
-        for _ in range(args.repeats):
-            for loop in loops:
-                results[loop].append(measure(Path(__file__), loop, name))
+        for round_ in range(args.repeats):
+            for loop in order.sample(loops, len(loops)):
+                result = measure(Path(__file__), loop, name)
+                results[loop].append(result)
+                with open(raw, "a") as f:
+                    f.write(json.dumps({**context, "round": round_, **asdict(result)}) + "\n")
         a, b = results["adaptkit"], results["baseline"]
         tokens = case.batch * case.seq
         tput = {k: median([r.tokens_per_s for r in v]) for k, v in results.items()}
@@ -50,10 +73,11 @@ def main() -> None:
             f"  trainable parameters: adaptkit {a[0].trainable:,} of {a[0].total:,}, baseline {b[0].trainable:,} of {b[0].total:,}"
         )
         for loop, runs in results.items():
-            each = ", ".join(f"{r.tokens_per_s:.1f}" for r in runs)
+            speeds, peaks = [r.tokens_per_s for r in runs], [r.peak_mib for r in runs]
             print(
-                f"  {loop:23s} tokens/s {tput[loop]:7.1f} (runs: {each}); tokens per CPU-s {per_cpu[loop]:7.1f}; "
-                f"peak RSS {rss[loop]:6.0f} MiB"
+                f"  {loop:9s} tokens/s median {tput[loop]:7.1f} (min {min(speeds):.1f}, max {max(speeds):.1f}); "
+                f"tokens per CPU-s {per_cpu[loop]:7.1f}; peak RSS median {rss[loop]:6.0f} MiB "
+                f"(min {min(peaks):.0f}, max {max(peaks):.0f})"
             )
         for loop in loops:
             if loop != "baseline":

@@ -100,3 +100,31 @@ def test_estimate_accuracy_benchmark_measures_a_model_directory(tmp_path):
     for r in rows.values():
         assert r["measured_mib"] > 0 and r["estimate_mib"] > 0 and r["final_train_loss"] > 0
     assert f"{model}, cpu, micro-batch 2 x 48 tokens" in res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "full", "classification"])
+def test_both_loops_of_a_benchmark_case_train_the_same_thing(tmp_path, name):
+    """adaptkit and the hand-written baseline of loop_overhead.py, on a tiny model of the case's
+    family: the same parameters train, the first step sees the same batch (the same loss), and
+    the second step's loss shows the same optimizer update (lr, decay, clipping, schedule)."""
+    from dataclasses import replace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import CASES, measure
+
+    case = CASES[name]
+    family, task = ("bert", "classification") if case.task == "classification" else ("llama", "causal_lm")
+    # no dropout: its random masks would differ between two processes that load differently
+    model = save_tiny_pretrained(
+        tmp_path / family, family, task=task, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    ) if family == "bert" else save_tiny_pretrained(tmp_path / family, family, task=task)  # fmt: skip
+    tiny = replace(case, model=str(model), seq=16, batch=4, steps=1, warmup=1, lr=1e-2)
+    script = ROOT / "benchmarks" / "loop_overhead.py"
+    ours, theirs = measure(script, "adaptkit", tiny), measure(script, "baseline", tiny)
+    assert (ours.trainable, ours.total) == (theirs.trainable, theirs.total)
+    assert 0 < ours.trainable < ours.total or case.strategy == "full"
+    assert len(ours.losses) == len(theirs.losses) == 2
+    assert ours.losses[0] == pytest.approx(theirs.losses[0], rel=1e-5)
+    assert ours.losses[1] == pytest.approx(theirs.losses[1], rel=1e-4)
+    assert ours.losses[1] != pytest.approx(ours.losses[0], rel=1e-4)  # the step changed something

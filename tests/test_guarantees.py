@@ -165,21 +165,21 @@ STRATEGIES = {
     # thaws a block every 4 steps: killed at step 8 or 14, after a thaw
     "gradual_unfreeze": "[{name: gradual_unfreeze, every: 4, unit: step}]",
 }
-KILLS = [  # (kill at the end of this step, the checkpoint the resumed run starts from)
-    pytest.param(8, 6, id="resume-in-epoch-0-then-cross"),
-    pytest.param(14, 12, id="resume-at-the-boundary"),
-    pytest.param(16, 15, id="resume-mid-epoch-1"),
+# (strategy, kill at the end of this step, the checkpoint the resumed run starts from): every
+# strategy resumes in epoch 0 and crosses the boundary; full and gradual unfreezing also resume
+# exactly at the boundary and in the middle of the second epoch.
+KILLS = [
+    *[pytest.param(s, 8, 6, id=f"{s}-resume-in-epoch-0-then-cross") for s in STRATEGIES],
+    *[pytest.param(s, 14, 12, id=f"{s}-resume-at-the-boundary") for s in ("full", "gradual_unfreeze")],
+    *[pytest.param(s, 16, 15, id=f"{s}-resume-mid-epoch-1") for s in ("full", "gradual_unfreeze")],
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at, resume_from", KILLS)
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("strategy, kill_at, resume_from", KILLS)
 def test_kill_and_resume_across_an_epoch_boundary_gives_the_uninterrupted_weights(
     work, strategy, kill_at, resume_from
 ):
-    if kill_at != 8 and strategy not in ("full", "gradual_unfreeze"):
-        pytest.skip("the other kill points are checked on full and gradual_unfreeze")
     expected = straight_run(work, strategy)
     name = f"kill_{strategy}_{kill_at}"
     path = recipe(work, name, STRATEGIES[strategy])
@@ -304,8 +304,11 @@ print(json.dumps(out))
 """
 
 
+EXPORTED = {**STRATEGIES, "freeze": "[{name: freeze, trainable_top_blocks: 1}]"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["lora", "full", "adapters"])
+@pytest.mark.parametrize("strategy", ["lora", "full", "freeze"])  # adapters cannot merge (non-linear)
 def test_exports_load_without_adaptkit_and_reproduce_the_run(work, tmp_path, strategy):
     """The merged model (plain transformers) and, for LoRA, the adapter (plain peft) give the
     run's logits in an interpreter where importing adaptkit fails."""
@@ -315,7 +318,7 @@ def test_exports_load_without_adaptkit_and_reproduce_the_run(work, tmp_path, str
     from adaptkit.runs import open_run
 
     name = f"export_{strategy}"
-    train_fresh(work, name, STRATEGIES[strategy], train="max_steps: 4, lr: 1.0e-2, micro_batch_size: 8")
+    train_fresh(work, name, EXPORTED[strategy], train="max_steps: 4, lr: 1.0e-2, micro_batch_size: 8")
     run_dir = work / "runs" / name
     texts = ["the movie was great", "awful and dull, the worst"]
     opened = open_run(run_dir, get_plugin_host(autoload=False))
