@@ -48,6 +48,27 @@ def adaptkit_on_step_end(run, step, logs):
         with torch.no_grad():
             next(run.adapted.model.parameters()).add_(1.0)
 """,
+    # a strategy the estimator cannot build (it refuses meta tensors): full fine-tuning otherwise
+    "nometa": '''
+from adaptkit import Strategy, StrategyConfig, hookimpl
+
+
+class NoMeta(Strategy):
+    """Full fine-tuning that refuses a model on the meta device."""
+
+    def apply(self, model):
+        if next(model.parameters()).device.type == "meta":
+            raise RuntimeError("this strategy needs real weights")
+        for name, p in model.named_parameters():
+            p.requires_grad_(True)
+            self.owned[name] = p
+        return model
+
+
+@hookimpl
+def adaptkit_register_strategies(register):
+    register("nometa", NoMeta, StrategyConfig)
+''',
     # a strategy that trains the head and, on every step, one of the first two blocks in turn:
     # the other block is frozen again and pending (it will train again at the next step)
     "alternate": '''
@@ -335,3 +356,28 @@ def test_exports_load_without_adaptkit_and_reproduce_the_run(work, tmp_path, str
     assert res.returncode == 0, res.stderr[-3000:]
     for kind, logits in json.loads(res.stdout.strip().splitlines()[-1]).items():
         torch.testing.assert_close(torch.tensor(logits), expected, atol=1e-5, rtol=1e-5, msg=kind)
+
+
+@pytest.mark.slow
+def test_a_skipped_estimate_is_recorded_and_reported(work):
+    """The pre-flight check and micro_batch_size auto go on without an estimate they cannot make;
+    summary.json and the comparison's report say so for that run, not only stderr."""
+    path = work / "skip.yaml"
+    path.write_text(
+        f"model: {{source: {work / 'bert'}, task: classification}}\n"
+        f"data: {{source: {work / 'even'}, max_length: 16}}\n"
+        "strategies: [nometa]\n"
+        "train: {max_steps: 2, lr: 1.0e-3, micro_batch_size: auto, effective_batch_size: 8, preflight: true}\n"
+        f"output: {work / 'runs'}/{{name}}\n"
+        "compare: {variants: [{name: nometa}]}\n"
+    )
+    res = launch(work, ["-p", "nometa", "compare", str(path)])
+    assert res.returncode == 0, res.stderr[-4000:]
+    (summary_file,) = (work / "runs" / "skip").rglob("summary.json")
+    plan = json.loads(summary_file.read_text())["memory_plan"]
+    reason = plan["estimate_skipped"]
+    assert "strategy 'nometa' cannot be applied" in reason and "needs real weights" in reason
+    report = (work / "runs" / "skip" / "report.md").read_text()
+    assert "## Memory estimates skipped" in report
+    assert f"nometa (seed 0): memory estimate skipped, {reason}" in report
+    assert "memory estimates skipped" in (work / "runs" / "skip" / "report.html").read_text().lower()

@@ -154,5 +154,6 @@ def row_from_run(
         forgetting=forgetting.get("value"),
         forgetting_measure=forgetting.get("measure"),
         saved_bytes=s.saved_bytes,
+        estimate_skipped=(s.memory_plan or {}).get("estimate_skipped"),
     )
     return row

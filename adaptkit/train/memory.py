@@ -52,7 +52,7 @@ def plan_memory(run: Any, fresh_dir: bool, loaded: bool) -> tuple[Any, dict[str,
     device = run.accelerator.device
     budget = _budget(spec, device)
     info["budget_mb"] = None if budget is None else budget / MiB
-    estimator = _estimator(run, device)
+    estimator = _estimator(run, device, info)
     if auto:
         spec = _resolve_auto(run, spec, estimator, budget, fresh_dir, info)
     if spec.preflight and not loaded and estimator is not None and budget is not None:
@@ -72,16 +72,24 @@ def _budget(spec: Any, device: Any) -> int | None:
     return budget
 
 
-def _estimator(run: Any, device: Any) -> Estimator | None:
+def _estimator(run: Any, device: Any, info: dict[str, Any]) -> Estimator | None:
     """An estimator for the run's device, without the process baseline (already resident) or a
-    time estimate; None, logged, when it cannot be made: an estimate never blocks training."""
+    time estimate; None, recorded, when it cannot be made: an estimate never blocks training."""
     try:
         return Estimator(
             run.host, device="cuda" if device.type == "cuda" else "cpu", overhead_bytes=0, peak_tflops=0
         )
     except Exception as exc:
-        run.log(f"adaptkit: memory estimate skipped: {type(exc).__name__}: {exc}")
+        skipped(run, info, exc)
         return None
+
+
+def skipped(run: Any, info: dict[str, Any], exc: Exception, what: str = "memory estimate skipped") -> None:
+    """Say that the estimate was skipped, and why: on stderr and in the plan ``summary.json``
+    keeps (``estimate_skipped``), which compare's report shows for the variant."""
+    reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+    info["estimate_skipped"] = reason
+    run.log(f"adaptkit: {what}: {reason}")
 
 
 def _resolve_auto(
@@ -106,7 +114,7 @@ def _resolve_auto(
             f"adaptkit: micro_batch_size auto: using {micro}, as chosen before ({run.run_dir / BATCH_FILE})"
         )
     else:
-        micro = _choose(run, estimator, recipe, budget, total)
+        micro = _choose(run, estimator, recipe, budget, total, info)
         if acc.num_processes > 1:  # every rank must accumulate alike: the smallest choice wins
             micro = smallest_across_processes(acc, micro)
         run.log(
@@ -134,7 +142,7 @@ def _preflight(
         est = estimator.estimate(resolved)
     except Exception as exc:
         # a model or strategy the estimator cannot build: training reports its own errors
-        run.log(f"adaptkit: memory estimate skipped: {type(exc).__name__}: {exc}")
+        skipped(run, info, exc)
         return
     info["estimate_mb"] = est.total / MiB
     if est.total > budget:
@@ -226,7 +234,14 @@ def confirm_micro_batch(
     return spec.model_copy(update={"micro_batch_size": micro, "gradient_accumulation": total // micro})
 
 
-def _choose(run: Any, estimator: Estimator | None, recipe: Recipe, budget: int | None, total: int) -> int:
+def _choose(
+    run: Any,
+    estimator: Estimator | None,
+    recipe: Recipe,
+    budget: int | None,
+    total: int,
+    info: dict[str, Any],
+) -> int:
     """The largest micro-batch that fits; without an estimate or a budget, the largest divisor up to 8."""
     fallback = max(d for d in divisors(total) if d <= 8)
     if estimator is None or budget is None:
@@ -235,9 +250,7 @@ def _choose(run: Any, estimator: Estimator | None, recipe: Recipe, budget: int |
     try:
         found = largest_fitting_micro_batch(estimator, recipe, budget)
     except Exception as exc:  # the estimator cannot build this model: fall back rather than refuse
-        run.log(
-            f"adaptkit: micro_batch_size auto: no estimate ({type(exc).__name__}: {exc}), using {fallback}"
-        )
+        skipped(run, info, exc, f"micro_batch_size auto: no estimate, using {fallback}")
         return fallback
     if found is None:
         one = with_micro_batch(recipe, 1)

@@ -101,6 +101,12 @@ def _summarise(name: str, runs: list[dict]) -> dict[str, Any]:
         "n_ok": len(ok),
         "n_failed": len(failed),
         "errors": [{"seed": r.get("seed"), "error": str(r.get("error") or _no_error(r))} for r in failed],
+        # runs whose memory estimate (pre-flight check, micro_batch_size auto) could not be made
+        "estimate_skipped": [
+            {"seed": r.get("seed"), "reason": r["estimate_skipped"]}
+            for r in runs
+            if r.get("estimate_skipped")
+        ],
         "metric": _first(info_rows, "metric"),
         "greater_is_better": _first(info_rows, "greater_is_better"),
         "memory_kind": _first(info_rows, "memory_kind"),

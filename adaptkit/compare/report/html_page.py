@@ -7,7 +7,7 @@ import base64
 import html
 
 from adaptkit.compare.report.aggregate import BASELINE
-from adaptkit.compare.report.notes import column_notes
+from adaptkit.compare.report.notes import column_notes, estimate_notes
 from adaptkit.compare.report.plots import PLOT_NAMES, SKIPPED_FORGETTING
 from adaptkit.compare.report.table import first_line, table_cells
 
@@ -136,6 +136,10 @@ def html_page(title: str, meta: dict, variants: list[dict], plots: dict[str, byt
             f"<li><b>{e(name)}</b> (seed {e(str(err['seed']))}): {e(first_line(err['error']))}</li>"
             for name, err in failures
         ]
+        out.append("</ul>")
+    if estimate_notes(variants):
+        out.append('<h2>Memory estimates skipped</h2><ul class="notes">')
+        out += [f"<li>{e(n)}</li>" for n in estimate_notes(variants)]
         out.append("</ul>")
     out.append('<h2>Plots</h2><div class="plots">')
     for name in PLOT_NAMES:

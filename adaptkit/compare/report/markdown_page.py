@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adaptkit.compare.report.notes import column_notes
+from adaptkit.compare.report.notes import column_notes, estimate_notes
 from adaptkit.compare.report.plots import PLOT_NAMES, SKIPPED_FORGETTING
 from adaptkit.compare.report.table import first_line, markdown_table
 
@@ -18,6 +18,8 @@ def markdown_page(title: str, meta: dict, variants: list[dict], plots: dict[str,
         for name, e in failures:
             lines += [f"- **{name}** (seed {e['seed']}): {first_line(e['error'])}"]
         lines.append("")
+    if estimate_notes(variants):
+        lines += ["## Memory estimates skipped", ""] + [f"- {n}" for n in estimate_notes(variants)] + [""]
     lines += ["## How the columns are measured", ""] + [f"- {n}" for n in column_notes(variants)] + [""]
     lines += ["## Plots", ""]
     for name in PLOT_NAMES:

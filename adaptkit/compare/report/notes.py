@@ -56,3 +56,13 @@ def column_notes(variants: list[dict]) -> list[str]:
         + (f" (measured as: {'; '.join(measures)})." if measures else "."),
         "saved: size on disk of what the variant saves (an adapter, a head, or all weights).",
     ]
+
+
+def estimate_notes(variants: list[dict]) -> list[str]:
+    """One line per run whose memory estimate was skipped: it trained without the pre-flight
+    check, or with ``micro_batch_size: auto``'s fallback instead of the estimate's choice."""
+    return [
+        f"{v['variant']} (seed {s['seed']}): memory estimate skipped, {s['reason']}"
+        for v in variants
+        for s in v.get("estimate_skipped", [])
+    ]
