@@ -250,6 +250,7 @@ def test_a_crashing_variant_fails_alone_and_finished_runs_are_skipped(workdir):
 
     # a second invocation runs nothing that finished; an interrupted run resumes from its checkpoint
     lora = root / "runs" / "lora-s0"
+    digest = json.loads((lora / "summary.json").read_text())["param_digest"]
     (lora / "summary.json").unlink()
     shutil.rmtree(lora / "checkpoints" / "step-00000006")
     stamp = (root / "runs" / "probe-s0" / "summary.json").stat().st_mtime_ns
@@ -258,7 +259,9 @@ def test_a_crashing_variant_fails_alone_and_finished_runs_are_skipped(workdir):
     assert "probe-s0: finished earlier, skipped" in proc.stderr
     assert (root / "runs" / "probe-s0" / "summary.json").stat().st_mtime_ns == stamp
     assert "resuming from" in (root / "logs" / "lora-s0.log").read_text()
-    assert json.loads((lora / "summary.json").read_text())["steps"] == 6
+    resumed = json.loads((lora / "summary.json").read_text())
+    assert resumed["steps"] == 6
+    assert resumed["param_digest"] == digest  # the same weights as the uninterrupted run, bit for bit
 
     # the report is rebuilt from the directories alone
     (root / "report.md").unlink()
