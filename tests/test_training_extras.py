@@ -74,7 +74,7 @@ def lm(tmp_path_factory):
     return d
 
 
-# -- C18: gradient accumulation -----------------------------------------------------------------
+# -- gradient accumulation: the mean over the whole accumulated batch -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("micro, accumulation", [(1, 4), (2, 2)])

@@ -50,10 +50,10 @@ class Run:
         A notification goes on after a failing plugin; with ``strict`` (``adaptkit_on_train_start``)
         the first failure stops the run before any step.
         """
-        errors = self.host.notify(hook, run=self, **kwargs)
-        if strict and errors:
-            raise errors[0]
-        for err in errors:
+        if strict:
+            self.host.call_strict(hook, run=self, **kwargs)
+            return
+        for err in self.host.notify(hook, run=self, **kwargs):
             self.log(f"adaptkit: {err}")
 
     def log_metrics(self, entry: dict[str, Any]) -> None:

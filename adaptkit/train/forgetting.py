@@ -111,3 +111,9 @@ def compare(before: dict[str, Any], after: dict[str, Any], source: str) -> dict[
         "value": float(1 - cos.mean()),
         "measure": f"1 - cosine of mean-pooled hidden states on {source} text",
     }
+
+
+def measure_run_texts(run: Any, model: Any, processor: Any, task: Any) -> dict[str, Any] | None:
+    """``measure`` on the run's general texts: the reference before the strategies, and after training."""
+    causal = task.auto_model == "AutoModelForCausalLM"
+    return measure(model, processor, run.forgetting_texts, run.recipe.forgetting.max_length, causal=causal)

@@ -42,10 +42,11 @@ from adaptkit.train.checkpoint import (
 from adaptkit.train.context import Run
 from adaptkit.train.evaluate import evaluate, selection_metric
 from adaptkit.train.forgetting import compare as compare_forgetting
+from adaptkit.train.forgetting import measure_run_texts
 from adaptkit.train.measure import param_digest, peak_memory_mb
 from adaptkit.train.memory import plan_memory, write_memory_plan
 from adaptkit.train.optim import scale_gradients
-from adaptkit.train.prepare import Prepared, measure_general_text, set_up
+from adaptkit.train.prepare import Prepared, prepare
 from adaptkit.train.setup import (
     check_launch,
     make_accelerator,
@@ -67,7 +68,7 @@ def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: A
     set_seed(recipe.train.seed)
     # before any weight loads: micro_batch_size auto is resolved, and a run that will not fit stops here
     spec, memory = plan_memory(run, fresh, loaded=loaded_model is not None)
-    loop = Loop(**vars(set_up(run, spec, memory, loaded_model)))
+    loop = Loop(**vars(prepare(run, spec, memory, loaded_model)))
     loop.resume(fresh)
     loop.write_run_files()
     if report_to:  # TensorBoard writes to <run dir>/tracking/<run name>
@@ -391,7 +392,7 @@ class Loop(Prepared):
         model = acc.unwrap_model(self.model)
         forgetting = None
         if run.forgetting_base is not None:
-            after = measure_general_text(run, model, run.processor, run.task)
+            after = measure_run_texts(run, model, run.processor, run.task)
             forgetting = compare_forgetting(run.forgetting_base, after, run.recipe.forgetting.source)
         digest = param_digest(model)
         # every rank's digest: gather_for_metrics would trim to the data's remainder after the loop

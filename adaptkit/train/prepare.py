@@ -12,7 +12,7 @@ from adaptkit.adapt.stack import Adapted, apply
 from adaptkit.kernels.attention import use_cpu_dropout_attention
 from adaptkit.train.context import Run
 from adaptkit.train.feature_cache import FeatureCache, check_cacheable
-from adaptkit.train.forgetting import general_texts, measure
+from adaptkit.train.forgetting import general_texts, measure_run_texts
 from adaptkit.train.measure import reset_peak_memory
 from adaptkit.train.memory import confirm_micro_batch
 from adaptkit.train.optim import build_optimizer, build_scheduler
@@ -48,7 +48,7 @@ def prepare_model_and_data(run: Run, loaded_model: Any = None) -> tuple[Adapted,
     use_cpu_dropout_attention(model)
     if recipe.forgetting:  # the reference: the pretrained model before any strategy touches it
         run.forgetting_texts = general_texts(recipe.forgetting.source, recipe.forgetting.max_texts)
-        run.forgetting_base = measure_general_text(run, model, processor, base.task)
+        run.forgetting_base = measure_run_texts(run, model, processor, base.task)
     adapted = apply(model, recipe.strategies, host=host)
     train_ds, eval_ds = encode_for_training(base, recipe, host)
     run.task, run.processor, run.adapted = base.task, processor, adapted
@@ -56,13 +56,7 @@ def prepare_model_and_data(run: Run, loaded_model: Any = None) -> tuple[Adapted,
     return adapted, train_ds, eval_ds
 
 
-def measure_general_text(run: Run, model: Any, processor: Any, task: Any) -> dict[str, Any] | None:
-    """The model's loss or features on general text, to measure forgetting against."""
-    causal = task.auto_model == "AutoModelForCausalLM"
-    return measure(model, processor, run.forgetting_texts, run.recipe.forgetting.max_length, causal=causal)
-
-
-def set_up(run: Run, spec: Any, memory: dict[str, Any], loaded_model: Any = None) -> Prepared:
+def prepare(run: Run, spec: Any, memory: dict[str, Any], loaded_model: Any = None) -> Prepared:
     """Everything the loop needs, prepared by Accelerate: model, optimizer, schedule and loaders."""
     from adaptkit.kernels.lm_loss import training_loss
 

@@ -8,6 +8,13 @@ from pathlib import Path
 from typing import Any
 
 
+def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of dataclass ``cls``: files written by another
+    version may hold keys this one does not know."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
 @dataclass
 class LoopState:
     """Counters of the training loop, saved in every checkpoint as ``trainer_state.json``.
@@ -30,8 +37,7 @@ class LoopState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopState:
         """The state a checkpoint saved (keys it does not know are ignored)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**known_fields(cls, data))
 
     def to_dict(self) -> dict[str, Any]:
         """The state as JSON-ready data."""
@@ -86,9 +92,7 @@ class RunSummary:
     @classmethod
     def read(cls, path: Path) -> RunSummary:
         """A ``summary.json`` read back (keys this version does not know are ignored)."""
-        data = json.loads(Path(path).read_text())
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**known_fields(cls, json.loads(Path(path).read_text())))
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as JSON-ready data (``saved_bytes`` only where it is known)."""
