@@ -23,6 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 #: Both loops' AdamW weight decay: adaptkit's default (``train.weight_decay``).
 WEIGHT_DECAY = 0.0
+#: ``Result.allocator`` of a process that left glibc's malloc as it was.
+GLIBC_DEFAULT = "glibc default"
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -184,6 +186,7 @@ class Result:
     trainable: int
     total: int
     losses: list[float]  # every step's training loss: the first shows both loops saw the same batch
+    allocator: str = "glibc default"  # glibc's policy for freed memory in the run (see adaptkit_allocator)
 
 
 def summarise(
@@ -193,6 +196,7 @@ def summarise(
     trainable: int,
     total: int,
     losses: list[float],
+    allocator: str,
 ) -> Result:
     """Throughput over the steps after the warm-up ones, and the peak memory at the last step."""
     assert len(stamps) == case.steps + case.warmup, stamps
@@ -209,25 +213,19 @@ def summarise(
         trainable,
         total,
         losses,
+        allocator,
     )
 
 
-def run_adaptkit(case: Case, workdir: Path) -> Result:
-    """adaptkit's own training loop, driven by a recipe, as ``adaptkit train`` runs it."""
-    sys.path.insert(0, str(HERE))
-    import _steptimes
-
-    from adaptkit.host.manager import get_plugin_host
-    from adaptkit.recipe.schema import validate
-    from adaptkit.train.loop import train
-
+def adaptkit_recipe(case: Case, workdir: Path) -> dict:
+    """The recipe adaptkit trains ``case`` with (its data written to ``workdir``)."""
     lora = {"name": "lora", "dropout": case.lora_dropout, "target_modules": LLAMA_LINEAR}
     if case.quantize:
         lora |= {"quantize": "4bit", "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
     strategy = {"lora": [lora], "full": ["full"], "top2": [{"name": "freeze", "trainable_top_blocks": 2}]}[
         case.strategy
     ]
-    raw = {
+    return {
         "name": f"bench-{case.name}",
         "model": {
             "source": model_path(case.model),
@@ -248,8 +246,42 @@ def run_adaptkit(case: Case, workdir: Path) -> Result:
         },
         "output": str(workdir / "runs" / "{name}"),
     }
+
+
+def adaptkit_allocator(case: Case) -> str:
+    """The policy for freed memory that ``adaptkit train`` chooses for ``case`` on this machine's
+    CPU (``adaptkit.train.allocator.choose_policy``, from the estimate and the available memory):
+    ``keep``, ``release`` or ``glibc default``. The baseline's process is given the same one."""
+    import torch
+
+    from adaptkit.estimate.estimator import Estimator
+    from adaptkit.estimate.machine import free_memory
+    from adaptkit.host.manager import get_plugin_host
+    from adaptkit.recipe.schema import validate
+    from adaptkit.train.allocator import choose_policy
+
+    host = get_plugin_host()
+    with tempfile.TemporaryDirectory(prefix="adaptkit-bench-") as tmp:
+        recipe = validate(adaptkit_recipe(case, Path(tmp)), host=host)
+        est = Estimator(host, device="cpu", overhead_bytes=0, peak_tflops=0).estimate(recipe)
+    return choose_policy(est.total, est.largest_block, free_memory(torch.device("cpu"))) or GLIBC_DEFAULT
+
+
+def run_adaptkit(case: Case, workdir: Path, allocator: str | None = None) -> Result:
+    """adaptkit's own training loop, driven by a recipe, as ``adaptkit train`` runs it (which
+    chooses its allocator itself: ``allocator`` is only checked against its choice)."""
+    sys.path.insert(0, str(HERE))
+    import _steptimes
+
+    from adaptkit.host.manager import get_plugin_host
+    from adaptkit.recipe.schema import validate
+    from adaptkit.train.loop import train
+
+    raw = adaptkit_recipe(case, workdir)
     host = get_plugin_host(["_steptimes"])
     summary = train(validate(raw, host=host), host, fresh=True)
+    chosen = (summary.get("memory_plan") or {}).get("allocator") or GLIBC_DEFAULT
+    assert allocator in (None, chosen), f"adaptkit chose {chosen}, the benchmark expected {allocator}"
     return summarise(
         "adaptkit",
         case,
@@ -257,11 +289,13 @@ def run_adaptkit(case: Case, workdir: Path) -> Result:
         summary["trainable_parameters"],
         summary["total_parameters"],
         _steptimes.LOSSES,
+        chosen,
     )
 
 
-def run_baseline(case: Case, workdir: Path) -> Result:
-    """The loop a user would write by hand: transformers + peft + Accelerate, nothing else."""
+def run_baseline(case: Case, workdir: Path, allocator: str | None = None) -> Result:
+    """The loop a user would write by hand: transformers + peft + Accelerate, nothing else.
+    ``allocator`` names the policy for freed memory that ``measure`` set in its environment."""
     import datasets
     import torch
     import transformers
@@ -358,31 +392,44 @@ def run_baseline(case: Case, workdir: Path) -> Result:
     unwrapped = accelerator.unwrap_model(model)
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
     total = sum(p.numel() for p in unwrapped.parameters())
-    return summarise("baseline", case, stamps, trainable, total, losses)
+    return summarise("baseline", case, stamps, trainable, total, losses, allocator or GLIBC_DEFAULT)
 
 
 def worker_main(argv: list[str]) -> None:
-    """``--worker LOOP CASE``: run one measurement in this process and print it as one JSON line.
+    """``--worker LOOP CASE [ALLOCATOR]``: run one measurement in this process and print it as one
+    JSON line.
 
-    CASE is a ``Case`` as JSON, its model a directory (``measure`` writes it)."""
-    loop = argv[0]
-    case = Case(**json.loads(argv[1]))
+    CASE is a ``Case`` as JSON, its model a directory (``measure`` writes it); ALLOCATOR is the
+    policy for freed memory (``adaptkit_allocator``) set for the baseline, or checked for adaptkit."""
+    loop, case = argv[0], Case(**json.loads(argv[1]))
+    allocator = argv[2] if len(argv) > 2 else None
     os.environ.setdefault("ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
     with tempfile.TemporaryDirectory(prefix="adaptkit-bench-") as tmp:
-        result = (run_adaptkit if loop == "adaptkit" else run_baseline)(case, Path(tmp))
+        result = (run_adaptkit if loop == "adaptkit" else run_baseline)(case, Path(tmp), allocator)
     print("RESULT " + json.dumps(asdict(result)), flush=True)
 
 
-def measure(script: Path, loop: str, case: str | Case) -> Result:
+def measure(script: Path, loop: str, case: str | Case, allocator: str | None = None) -> Result:
     """Run one worker in a child process and read its result.
 
     The worker gets the model as a directory: finding a packaged model imports adaptkit (pydantic,
-    pluggy; about 19 MiB), which the hand-written loop's process must not carry.
+    pluggy; about 19 MiB), which the hand-written loop's process must not carry. For the same
+    reason the baseline gets its ``allocator`` (a policy of ``adaptkit_allocator``) as the
+    environment variables a user would set (``POLICY_SETTINGS``); adaptkit's run is only checked
+    to choose that policy itself.
     """
+    from adaptkit.train.allocator import ALLOCATOR_ENV, POLICY_SETTINGS
+
     case = CASES[case] if isinstance(case, str) else case
     arg = json.dumps(asdict(replace(case, model=model_path(case.model))))
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+    if loop == "baseline" and allocator in POLICY_SETTINGS:
+        env |= {key: str(value) for key, value in POLICY_SETTINGS[allocator].items()}
     proc = subprocess.run(
-        [sys.executable, str(script), "--worker", loop, arg], capture_output=True, text=True
+        [sys.executable, str(script), "--worker", loop, arg, *([allocator] if allocator else [])],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

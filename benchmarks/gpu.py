@@ -7,7 +7,8 @@ checkpointing), 16 sequences of 512 tokens a step. Each run is its own process, 
 hand-written loop alternating. Peak memory is ``torch.cuda.max_memory_allocated`` at the end of the
 last step, so it includes the model. MFU is model FLOPs per second (4N + 6T per token: N the base
 weights, counted before quantization, T the adapter weights; see mfu.py) over the bf16 matmul rate
-of the same GPU, measured before the first run and after each one.
+of the same GPU, measured before the first run and after each one, and over the GPU's published
+dense bf16 peak (``_peaks.py``), printed beside it.
 
 ``--model`` takes a packaged model name or a model directory. A directory with a config and a
 tokenizer but no weights (what fits on a machine that cannot download) gets random weights, seeded:
@@ -32,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CASES, LLAMA_LINEAR, Result, measure, median, model_path  # noqa: E402
+from _peaks import describe_peak, device_name, published_peak  # noqa: E402
 from mfu import flops_per_token, peak_matmul_flops  # noqa: E402
 
 LOOP_SCRIPT = Path(__file__).resolve().parent / "loop_overhead.py"
@@ -161,6 +163,9 @@ def main() -> None:
                         flush=True,
                     )
     print(f"peak matmul over the run: {min(peaks) / 1e12:.1f} to {max(peaks) / 1e12:.1f} TFLOP/s")
+    device, dtype = device_name(), "bfloat16" if torch.cuda.is_available() else "float32"
+    print(describe_peak(device, dtype, median(peaks)))
+    published = published_peak(device, dtype)
     for name, case in cases.items():
         print(
             f"\n[{name}] {label}: LoRA r=8 on {'/'.join(LLAMA_LINEAR)}"
@@ -176,8 +181,11 @@ def main() -> None:
             mfu = median([r.tokens_per_s * per_token / p for r, p in runs])
             mem = median([r.peak_mib for r, _ in runs])
             summary[loop] = tput, mem
+            of_published = (
+                "" if published is None else f" ({tput * per_token / published[0]:.1%} of published)"
+            )
             print(
-                f"  {loop:8s} {tput:9,.0f} tokens/s  MFU {mfu:6.1%}  peak {mem:8,.0f} MiB  "
+                f"  {loop:8s} {tput:9,.0f} tokens/s  MFU {mfu:6.1%}{of_published}  peak {mem:8,.0f} MiB  "
                 f"trainable {trainable:,}  (runs: {', '.join(f'{r.tokens_per_s:,.0f}' for r, _ in runs)} tokens/s)"
             )
         (t_a, m_a), (t_b, m_b) = summary["adaptkit"], summary["baseline"]

@@ -1,5 +1,6 @@
 """Hardware efficiency: the model FLOPs adaptkit achieves per second over the machine's peak
-matrix-multiply rate, both measured in one run.
+matrix-multiply rate, both measured in one run, and over the device's published peak where one
+is known (``_peaks.py``; most CPUs have none).
 
 The peak is the best rate of ``torch.matmul`` on large float32 matrices (the dtype the run trains
 in, with the same torch threads), measured before the first training run and after each one; a
@@ -28,6 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CASES, machine, measure, median, model_path  # noqa: E402
+from _peaks import describe_peak, device_name, published_peak  # noqa: E402
 
 LOOP_SCRIPT = Path(__file__).resolve().parent / "loop_overhead.py"
 
@@ -114,6 +116,9 @@ def main() -> None:
                 results[name, loop].append((result, (before[0] + after[0]) / 2, (before[1] + after[1]) / 2))
     rates = [p[0] / 1e9 for p in peaks]
     print(f"peak float32 matmul over the run: {min(rates):.1f} to {max(rates):.1f} GFLOP/s")
+    device = device_name()
+    print(describe_peak(device, "float32", median([p[0] for p in peaks])))
+    published = published_peak(device, "float32")
     for name in args.cases:
         case = CASES[name]
         print(
@@ -134,10 +139,14 @@ def main() -> None:
                     for x, _, peak_cpu in runs
                 ]
             )
+            against_published = (
+                "" if published is None else f"; {tput * per_token / published[0]:.1%} of the published peak"
+            )
             print(
                 f"  {loop}: {tput:.1f} tokens/s (runs: {', '.join(f'{x.tokens_per_s:.1f}' for x, _, _ in runs)}) x "
                 f"{per_token / 1e6:.0f} MFLOP/token = {tput * per_token / 1e9:.1f} GFLOP/s: MFU {mfu[loop]:.1%} "
                 f"(with attention's {attn / 1e6:.0f} MFLOP/token: {with_attn:.1%}); per CPU-second {per_cpu:.1%}"
+                f"{against_published}"
             )
         if case.strategy == "lora":
             print(

@@ -80,8 +80,10 @@ def test_estimate_accuracy_benchmark_measures_a_model_directory(tmp_path):
             "2",
             "--seq",
             "48",
-            "--target",
+            "--under",
             "1",
+            "--over",
+            "100",
             "--json",
             str(out),
         ],
@@ -99,6 +101,7 @@ def test_estimate_accuracy_benchmark_measures_a_model_directory(tmp_path):
     assert 0 < rows["lora"]["trainable_parameters"] < rows["full"]["trainable_parameters"]
     for r in rows.values():
         assert r["measured_mib"] > 0 and r["estimate_mib"] > 0 and r["final_train_loss"] > 0
+        assert r["overhead_mib"] > 0 and r["allocator"]  # the process baseline is its own column
     assert f"{model}, cpu, micro-batch 2 x 48 tokens" in res.stdout
 
 
@@ -111,7 +114,7 @@ def test_both_loops_of_a_benchmark_case_train_the_same_thing(tmp_path, name):
     from dataclasses import replace
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _common import CASES, measure
+    from _common import CASES, adaptkit_allocator, measure
 
     case = CASES[name]
     family, task = ("bert", "classification") if case.task == "classification" else ("llama", "causal_lm")
@@ -121,10 +124,54 @@ def test_both_loops_of_a_benchmark_case_train_the_same_thing(tmp_path, name):
     ) if family == "bert" else save_tiny_pretrained(tmp_path / family, family, task=task)  # fmt: skip
     tiny = replace(case, model=str(model), seq=16, batch=4, steps=1, warmup=1, lr=1e-2)
     script = ROOT / "benchmarks" / "loop_overhead.py"
-    ours, theirs = measure(script, "adaptkit", tiny), measure(script, "baseline", tiny)
+    policy = adaptkit_allocator(tiny)  # adaptkit's run checks that it chose this policy itself
+    ours, theirs = measure(script, "adaptkit", tiny, policy), measure(script, "baseline", tiny, policy)
+    assert ours.allocator == theirs.allocator == policy
     assert (ours.trainable, ours.total) == (theirs.trainable, theirs.total)
     assert 0 < ours.trainable < ours.total or case.strategy == "full"
     assert len(ours.losses) == len(theirs.losses) == 2
     assert ours.losses[0] == pytest.approx(theirs.losses[0], rel=1e-5)
     assert ours.losses[1] == pytest.approx(theirs.losses[1], rel=1e-4)
     assert ours.losses[1] != pytest.approx(ours.losses[0], rel=1e-4)  # the step changed something
+
+
+@pytest.mark.slow
+def test_a_benchmark_run_whose_allocator_differs_from_the_baselines_is_refused(tmp_path):
+    """The loop-overhead comparison gives the baseline adaptkit's policy for freed memory; an
+    adaptkit run that chose another policy than the one given to the baseline fails the
+    measurement instead of comparing unlike with unlike."""
+    from dataclasses import replace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import CASES, GLIBC_DEFAULT, adaptkit_allocator, measure
+
+    model = save_tiny_pretrained(tmp_path / "llama", "llama", task="causal_lm")
+    tiny = replace(CASES["lora"], model=str(model), seq=16, batch=4, steps=1, warmup=1)
+    assert adaptkit_allocator(tiny) == GLIBC_DEFAULT  # a tiny model's blocks are all small
+    with pytest.raises(SystemExit, match="adaptkit chose glibc default, the benchmark expected release"):
+        measure(ROOT / "benchmarks" / "loop_overhead.py", "adaptkit", tiny, "release")
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "expected"),
+    [
+        ("NVIDIA H200", "bfloat16", (989.5e12, "NVIDIA H200 SXM")),
+        ("NVIDIA H200 NVL", "bfloat16", (835.5e12, "NVIDIA H200 NVL")),
+        ("NVIDIA H100 PCIe", "float32", (51.0e12, "NVIDIA H100 PCIe")),
+        ("NVIDIA H100 80GB HBM3", "bfloat16", (989.5e12, "NVIDIA H100 SXM")),
+        ("NVIDIA A100-SXM4-80GB", "tf32", (156.0e12, "NVIDIA A100")),
+        ("NVIDIA L40S", "bfloat16", (362.0e12, "NVIDIA L40S")),  # not the L4's figure
+        ("NVIDIA L4", "bfloat16", (121.0e12, "NVIDIA L4")),
+        ("NVIDIA A10", "float32", (31.2e12, "NVIDIA A10")),
+        ("NVIDIA A10G", "float32", None),  # not the A10's datasheet
+        ("Tesla T4", "bfloat16", None),  # no bf16 on a T4
+        ("AMD EPYC", "float32", None),  # a CPU whose model the hypervisor hides
+    ],
+)
+def test_mfu_uses_the_devices_published_peak_where_one_is_known(device, dtype, expected):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _peaks import describe_peak, published_peak
+
+    assert published_peak(device, dtype) == expected
+    line = describe_peak(device, dtype, 100e12)
+    assert ("none known" in line) == (expected is None), line

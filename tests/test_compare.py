@@ -224,7 +224,9 @@ def test_compare_end_to_end_numbers_match_the_runs(workdir):
     md = (root / "report.md").read_text()
     assert all(f"| {n} " in md for n in ("none", "probe", "lora", "adapters", "gradual"))
     html = (root / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == len(list((root / "plots").glob("*.png"))) == 4
+    plots = {p.name for p in (root / "plots").glob("*.png")}
+    assert "differences_vs_best.png" in plots  # each variant's paired difference from the best
+    assert html.count("data:image/png;base64,") == len(plots) == 5
 
 
 @pytest.mark.slow
@@ -353,3 +355,67 @@ def test_launch_settings_apply_to_every_run(workdir):
     run = results(workdir / "out" / "launched")["runs"][0]
     summary = json.loads((workdir / "out" / "launched" / run["run_dir"] / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["ranks_in_sync"] and summary["steps"] == 3
+
+
+@pytest.mark.slow
+def test_report_has_intervals_paired_results_verdict_and_costs(workdir):
+    """Two variants on two seeds: every run keeps its final per-example scores, and the report
+    (rebuilt offline by ``adaptkit report`` too) has intervals, the paired result, the verdict,
+    the time to target and the cost per run."""
+    path = comparison(
+        workdir,
+        "stats",
+        """
+  seeds: [0, 1]
+  cost_per_hour: 3.6
+  variants:
+    - {name: none, strategies: [none]}
+    - {name: probe, strategies: [{name: freeze, trainable_top_blocks: 0}]}
+""",
+        train="max_steps: 6, eval_every: 2, lr: 1.0e-2, micro_batch_size: 16",
+    )
+    proc = compare_cli("compare", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = workdir / "out" / "stats"
+    doc = results(root)
+    for r in doc["runs"]:
+        run_dir = root / r["run_dir"]
+        kept = json.loads((run_dir / "eval_examples.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        scores = kept["scores"]["accuracy"]
+        assert kept["step"] == summary["steps"] and kept["index"] == list(range(len(scores)))
+        assert len(scores) == 16 and set(scores) <= {0.0, 1.0}  # 10% of 160 rows held out
+        assert sum(scores) / len(scores) == pytest.approx(summary["final_metrics"]["accuracy"])
+        assert "examples" not in r  # the scores stay in the run directory
+        assert r["cost"] == pytest.approx(3.6 * r["wall_time_s"] / 3600)
+        evals = [
+            h
+            for h in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "eval_loss" in h
+        ]
+        assert all("tokens" in h and "train_seconds" in h for h in evals)
+        assert r["steps_to_target"] in [h["step"] for h in evals]
+    variants = {v["variant"]: v for v in doc["variants"]}
+    for v in variants.values():
+        ci = v["interval"]
+        assert ci["method"] == "examples and seeds" and ci["low"] <= v["final_metric_mean"] <= ci["high"]
+    best = next(v for v in variants.values() if v["is_best"])
+    other = next(v for v in variants.values() if not v["is_best"])
+    pair = other["vs_best"]
+    assert pair["best"] == best["variant"] and pair["low"] <= pair["difference"] <= pair["high"]
+    assert pair["difference"] == pytest.approx(other["final_metric_mean"] - best["final_metric_mean"])
+    md, html = (root / "report.md").read_text(), (root / "report.html").read_text()
+    assert md.index("## Verdict") < md.index("## Results") and " ".join(doc["verdict"]) in md
+    assert best["variant"] in doc["verdict"][0]
+    assert "95% interval" in md and "Time and cost to 90%" in md and "cost per run" in md
+    assert 'class="verdict"' in html and (root / "plots" / "differences_vs_best.png").is_file()
+    with open(root / "variants.csv") as f:
+        lines = {row["variant"]: row for row in csv.DictReader(f)}
+    assert float(lines[other["variant"]]["difference"]) == pytest.approx(pair["difference"])
+
+    # offline: the same report from the run directories alone
+    (root / "results.json").unlink()
+    proc = compare_cli("report", str(root))
+    assert proc.returncode == 0, proc.stderr
+    again = results(root)
+    assert again["verdict"] == doc["verdict"] and again["variants"] == doc["variants"]

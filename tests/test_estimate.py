@@ -266,6 +266,35 @@ def test_cpu_overhead_and_checkpoint_pages(tmp_path, host):
     assert cuda.total < cpu.total - 123 - cpu.checkpoint_pages
 
 
+def test_a_cpu_estimate_bounds_what_a_heap_that_keeps_freed_memory_holds(llama_dir, host):
+    """On a CPU the estimate is the live peak, and ``resident_with_reuse`` the most a process may
+    hold when glibc keeps freed memory (``HEAP_SLACK`` times it), shown on its own line; a GPU's
+    caching allocator is what its estimate already describes."""
+    from adaptkit.estimate.machine import HEAP_SLACK
+    from adaptkit.estimate.render import render
+
+    recipe = make_recipe(llama_dir, [{"name": "lora"}], host)
+    cpu = Estimator(host, device="cpu", overhead_bytes=0, peak_tflops=0).estimate(recipe)
+    cuda = Estimator(host, device="cuda", overhead_bytes=0, peak_tflops=0).estimate(recipe)
+    assert cpu.resident_with_reuse == int(cpu.total * HEAP_SLACK) > cpu.total
+    assert cuda.resident_with_reuse == cuda.total
+    assert "kept for reuse" in render(cpu, None, []) and "kept for reuse" not in render(cuda, None, [])
+
+
+def test_freed_memory_is_kept_only_where_the_heap_bound_fits():
+    """Training keeps freed memory for reuse only when ``HEAP_SLACK`` times the live peak fits the
+    budget, and only where a step's blocks are large enough for glibc to unmap them otherwise."""
+    from adaptkit.estimate.machine import HEAP_SLACK
+    from adaptkit.train.allocator import GLIBC_MMAP_THRESHOLD_MAX, choose_policy
+
+    live, large, small = 1000 * 2**20, GLIBC_MMAP_THRESHOLD_MAX + 1, GLIBC_MMAP_THRESHOLD_MAX
+    bound = int(live * HEAP_SLACK)
+    assert choose_policy(live, large, bound) == "keep"
+    assert choose_policy(live, small, bound) is None  # glibc's default keeps them already
+    assert choose_policy(live, large, bound - 1) == choose_policy(live, small, bound - 1) == "release"
+    assert choose_policy(live, large, int(live * 1.5)) == "release"  # a step may hold more than 1.5x
+
+
 # -- making it fit -------------------------------------------------------------------------------
 
 

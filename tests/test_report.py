@@ -258,7 +258,7 @@ def test_write_report_files(report, rows):
         f"plots/{n}.png"
         for n in ("loss_curves", "metric_vs_params", "memory_throughput", "forgetting_vs_gain")
     }
-    assert set(written) == {"results.json", "results.csv", "report.md", "report.html"} | plots
+    assert set(written) == {"results.json", "results.csv", "variants.csv", "report.md", "report.html"} | plots
     for name, path in written.items():
         assert path == out / name and path.stat().st_size > 0
     for name in plots:

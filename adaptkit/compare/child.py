@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from adaptkit.compare.report.stats import time_to_target
+from adaptkit.train.evaluate import EXAMPLES_FILE
 from adaptkit.train.state import RunSummary
 
 ERROR_PREFIX = "adaptkit: error:"
@@ -107,6 +109,22 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def read_examples(run_dir: Path, metric: str, step: int) -> dict[str, Any] | None:
+    """The final evaluation's per-example scores of ``metric`` (``{"scores", "index", "keys"}``).
+
+    None when the run kept none for that metric (a loss-only task, an older run) or the file is
+    not the final evaluation's (another step: the run did not finish writing it).
+    """
+    try:
+        doc = json.loads((run_dir / EXAMPLES_FILE).read_text())
+        scores = doc["scores"][metric]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if doc.get("step") != step or not isinstance(scores, list):
+        return None
+    return {"scores": scores, "index": doc.get("index"), "keys": doc.get("keys")}
+
+
 def row_from_run(
     run_dir: Path, variant: str, seed: int, relative_to: Path, error: str | None = None
 ) -> dict[str, Any]:
@@ -129,6 +147,9 @@ def row_from_run(
     final = s.final_metrics
     train_loss = s.final_train_loss
     forgetting = s.forgetting or {}
+    evaluations = [h for h in history if "eval_loss" in h]
+    to_target = time_to_target(evaluations, s.metric, s.greater_is_better) or {}
+    final_step = evaluations[-1]["step"] if evaluations else s.steps
     row.update(
         status="finished",
         error=None,
@@ -155,5 +176,10 @@ def row_from_run(
         forgetting_measure=forgetting.get("measure"),
         saved_bytes=s.saved_bytes,
         estimate_skipped=(s.memory_plan or {}).get("estimate_skipped"),
+        # the first evaluation within 10% of the final score (report/stats.py: time_to_target)
+        steps_to_target=to_target.get("step"),
+        tokens_to_target=to_target.get("tokens"),
+        seconds_to_target=to_target.get("seconds"),
+        examples=read_examples(run_dir, s.metric, final_step),
     )
     return row

@@ -53,6 +53,6 @@ def write_plan(p: Plan, rows: list[dict[str, Any]], tuning: dict[str, Any]) -> N
         {"variant": r["variant"], "seed": r["seed"], "run_dir": r["run_dir"], "error": r.get("error")}
         for r in rows
     ]
-    write_json(
-        p.root / "comparison.json", {"name": p.name, "runs": entries, "tuning": tuning, "base": p.base}
-    )
+    index = {"name": p.name, "runs": entries, "tuning": tuning, "base": p.base}
+    index["cost_per_hour"] = p.spec.cost_per_hour  # the report prices runs offline from it
+    write_json(p.root / "comparison.json", index)

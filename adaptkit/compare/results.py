@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptkit.compare.child import row_from_run
+from adaptkit.compare.report.stats import run_cost
 from adaptkit.errors import AdaptkitError
 
 
@@ -24,6 +25,12 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         row_from_run(root / e["run_dir"], e["variant"], e["seed"], root, error=e.get("error"))
         for e in meta["runs"]
     ]
+    rate = meta.get("cost_per_hour")
+    if rate is not None:  # compare.cost_per_hour: what each run's training loop cost on the machine
+        for row in rows:
+            if row.get("status") == "finished":
+                row["cost"] = run_cost(row.get("wall_time_s"), rate)
+                row["cost_to_target"] = run_cost(row.get("seconds_to_target"), rate)
     return rows, meta
 
 
@@ -40,6 +47,8 @@ def report_meta(meta: dict[str, Any]) -> dict[str, Any]:
         out["data options"] = json.dumps(data["options"])
     for label, t in (meta.get("tuning") or {}).items():
         out[f"tuning {label}"] = f"{t['method']}: {json.dumps(t['chosen'])}"
+    if meta.get("cost_per_hour") is not None:
+        out["cost per hour"] = f"{meta['cost_per_hour']:g}"
     out["date"] = time.strftime("%Y-%m-%d %H:%M")
     return out
 

@@ -92,6 +92,12 @@ class CompareSpec(Section):
     launch: list[str] = Field(
         default_factory=list, description="arguments for `accelerate launch` used for every run"
     )
+    cost_per_hour: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="price of the machine per hour: the report adds each run's cost",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> CompareSpec:

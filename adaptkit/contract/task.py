@@ -6,7 +6,8 @@ and how to score predictions. The built-in tasks (``adaptkit_plugins.tasks``) su
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from adaptkit.errors import DataError
@@ -16,6 +17,28 @@ if TYPE_CHECKING:
 
 #: The label value that losses and metrics skip (transformers' convention).
 IGNORE = -100
+
+
+class MeanScore(float):
+    """A metric's value that also carries the score of each evaluation example it averages.
+
+    It is a float (logged, compared and written to JSON as the value alone), so a task returns it
+    wherever a metric goes: ``metrics`` and ``generation_metrics`` may return
+    ``{"accuracy": MeanScore(0.75, [1.0, 0.0, 1.0, 1.0])}``. The training loop keeps the final
+    evaluation's per-example scores beside the run's metrics; the comparison report builds its
+    confidence intervals and paired tests from them. ``examples[i]`` scores the i-th row of the
+    validation split; ``value`` defaults to their mean.
+    """
+
+    examples: tuple[float, ...]
+
+    def __new__(cls, value: float | None, examples: Sequence[float]) -> MeanScore:
+        """``value`` (None: the mean of ``examples``) carrying ``examples`` as floats."""
+        scores = tuple(float(x) for x in examples)
+        mean = math.fsum(scores) / len(scores) if scores else 0.0
+        obj = super().__new__(cls, mean if value is None else float(value))
+        obj.examples = scores
+        return obj
 
 
 class Task:

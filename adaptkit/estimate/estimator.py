@@ -17,19 +17,26 @@ the terms are reported whole.
 Measured, not assumed: ``benchmarks/estimate_accuracy.py`` compares the estimate with the peak
 resident memory of real runs. On a CPU the estimate is of live memory: what a process holds when
 freed tensors go back to the operating system at once (``set_cpu_allocator("release")``, which
-``adaptkit train`` chooses when memory is tight; otherwise it keeps freed memory for reuse, up to
-``ALLOCATOR_SLACK`` times that resident).
+``adaptkit train`` chooses when memory is tight). With freed memory kept for reuse (glibc's
+default, or ``keep``) a process holds more, up to ``HEAP_SLACK`` times the live peak
+(``Estimate.resident_with_reuse``); training keeps freed memory only where that bound fits.
 
 This module owns the ``Estimator`` class, which puts those parts together.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adaptkit.errors import ConfigError
-from adaptkit.estimate.config import checkpoint_dtype
-from adaptkit.estimate.machine import CUDA_CONTEXT_BYTES, cpu_overhead_bytes, measure_peak_tflops
+from adaptkit.estimate.config import checkpoint_dtype, source_path
+from adaptkit.estimate.machine import (
+    CUDA_CONTEXT_BYTES,
+    HEAP_SLACK,
+    cpu_overhead_bytes,
+    measure_peak_tflops,
+)
 from adaptkit.estimate.meta_pass import run_profile
 from adaptkit.estimate.prepare import Prepared, build_prepared, prepare_key
 from adaptkit.estimate.result import Estimate
@@ -93,7 +100,7 @@ class Estimator:
         frozen = sum(prep.frozen_by_dtype.values())
         activations, lora_dropout = activation_terms(profile, checkpointing)
         checkpoint_pages = self._checkpoint_pages(prep, recipe)
-        overhead = self.overhead_bytes()
+        overhead = self.overhead_bytes(recipe)
         persistent = frozen + trainable_bytes + states + checkpoint_pages + overhead
         transient, phase = self._transient_peak(prep, profile, recipe)
 
@@ -122,6 +129,7 @@ class Estimator:
             checkpoint_pages=checkpoint_pages,
             overhead=overhead,
             total=persistent + transient,
+            resident_with_reuse=int((persistent + transient) * (HEAP_SLACK if self.device == "cpu" else 1)),
             peak_phase=phase,
             frozen_by_dtype=dict(prep.frozen_by_dtype),
             activations_per_block=max(profile.blocks, default=0),
@@ -131,11 +139,15 @@ class Estimator:
             time_per_step_s=flops / (peak * 1e12) if peak else None,
         )
 
-    def overhead_bytes(self) -> int:
-        """The process baseline this estimator adds (given, the CUDA context, or the measured CPU one)."""
-        if self._overhead is None:
-            self._overhead = CUDA_CONTEXT_BYTES if self.device == "cuda" else cpu_overhead_bytes()
-        return self._overhead
+    def overhead_bytes(self, recipe: Recipe | None = None) -> int:
+        """The process baseline this estimator adds: given, the CUDA context, or the measured CPU one
+        (with ``recipe``, including its model's tokenizer where the model is a local directory)."""
+        if self._overhead is not None:
+            return self._overhead
+        if self.device == "cuda":
+            return CUDA_CONTEXT_BYTES
+        model_dir = source_path(recipe.model, self.host) if recipe is not None else None
+        return cpu_overhead_bytes(model_dir if model_dir and Path(model_dir).is_dir() else None)
 
     def peak_tflops(self, recipe: Recipe) -> float:
         """The device's matmul rate in TFLOP/s in the step's compute dtype (given, or measured once)."""

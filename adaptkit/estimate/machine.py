@@ -17,6 +17,15 @@ from adaptkit.estimate.units import MiB
 #: Not measured here: it varies with GPU, driver and CUDA version, so a typical size stands for it.
 CUDA_CONTEXT_BYTES = 512 * MiB
 
+#: How much more than its live peak a CPU training process may hold when glibc keeps freed
+#: memory in its heap (glibc's default, and adaptkit's ``keep``). torch allocates every tensor
+#: 64-byte aligned (``posix_memalign``), which asks glibc for a little more than the tensor: the
+#: hole a freed tensor leaves is then too small for the next tensor of the same size, so a step's
+#: temporaries leave holes that only smaller tensors fill. How much depends on the order of a
+#: model's operations, not on a size the estimate knows; benchmarks/README.md has the measured
+#: ratios, the largest of which (LoRA with gradient checkpointing) this bound covers.
+HEAP_SLACK = 2.0
+
 #: What a training process imports before it loads a model (its resident baseline).
 TRAINING_STACK = ("torch", "transformers", "accelerate", "datasets", "peft", "adaptkit.train.loop")
 
@@ -44,27 +53,29 @@ def measure_peak_tflops(device: str, dtype: str = "float32", seconds: float = 0.
     return best
 
 
-def cpu_overhead_bytes() -> int:
-    """Resident memory of a fresh Python process that imported the training stack.
+def cpu_overhead_bytes(model_dir: str | None = None) -> int:
+    """Resident memory of a fresh Python process that imported the training stack and, given the
+    model's directory, loaded its tokenizer as training does (a large vocabulary's tokenizer holds
+    tens of MiB; a directory without one adds nothing).
 
-    Measured once in a subprocess (it takes seconds: the imports are heavy) and cached under the
-    adaptkit cache directory, keyed by the library versions.
+    Measured once per model directory in a subprocess (it takes seconds: the imports are heavy) and
+    cached under the adaptkit cache directory, keyed by the library versions and the directory.
     """
     from adaptkit.files import cache_dir, write_json
     from adaptkit.recipe.identity import library_versions
 
-    key = json.dumps(library_versions(), sort_keys=True)
+    key = json.dumps({"versions": library_versions(), "model_dir": model_dir}, sort_keys=True)
     path = cache_dir() / "estimate" / "cpu-overhead.json"
     try:
         cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return int(cached["bytes"])
-    except (OSError, ValueError, KeyError):
-        pass
-    imports = "import " + ", ".join(TRAINING_STACK)
-    code = imports + "; import psutil; print(psutil.Process().memory_info().rss)"
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    if isinstance(cached.get(key), int):
+        return cached[key]
     res = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", _OVERHEAD_CHILD, model_dir or ""],
         capture_output=True,
         text=True,
         env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"},
@@ -75,8 +86,22 @@ def cpu_overhead_bytes() -> int:
         )
     value = int(res.stdout.strip().splitlines()[-1])
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"key": key, "bytes": value})
+    write_json(path, {**cached, key: value})
     return value
+
+
+#: The subprocess of ``cpu_overhead_bytes``: its argument is the model directory, or empty.
+_OVERHEAD_CHILD = f"""
+import sys
+import {", ".join(TRAINING_STACK)}
+if sys.argv[1]:
+    try:  # what training loads beside the weights; a model without a tokenizer has none to load
+        transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+    except Exception:
+        pass
+import psutil
+print(psutil.Process().memory_info().rss)
+"""
 
 
 def free_memory(device: Any) -> int | None:

@@ -96,6 +96,11 @@ def render(
         f"  {'peak':<{width}}{format_bytes(est.total):>12}  "
         f"({est.peak_phase}; terms are not all live at once)"
     )
+    if est.resident_with_reuse > est.total:
+        lines.append(
+            f"  {'kept for reuse':<{width}}{format_bytes(est.resident_with_reuse):>12}  "
+            "(at most, with freed memory kept for faster steps: training does so only where this fits)"
+        )
     if budget is not None:
         verdict = "fits" if est.total <= budget else "does NOT fit"
         lines.append(f"  {'device':<{width}}{format_bytes(budget):>12}  {budget_label}-> {verdict}")

@@ -24,6 +24,11 @@ class Estimate:
     memory-mapped checkpoint file is open) and ``overhead`` (CPU: the resident size of a process
     that imported the training stack; CUDA: the context). Buffers (rotary tables, position ids)
     are left out: they are a few kilobytes.
+
+    ``total`` is the live peak: what the step needs when freed memory goes back at once. On a CPU
+    ``resident_with_reuse`` bounds what the process may hold when glibc keeps freed memory for
+    reuse instead (``HEAP_SLACK`` times the total; see ``adaptkit.estimate.machine``); on a GPU
+    it is the total.
     """
 
     device: str
@@ -48,6 +53,7 @@ class Estimate:
     overhead: int
     total: int
     peak_phase: str
+    resident_with_reuse: int = 0
     frozen_by_dtype: dict[str, int] = field(default_factory=dict)
     #: the largest tensor a step allocates afresh: the logits, or a trainable weight's gradient
     largest_block: int = 0

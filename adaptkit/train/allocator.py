@@ -9,27 +9,47 @@ from __future__ import annotations
 import os
 import sys
 
-MiB = 2**20
+from adaptkit.estimate.machine import HEAP_SLACK
 
-#: How much more than the live peak a CPU run may keep resident when freed memory is kept for reuse.
-ALLOCATOR_SLACK = 1.5
+MiB = 2**20
 
 
 #: Blocks above this size glibc always serves with mmap, and unmaps when freed (64-bit Linux).
 GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 
 
+#: What each policy sets, as the environment variables glibc reads at start-up (``mallopt``
+#: sets the same at run time): ``keep`` serves every block from the heap and never trims it,
+#: ``release`` maps every block over 128 KiB (glibc's initial threshold) on its own and trims the
+#: heap down to 128 KiB.
+POLICY_SETTINGS = {
+    "keep": {"MALLOC_TRIM_THRESHOLD_": 1 << 30, "MALLOC_MMAP_MAX_": 0},
+    "release": {"MALLOC_MMAP_THRESHOLD_": 128 * 1024, "MALLOC_TRIM_THRESHOLD_": 128 * 1024},
+}
+
 #: glibc settings a user may have made: then adaptkit leaves the allocator as they set it
 #: (``GLIBC_TUNABLES`` only where it tunes malloc; containers set it for other things too).
-ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")
+
+#: ``mallopt``'s parameter numbers for those settings (glibc's malloc.h).
+_MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_MMAP_MAX_": -4}
+
+
+def choose_policy(live_peak: int, largest_block: int, budget: int) -> str | None:
+    """The policy for freed memory (``set_cpu_allocator``) of a CPU run whose estimated live peak is
+    ``live_peak`` bytes within ``budget``: ``release`` when keeping freed memory might not fit
+    (``HEAP_SLACK`` times the live peak over the budget),
+    ``keep`` when a step allocates blocks glibc would otherwise unmap (over
+    ``GLIBC_MMAP_THRESHOLD_MAX``), else None (glibc's default already keeps every block)."""
+    if live_peak * HEAP_SLACK > budget:
+        return "release"
+    return "keep" if largest_block > GLIBC_MMAP_THRESHOLD_MAX else None
 
 
 def allocator_set_by_user() -> bool:
     """Whether the environment already sets glibc's malloc (see ``ALLOCATOR_ENV``)."""
-    return bool(
-        os.environ.get("MALLOC_MMAP_THRESHOLD_")
-        or os.environ.get("MALLOC_TRIM_THRESHOLD_")
-        or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+    return any(os.environ.get(key) for key in ALLOCATOR_ENV[:-1]) or "glibc.malloc." in os.environ.get(
+        "GLIBC_TUNABLES", ""
     )
 
 
@@ -39,7 +59,7 @@ def set_cpu_allocator(policy: str) -> bool:
     By default glibc serves blocks over ``GLIBC_MMAP_THRESHOLD_MAX`` (a causal LM's logits and
     their gradients) with mmap and unmaps them when freed, so every step faults in their pages
     afresh, a sizeable part of a small model's step. ``keep`` serves every tensor from the heap
-    and keeps freed memory for the next step (mmap and trim thresholds of 1 GiB): faster steps,
+    and keeps freed memory for the next step (no mmap, a trim threshold of 1 GiB): faster steps,
     for somewhat more resident memory. ``release`` (a fixed 128 KiB mmap threshold) gives every
     tensor-sized block its own mapping, returned when freed: the process holds its live memory
     and no more, and pays a page fault on every fresh page, so steps are markedly slower than
@@ -57,11 +77,4 @@ def set_cpu_allocator(policy: str) -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
-    if policy == "release":  # 128 KiB: glibc's initial values
-        return bool(libc.mallopt(m_mmap_threshold, 128 * 1024)) & bool(
-            libc.mallopt(m_trim_threshold, 128 * 1024)
-        )
-    trim = bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    # glibc before 2.35 or so refuses an mmap threshold over 32 MiB: no mmap at all does the same
-    return trim and bool(libc.mallopt(m_mmap_threshold, 1 << 30) or libc.mallopt(m_mmap_max, 0))
+    return all(libc.mallopt(_MALLOPT[key], value) for key, value in POLICY_SETTINGS[policy].items())

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from pathlib import Path
 from typing import Any
 
+from adaptkit.files import atomic_write_bytes
 from adaptkit.train.context import Run
+
+#: Beside ``metrics.jsonl``: the per-example scores of the run's latest (at the end: final) evaluation.
+EXAMPLES_FILE = "eval_examples.json"
 
 
 def selection_metric(spec: Any, task: Any) -> tuple[str, bool]:
@@ -63,3 +70,39 @@ def evaluate(run: Run, model: Any, loader: Any) -> dict[str, float]:
             task.generation_metrics(acc.unwrap_model(model), run.processor, run.eval_rows, registered)
         )
     return metrics
+
+
+def split_examples(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Plain float metrics, and the per-example scores of those that carry them (``MeanScore``)."""
+    examples = {k: list(v.examples) for k, v in metrics.items() if getattr(v, "examples", None)}
+    return {k: float(v) for k, v in metrics.items()}, examples
+
+
+def example_keys(rows: Any) -> list[str] | None:
+    """A short digest of each validation row, so that reports can tell whether two runs scored the
+    same examples (a held-out split depends on the seed); None without the rows."""
+    if rows is None:
+        return None
+    return [
+        hashlib.sha1(json.dumps(row, sort_keys=True, default=repr).encode()).hexdigest()[:12] for row in rows
+    ]
+
+
+def write_examples(
+    run_dir: Path, step: int, examples: dict[str, list[float]], keys: list[str] | None
+) -> None:
+    """Write one evaluation's per-example scores atomically (``EXAMPLES_FILE``), replacing the last.
+
+    Only the latest evaluation is kept, so at the end of a run the file holds the final one: what
+    the report's intervals and paired tests need, at a few bytes per example. ``index`` is each
+    score's row in the validation split; ``keys`` are the rows' digests when they match in number.
+    """
+    n = len(next(iter(examples.values())))
+    doc = {
+        "step": step,
+        "index": list(range(n)),
+        "keys": keys if keys is not None and len(keys) == n else None,
+        "scores": examples,
+    }
+    # compact: one line, a few bytes per example (indentation would put each score on a line)
+    atomic_write_bytes(Path(run_dir) / EXAMPLES_FILE, json.dumps(doc, separators=(",", ":")).encode())

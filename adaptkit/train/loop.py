@@ -40,7 +40,13 @@ from adaptkit.train.checkpoint import (
     write_failures_reported,
 )
 from adaptkit.train.context import Run
-from adaptkit.train.evaluate import evaluate, selection_metric
+from adaptkit.train.evaluate import (
+    evaluate,
+    example_keys,
+    selection_metric,
+    split_examples,
+    write_examples,
+)
 from adaptkit.train.forgetting import compare as compare_forgetting
 from adaptkit.train.forgetting import measure_run_texts
 from adaptkit.train.measure import param_digest, peak_memory_mb
@@ -54,6 +60,9 @@ from adaptkit.train.setup import (
     trackers,
 )
 from adaptkit.train.state import LoopState, RunSummary
+
+#: The key of an evaluation's training seconds so far in ``metrics.jsonl``.
+PROGRESS_SECONDS = "train_seconds"
 
 
 def train(recipe: Recipe, host: PluginHost, fresh: bool = False, loaded_model: Any = None) -> dict[str, Any]:
@@ -103,6 +112,7 @@ class Loop(Prepared):
     gated: set[int] = field(default_factory=set)  # ids of pending parameters: their gradients drop
     trained: set[int] = field(default_factory=set)  # ids of what the strategies train now
     window: Window | None = None
+    row_keys: list[str] | None = None  # digests of the validation rows, computed once
     clock: tuple[float, float] = (0.0, 0.0)  # (perf_counter at start, training seconds before it)
 
     @property
@@ -328,8 +338,14 @@ class Loop(Prepared):
     def evaluate(self) -> bool:
         """Evaluate, log, track the best; True when early stopping says stop."""
         state, spec, run = self.state, self.spec, self.run
-        metrics = evaluate(run, self.model, self.eval_dl)
-        run.log_metrics({"step": state.step, "epoch": state.epoch, **metrics})
+        metrics, examples = split_examples(evaluate(run, self.model, self.eval_dl))
+        if examples and run.is_main:  # replaced at every evaluation: the final one is what stays
+            if self.row_keys is None:
+                self.row_keys = example_keys(run.eval_rows) or []
+            write_examples(run.run_dir, state.step, examples, self.row_keys or None)
+        # tokens and training seconds so far: the report's time-to-target reads them back
+        progress = {"tokens": state.tokens, PROGRESS_SECONDS: round(self.train_time(), 3)}
+        run.log_metrics({"step": state.step, "epoch": state.epoch, **progress, **metrics})
         run.notify_plugins("adaptkit_on_evaluate", step=state.step, metrics=metrics)
         key, better = selection_metric(spec, run.task)
         if key not in metrics:
@@ -409,7 +425,12 @@ class Loop(Prepared):
             strategies=[s.name for s in adapted.strategies],
             trainable_parameters=sum(parameter_count(p) for p in trained),
             total_parameters=adapted.num_total(),
-            final_metrics=next(h for h in reversed(run.history) if "eval_loss" in h),
+            # without the progress figures: seconds differ between a resumed run and a straight one
+            final_metrics={
+                k: v
+                for k, v in next(h for h in reversed(run.history) if "eval_loss" in h).items()
+                if k not in ("tokens", PROGRESS_SECONDS)
+            },
             best_metric=state.best,
             best_step=state.best_step,
             best_metrics=state.best_metrics,

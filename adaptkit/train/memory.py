@@ -23,7 +23,7 @@ from adaptkit.estimate.suggest import (
     with_micro_batch,
 )
 from adaptkit.estimate.units import MiB, format_bytes
-from adaptkit.train.allocator import ALLOCATOR_SLACK, GLIBC_MMAP_THRESHOLD_MAX, set_cpu_allocator
+from adaptkit.train.allocator import choose_policy, set_cpu_allocator
 
 if TYPE_CHECKING:
     from adaptkit.estimate.result import Estimate
@@ -160,8 +160,7 @@ def _choose_allocator(run: Any, est: Estimate, budget: int, info: dict[str, Any]
     glibc would unmap a step's blocks. A run that would not fit otherwise pays for returning
     freed memory at once.
     """
-    tight = est.total * ALLOCATOR_SLACK > budget
-    policy = "release" if tight else "keep" if est.largest_block > GLIBC_MMAP_THRESHOLD_MAX else None
+    policy = choose_policy(est.total, est.largest_block, budget)
     if policy and set_cpu_allocator(policy):
         info["allocator"] = policy
     if info.get("allocator") == "release":

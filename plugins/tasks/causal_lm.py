@@ -6,9 +6,10 @@ metric and a ``reference`` answer are answered greedily and scored (``answer_acc
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from adaptkit.contract.task import IGNORE, Task, require_columns
+from adaptkit.contract.task import IGNORE, MeanScore, Task, require_columns
 from adaptkit.errors import DataError
 
 from .generation import extract_answer, generate_texts
@@ -128,7 +129,14 @@ class CausalLM(Task):
         )
         prompts = [self.prompt_ids(row, processor) for row in split]
         answers = [extract_answer(t) for t in generate_texts(model, processor, prompts, max_new)]
-        return {"answer_accuracy": float(metrics[names[0]](answers, list(split[REFERENCE_COLUMN])))}
+        scorer, references = metrics[names[0]], list(split[REFERENCE_COLUMN])
+        value = float(scorer(answers, references))
+        # each answer scored alone: kept only when their mean is the metric itself (a metric that
+        # does not average over examples, an F1 say, has no per-example scores to keep)
+        each = [float(scorer([a], [r])) for a, r in zip(answers, references)]
+        if each and math.isclose(math.fsum(each) / len(each), value, rel_tol=1e-9, abs_tol=1e-12):
+            value = MeanScore(value, each)
+        return {"answer_accuracy": value}
 
     def encode(self, split, processor, file):
         """Token ids and labels of every row, cut to ``max_length``; a row with nothing to learn fails, naming it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adaptkit.contract.task import Task, require_columns
+from adaptkit.contract.task import MeanScore, Task, require_columns
 from adaptkit.errors import DataError
 
 from .padding import pad
@@ -53,11 +53,12 @@ class LabelledTask(Task):
         return outputs.logits.argmax(-1), batch["labels"]
 
     def metrics(self, predictions, references):
-        """Accuracy and macro-F1 over all evaluation predictions."""
+        """Accuracy (carrying each example's 1.0 or 0.0) and macro-F1 over all evaluation predictions."""
         from adaptkit_plugins.metrics import accuracy, macro_f1
 
         p, r = predictions.tolist(), references.tolist()
-        return {"accuracy": accuracy(p, r), "macro_f1": macro_f1(p, r)}
+        correct = [float(a == b) for a, b in zip(p, r)]
+        return {"accuracy": MeanScore(accuracy(p, r), correct), "macro_f1": macro_f1(p, r)}
 
 
 class Classification(LabelledTask):

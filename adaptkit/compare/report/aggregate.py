@@ -14,6 +14,8 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
+from adaptkit.compare.report.confidence import add_confidence
+
 # Numeric columns of a run, averaged over the finished seeds of a variant.
 NUMERIC_COLUMNS = (
     "trainable_parameters",
@@ -30,6 +32,11 @@ NUMERIC_COLUMNS = (
     "overfit_gap",
     "forgetting",
     "saved_bytes",
+    "steps_to_target",
+    "tokens_to_target",
+    "seconds_to_target",
+    "cost",
+    "cost_to_target",
 )
 BASELINE = "none"  # the variant that evaluates the pretrained model untouched
 
@@ -80,12 +87,16 @@ def aggregate(rows: list[dict]) -> list[dict]:
     ``pareto`` is True for a variant on the Pareto front of mean final metric (in the direction of
     ``greater_is_better``) against mean trainable parameters (fewer is better): no other variant
     is at least as good on both and better on one.
+
+    ``interval``, ``is_best`` and ``vs_best`` (the confidence interval, and the paired comparison
+    with the best variant) are set by ``confidence.add_confidence``.
     """
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(str(row.get("variant") or "?"), []).append(row)
     variants = [_summarise(name, runs) for name, runs in groups.items()]
     _add_gain_and_pareto(variants)
+    add_confidence(variants, groups, greater_is_better(variants))
     return variants
 
 

@@ -9,7 +9,8 @@ import html
 from adaptkit.compare.report.aggregate import BASELINE
 from adaptkit.compare.report.notes import column_notes, estimate_notes
 from adaptkit.compare.report.plots import PLOT_NAMES, SKIPPED_FORGETTING
-from adaptkit.compare.report.table import first_line, table_cells
+from adaptkit.compare.report.table import first_line, table_cells, target_cells
+from adaptkit.compare.report.verdict import verdict
 
 # Inline rather than linked, so the page needs no other file.
 _CSS = """
@@ -37,13 +38,18 @@ figure { margin: 0; border: 1px solid #e3e7ec; border-radius: 6px; padding: 8px;
 figure img { width: 100%; height: auto; display: block; }
 figcaption { font-size: 13px; color: #4a5561; margin-top: 4px; }
 p.skipped { color: #4a5561; font-style: italic; }
+p.verdict { font-size: 15px; background: #f3f7fb; border-left: 4px solid #3b6ea5; padding: 8px 12px; }
+td.tied { color: #6b7682; }
 """
 
 # One caption per plot, saying how to read it.
 _CAPTIONS = {
     "loss_curves": "Training (solid) and validation (dashed) loss, one seed per variant.",
-    "metric_vs_params": "Final metric against trainable parameters; error bars span ± one standard "
-    "deviation over seeds; circled points and the step line are the Pareto front.",
+    "metric_vs_params": "Final metric against trainable parameters; error bars are 95% intervals "
+    "(± one standard deviation over seeds where there is none); circled points and the step line "
+    "are the Pareto front; open squares: indistinguishable from the best.",
+    "differences_vs_best": "Each variant minus the best one, paired on the same seeds and evaluation "
+    "examples, with 95% intervals: a bar that crosses zero is within noise.",
     "memory_throughput": "Peak memory and throughput per variant (± one standard deviation over seeds).",
     "forgetting_vs_gain": "Forgetting on general text against the task gain over the untouched model.",
 }
@@ -90,7 +96,12 @@ def _html_table(variants: list[dict]) -> str:
                 f'<td class="error" colspan="{len(headers) - first_number}">{html.escape(row[-1])}</td>'
             )
         else:
-            out += [_html_cell(c, num) for c, num in zip(row[first_number:-1], numeric[first_number:-1])]
+            out += [
+                _html_cell(c, num).replace('<td class="num">', '<td class="num tied">', 1)
+                if c.endswith(" ≈")
+                else _html_cell(c, num)
+                for c, num in zip(row[first_number:-1], numeric[first_number:-1])
+            ]
             status = (
                 "ok" if not v["n_failed"] else f"{v['n_failed']} of {v['n_ok'] + v['n_failed']} seeds failed"
             )
@@ -98,6 +109,23 @@ def _html_table(variants: list[dict]) -> str:
         out.append("</tr>")
     out.append("</tbody></table>")
     return "".join(out)
+
+
+def _target_table(variants: list[dict]) -> list[str]:
+    """The time-and-cost table as HTML, under its heading; nothing when no run recorded one."""
+    targets = target_cells(variants)
+    if not targets:
+        return []
+    headers, cells = targets
+    head = "".join(f'<th class="num">{html.escape(h)}</th>' for h in headers[1:])
+    body = "".join(
+        f"<tr><td>{html.escape(row[0])}</td>" + "".join(_html_cell(c, True) for c in row[1:]) + "</tr>"
+        for row in cells
+    )
+    return [
+        '<h2>Time and cost to 90% of the final score</h2><div class="scroll"><table><thead><tr>'
+        f"<th>{html.escape(headers[0])}</th>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+    ]
 
 
 def html_page(title: str, meta: dict, variants: list[dict], plots: dict[str, bytes]) -> str:
@@ -117,18 +145,21 @@ def html_page(title: str, meta: dict, variants: list[dict], plots: dict[str, byt
             + "</dl>"
         )
     legend = [
-        '<span class="star">&#9733;</span> on the Pareto front of final metric vs trainable parameters.'
+        '<span class="star">&#9733;</span> on the Pareto front of final metric vs trainable parameters.',
+        "≈ in vs best: within noise of the best variant (the 95% interval of the difference contains zero).",
     ]
     if any(not v["n_ok"] for v in variants):
         legend.append("Red rows failed on every seed.")
     if any(v["variant"] == BASELINE for v in variants):
         legend.append("Italic: the untouched pretrained model.")
+    out.append(f'<p class="verdict">{e(" ".join(verdict(variants)))}</p>')
     out += [
         '<h2>Results</h2><div class="scroll">',
         _html_table(variants),
         "</div>",
         f'<p class="legend">{" ".join(legend)}</p>',
     ]
+    out += _target_table(variants)
     failures = [(v["variant"], err) for v in variants for err in v["errors"]]
     if failures:
         out.append('<h2>Failures</h2><ul class="notes">')

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 from adaptkit.compare.report.notes import column_notes, estimate_notes
 from adaptkit.compare.report.plots import PLOT_NAMES, SKIPPED_FORGETTING
-from adaptkit.compare.report.table import first_line, markdown_table
+from adaptkit.compare.report.table import first_line, markdown_grid, markdown_table, target_cells
+from adaptkit.compare.report.verdict import verdict
 
 
 def markdown_page(title: str, meta: dict, variants: list[dict], plots: dict[str, bytes]) -> str:
     """The Markdown report; plots are linked as ``plots/<name>.png`` beside it, not embedded."""
     lines = [f"# {title}", ""]
     lines += [f"- **{k}**: {v}" for k, v in meta.items()]
-    lines += ["", "## Results", "", markdown_table(variants), ""]
+    lines += ["", "## Verdict", "", " ".join(verdict(variants)), ""]
+    lines += ["## Results", "", markdown_table(variants), ""]
+    targets = target_cells(variants)
+    if targets:
+        headers, cells = targets
+        numeric = [False] + [True] * (len(headers) - 1)
+        lines += [
+            "## Time and cost to 90% of the final score",
+            "",
+            markdown_grid(headers, cells, numeric),
+            "",
+        ]
     failures = [(v["variant"], e) for v in variants for e in v["errors"]]
     if failures:
         lines += ["## Failures", ""]

@@ -55,7 +55,42 @@ def column_notes(variants: list[dict]) -> list[str]:
         "the variant forgot some of what the base model knew"
         + (f" (measured as: {'; '.join(measures)})." if measures else "."),
         "saved: size on disk of what the variant saves (an adapter, a head, or all weights).",
+        *confidence_notes(variants),
     ]
+
+
+def confidence_notes(variants: list[dict]) -> list[str]:
+    """How the intervals, the paired comparison and the time to target are computed."""
+    metric = metric_name(variants)
+    notes = [
+        f"95% interval: where the variant's mean {metric} would fall with other evaluation examples and "
+        "other seeds. A bootstrap (2,000 seeded replicates) resamples the seeds, then the final "
+        "evaluation's examples within each; with one seed it covers the evaluation sample only; runs "
+        "without per-example scores get a t interval over seeds (two seeds at least). With two or "
+        "three seeds the seed part of the interval is itself rough.",
+        "vs best: the variant's mean minus the best variant's, paired on the same seeds and evaluation "
+        "examples, with its 95% bootstrap interval; ≈ marks an interval that contains zero (the two "
+        "are indistinguishable on these runs). Each variant is compared with the best one only; the "
+        "best is picked by its mean, so a near tie for first place may swap between reruns.",
+    ]
+    pairs = [v["vs_best"] for v in variants if v.get("vs_best")]
+    if any(p.get("mcnemar_p") is not None for p in pairs):
+        notes.append(
+            "McNemar: the exact two-sided test on the examples that exactly one of the two variants "
+            "got right (pooled over the shared seeds), in results.json and variants.csv."
+        )
+    if any(v.get("steps_to_target_mean") is not None for v in variants):
+        notes.append(
+            f"to 90%: the first evaluation at which a run's {metric} was within 10% of its own final "
+            "value (steps, tokens and training seconds; mean over seeds); it can only be as fine as "
+            "the evaluations were frequent."
+        )
+    if any(v.get("cost_mean") is not None for v in variants):
+        notes.append(
+            "cost: compare.cost_per_hour times the training loop's wall time (loading and the final "
+            "evaluation not included); cost to 90%: the same for the time to target."
+        )
+    return notes
 
 
 def estimate_notes(variants: list[dict]) -> list[str]:

@@ -21,7 +21,13 @@ from adaptkit.compare.report.aggregate import (
 from adaptkit.compare.report.notes import MEMORY_KINDS
 
 # The plots in the order the report shows them; each is written as plots/<name>.png.
-PLOT_NAMES = ("loss_curves", "metric_vs_params", "memory_throughput", "forgetting_vs_gain")
+PLOT_NAMES = (
+    "loss_curves",
+    "metric_vs_params",
+    "differences_vs_best",
+    "memory_throughput",
+    "forgetting_vs_gain",
+)
 SKIPPED_FORGETTING = "Forgetting vs gain plot skipped: no finished variant has a forgetting measurement."
 # matplotlib's default colour cycle: one colour per variant, the same in every plot.
 _PALETTE = (
@@ -117,17 +123,7 @@ def _plot_metric_vs_params(
         (v for v in scored if v["trainable_parameters_mean"] > 0),
         key=lambda v: v["trainable_parameters_mean"],
     )
-    for v in on_log:
-        ax.errorbar(
-            [v["trainable_parameters_mean"]],
-            [v["final_metric_mean"]],
-            yerr=[v["final_metric_std"] or 0.0],
-            fmt="o",
-            color=colour[v["variant"]],
-            capsize=4,
-            markersize=6,
-            zorder=3,
-        )
+    _plot_points(ax, on_log, colour)
     _label_points(
         ax,
         [
@@ -135,21 +131,7 @@ def _plot_metric_vs_params(
             for v in on_log
         ],
     )
-    front = [v for v in on_log if v["pareto"]]
-    if front:
-        xs, ys = [v["trainable_parameters_mean"] for v in front], [v["final_metric_mean"] for v in front]
-        # a staircase: with at most x trainable parameters, the best metric reached so far
-        ax.plot(
-            xs,
-            ys,
-            drawstyle="steps-post",
-            color="black",
-            alpha=0.6,
-            linewidth=1.2,
-            zorder=2,
-            label="Pareto front",
-        )
-        ax.scatter(xs, ys, s=150, facecolors="none", edgecolors="black", linewidths=1.2, zorder=4)
+    front = _plot_front(ax, on_log)
     # zero trainable parameters (the untouched model) has no place on a log axis: a reference line instead
     for v in scored:
         if v["trainable_parameters_mean"] <= 0:
@@ -175,6 +157,91 @@ def _plot_metric_vs_params(
         ax.text(
             0.5, 0.5, "no finished variant with a metric", ha="center", va="center", transform=ax.transAxes
         )
+
+
+def _plot_points(ax: Any, on_log: list[dict], colour: dict[str, str]) -> None:
+    """Each variant's mean with its interval; a dashed square marks one within noise of the best."""
+    for v in on_log:
+        ax.errorbar(
+            [v["trainable_parameters_mean"]],
+            [v["final_metric_mean"]],
+            yerr=_metric_error(v),
+            fmt="o",
+            color=colour[v["variant"]],
+            capsize=4,
+            markersize=6,
+            zorder=3,
+        )
+        if v.get("vs_best") and not v["vs_best"]["distinguishable"]:  # within noise of the best
+            ax.scatter(
+                [v["trainable_parameters_mean"]],
+                [v["final_metric_mean"]],
+                s=220,
+                marker="s",
+                facecolors="none",
+                edgecolors=colour[v["variant"]],
+                linestyles="--",
+                zorder=4,
+            )
+
+
+def _plot_front(ax: Any, on_log: list[dict]) -> list[dict]:
+    """The Pareto front as a staircase with its points circled; returns the variants on it."""
+    front = [v for v in on_log if v["pareto"]]
+    if front:
+        xs, ys = [v["trainable_parameters_mean"] for v in front], [v["final_metric_mean"] for v in front]
+        # a staircase: with at most x trainable parameters, the best metric reached so far
+        ax.plot(
+            xs,
+            ys,
+            drawstyle="steps-post",
+            color="black",
+            alpha=0.6,
+            linewidth=1.2,
+            zorder=2,
+            label="Pareto front",
+        )
+        ax.scatter(xs, ys, s=150, facecolors="none", edgecolors="black", linewidths=1.2, zorder=4)
+    return front
+
+
+def _metric_error(v: dict) -> list[list[float]]:
+    """Error bar lengths below and above the mean: the 95% interval, else ± one standard deviation."""
+    ci, mean = v.get("interval"), v["final_metric_mean"]
+    if ci:
+        return [[max(mean - ci["low"], 0.0)], [max(ci["high"] - mean, 0.0)]]
+    std = v["final_metric_std"] or 0.0
+    return [[std], [std]]
+
+
+def _plot_differences(fig: Any, compared: list[dict], colour: dict[str, str], metric: str) -> None:
+    """Each variant minus the best, with its paired 95% interval, one row per variant; zero marked."""
+    ax = fig.add_subplot()
+    best = compared[0]["vs_best"]["best"]
+    for y, v in enumerate(compared):
+        pair = v["vs_best"]
+        ax.errorbar(
+            [pair["difference"]],
+            [y],
+            xerr=[
+                [max(pair["difference"] - pair["low"], 0.0)],
+                [max(pair["high"] - pair["difference"], 0.0)],
+            ],
+            fmt="o" if pair["distinguishable"] else "s",
+            mfc=colour[v["variant"]] if pair["distinguishable"] else "white",
+            color=colour[v["variant"]],
+            capsize=4,
+            markersize=6,
+        )
+    ax.axvline(0, color="black", linewidth=1)
+    ax.set_yticks(range(len(compared)), [v["variant"] for v in compared])
+    ax.invert_yaxis()
+    ax.set(
+        title=f"{metric}: difference from {best} (95% intervals; open: within noise)",
+        xlabel=f"{metric} minus {best}'s",
+    )
+    ax.grid(axis="x", alpha=0.3)
+    ax.margins(y=0.2)
 
 
 def _plot_memory_throughput(fig: Any, ok: list[dict], colour: dict[str, str], tp: str) -> None:
@@ -253,6 +320,9 @@ def draw_plots(variants: list[dict], runs: list[dict]) -> dict[str, bytes]:
 
     plots["loss_curves"] = figure(_plot_loss_curves, ok, runs, colour)
     plots["metric_vs_params"] = figure(_plot_metric_vs_params, ok, colour, metric, higher)
+    compared = [v for v in ok if v.get("vs_best")]
+    if compared:
+        plots["differences_vs_best"] = figure(_plot_differences, compared, colour, metric)
     plots["memory_throughput"] = figure(_plot_memory_throughput, ok, colour, throughput_key(variants))
     # without a 'none' result there is no gain: forgetting is then set against the final metric itself
     xkey = "gain_over_none" if any(v["gain_over_none"] is not None for v in ok) else "final_metric_mean"

@@ -91,6 +91,8 @@ def table_cells(variants: list[dict]) -> tuple[list[str], list[list[str]], list[
         (tp.replace("_per_s", "/s"), True, lambda v: _fixed(v[f"{tp}_mean"], 1)),
         (f"{metric} {arrow}", True, lambda v: _fmt(v["final_metric_mean"], v["final_metric_std"], v["n_ok"])),
         (f"best {metric}", True, lambda v: _fmt(v["best_metric_mean"], v["best_metric_std"], v["n_ok"])),
+        ("95% interval", True, _interval_cell),
+        ("vs best", True, _vs_best_cell),
     ]
     if has_baseline(variants):
         columns.append(("vs none", True, lambda v: _fmt(v["gain_over_none"], signed=True)))
@@ -104,6 +106,47 @@ def table_cells(variants: list[dict]) -> tuple[list[str], list[list[str]], list[
     headers = [c[0] for c in columns]
     cells = [[c[2](v) for c in columns] for v in variants]
     return headers, cells, [c[1] for c in columns]
+
+
+def _interval_cell(v: dict) -> str:
+    """``low – high`` of the variant's 95% interval (seeds and evaluation examples); ``-`` without one."""
+    ci = v.get("interval")
+    if not ci:
+        return "-"
+    d = _decimals(ci["mean"])
+    return f"{ci['low']:.{d}f} – {ci['high']:.{d}f}"
+
+
+def _vs_best_cell(v: dict) -> str:
+    """``best``, or the paired difference from the best with its interval, ``≈`` when within noise."""
+    if v.get("is_best"):
+        return "best"
+    pair = v.get("vs_best")
+    if not pair:
+        return "-"
+    d = _decimals(pair["difference"])
+    text = f"{pair['difference']:+.{d}f} [{pair['low']:+.{d}f}, {pair['high']:+.{d}f}]"
+    return text if pair["distinguishable"] else text + " ≈"
+
+
+def target_cells(variants: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """The time-and-cost table: per variant, the mean steps, tokens and training seconds its runs
+    needed to reach 90% of their final score, and their cost when the comparison has a price per
+    hour; None when no run recorded a time to target."""
+    if all(v.get("steps_to_target_mean") is None for v in variants):
+        return None
+    columns: list[tuple[str, Any]] = [
+        ("variant", lambda v: v["variant"]),
+        ("steps to 90%", lambda v: _fixed(v.get("steps_to_target_mean"), 0)),
+        ("tokens to 90%", lambda v: humanize_count(v.get("tokens_to_target_mean"))),
+        ("seconds to 90%", lambda v: _fixed(v.get("seconds_to_target_mean"), 1)),
+    ]
+    if any(v.get("cost_mean") is not None for v in variants):
+        columns += [
+            ("cost per run", lambda v: _fixed(v.get("cost_mean"), 4)),
+            ("cost to 90%", lambda v: _fixed(v.get("cost_to_target_mean"), 4)),
+        ]
+    return [c[0] for c in columns], [[c[1](v) for c in columns] for v in variants if v["n_ok"]]
 
 
 def _trainable_cell(v: dict) -> str:
@@ -136,6 +179,11 @@ def format_table(rows: list[dict]) -> str:
 def markdown_table(variants: list[dict]) -> str:
     """The table in Markdown, numeric columns right-aligned; ``|`` and line breaks in cells escaped."""
     headers, cells, numeric = table_cells(variants)
+    return markdown_grid(headers, cells, numeric)
+
+
+def markdown_grid(headers: list[str], cells: list[list[str]], numeric: list[bool]) -> str:
+    """Any table in Markdown: numeric columns right-aligned, ``|`` and line breaks in cells escaped."""
 
     def esc(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")

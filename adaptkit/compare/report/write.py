@@ -16,6 +16,7 @@ from adaptkit.compare.report.aggregate import NUMERIC_COLUMNS, aggregate
 from adaptkit.compare.report.html_page import html_page
 from adaptkit.compare.report.markdown_page import markdown_page
 from adaptkit.compare.report.plots import PLOT_NAMES, draw_plots
+from adaptkit.compare.report.verdict import verdict
 
 # Columns of results.csv, in order; keys a row has beyond these are appended after them.
 CSV_COLUMNS = (
@@ -30,6 +31,35 @@ CSV_COLUMNS = (
     "memory_kind",
     "forgetting_measure",
     "run_dir",
+)
+# Keys of a run left out of results.json and results.csv: the per-example scores stay in the run
+# directories (eval_examples.json), where the report reads them; here they would dwarf the rest.
+BULKY = ("curves", "examples")
+# Columns of variants.csv: one row per variant, its interval and its paired comparison with the best.
+VARIANT_COLUMNS = (
+    "variant",
+    "n_ok",
+    "n_failed",
+    "metric",
+    "final_metric_mean",
+    "final_metric_std",
+    "ci_low",
+    "ci_high",
+    "ci_method",
+    "is_best",
+    "vs_best",
+    "difference",
+    "difference_low",
+    "difference_high",
+    "distinguishable",
+    "mcnemar_p",
+    "seeds_needed",
+    "examples_needed",
+    "steps_to_target_mean",
+    "tokens_to_target_mean",
+    "seconds_to_target_mean",
+    "cost_mean",
+    "cost_to_target_mean",
 )
 
 
@@ -60,7 +90,7 @@ def _json_safe(value: Any) -> Any:
 
 def _csv_text(rows: list[dict]) -> str:
     """One line per run; lists and mappings (other than the strategies) as JSON text in their cell."""
-    extra = sorted({k for r in rows for k in r if k not in CSV_COLUMNS and k != "curves"})
+    extra = sorted({k for r in rows for k in r if k not in CSV_COLUMNS and k not in BULKY})
     columns = [*CSV_COLUMNS, *extra]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -78,12 +108,45 @@ def _csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _variant_record(v: dict) -> dict[str, Any]:
+    """One line of variants.csv: the summary's interval and paired comparison, flattened."""
+    ci, pair = v.get("interval") or {}, v.get("vs_best") or {}
+    record = {k: v.get(k) for k in VARIANT_COLUMNS}
+    record.update(
+        ci_low=ci.get("low"),
+        ci_high=ci.get("high"),
+        ci_method=ci.get("method"),
+        vs_best=pair.get("best"),
+        difference=pair.get("difference"),
+        difference_low=pair.get("low"),
+        difference_high=pair.get("high"),
+        distinguishable=pair.get("distinguishable"),
+        mcnemar_p=pair.get("mcnemar_p"),
+        seeds_needed=pair.get("seeds_needed"),
+        examples_needed=pair.get("examples_needed"),
+    )
+    return record
+
+
+def _variants_csv(variants: list[dict]) -> str:
+    """One line per variant (VARIANT_COLUMNS); empty cells for what is unknown."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(VARIANT_COLUMNS)
+    for v in variants:
+        record = _json_safe(_variant_record(v))
+        writer.writerow(["" if record[c] is None else record[c] for c in VARIANT_COLUMNS])
+    return buf.getvalue()
+
+
 def write_report_files(out_dir: str | Path, rows: list[dict], title: str, meta: dict) -> dict[str, Path]:
     """Write the comparison report into ``out_dir``; return every file written, by relative name.
 
-    Files: ``results.json`` (``title``, ``meta``, ``runs`` as given, ``variants`` from
-    ``aggregate``; non-finite numbers written as null), ``results.csv`` (one row per run, curves
-    left out, strategies joined with ``+``), ``plots/<name>.png``, ``report.md`` and the
+    Files: ``results.json`` (``title``, ``meta``, the ``verdict`` sentences, ``runs`` as given but
+    for their per-example scores, ``variants`` from ``aggregate``; non-finite numbers written as
+    null), ``results.csv`` (one row per run, curves and per-example scores left out, strategies
+    joined with ``+``), ``variants.csv`` (one row per variant: interval, paired comparison with the
+    best, time and cost to target), ``plots/<name>.png``, ``report.md`` and the
     self-contained ``report.html``. ``plots/forgetting_vs_gain.png`` is only drawn when some
     variant measured forgetting; a stale one from an earlier report is removed. Each file is
     written atomically, so a reader never sees half of one.
@@ -97,9 +160,11 @@ def write_report_files(out_dir: str | Path, rows: list[dict], title: str, meta: 
         _atomic_write(out_dir / name, data)
         written[name] = out_dir / name
 
-    doc = {"title": title, "meta": meta, "runs": rows, "variants": variants}
+    runs = [{k: v for k, v in r.items() if k != "examples"} for r in rows]
+    doc = {"title": title, "meta": meta, "verdict": verdict(variants), "runs": runs, "variants": variants}
     put("results.json", (json.dumps(_json_safe(doc), indent=2, allow_nan=False, default=str) + "\n").encode())
     put("results.csv", _csv_text(rows).encode())
+    put("variants.csv", _variants_csv(variants).encode())
     for name in PLOT_NAMES:
         if name in plots:
             put(f"plots/{name}.png", plots[name])
