@@ -237,7 +237,7 @@ def _plot_differences(fig: Any, compared: list[dict], colour: dict[str, str], me
     ax.set_yticks(range(len(compared)), [v["variant"] for v in compared])
     ax.invert_yaxis()
     ax.set(
-        title=f"{metric}: difference from {best} (95% intervals; open: within noise)",
+        title=f"{metric} minus {best}'s\n(95% intervals; open markers: within noise)",
         xlabel=f"{metric} minus {best}'s",
     )
     ax.grid(axis="x", alpha=0.3)
