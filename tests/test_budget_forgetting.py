@@ -45,6 +45,13 @@ def run(
     return train_run(load_recipe(path, host=host), host, fresh=True)
 
 
+def write_lm_text(workdir) -> None:
+    """Text far from general prose (``lm.jsonl``): training on it makes a model forget."""
+    with open(workdir / "lm.jsonl", "w") as f:
+        for _i in range(64):
+            f.write(json.dumps({"text": "good great fine nice fun " * 3}) + "\n")
+
+
 def test_token_budget_stops_training_once_spent(workdir, host):
     summary = run(workdir, host, "[full]", "epochs: 5, micro_batch_size: 8, max_tokens: 200")
     rows = [json.loads(x) for x in (workdir / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -109,9 +116,7 @@ def test_general_texts_are_prose_from_python_docs(tmp_path):
 
 def test_forgetting_is_zero_for_an_untouched_model_and_grows_with_training(workdir, host):
     """LM loss on general text: exactly the same before and after `none`; up after full training on other text."""
-    with open(workdir / "lm.jsonl", "w") as f:
-        for _i in range(64):
-            f.write(json.dumps({"text": "good great fine nice fun " * 3}) + "\n")
+    write_lm_text(workdir)
     untouched = run(
         workdir,
         host,
@@ -137,3 +142,33 @@ def test_forgetting_is_zero_for_an_untouched_model_and_grows_with_training(workd
 
 def test_measure_skips_models_without_a_tokenizer():
     assert measure(object(), object(), ["text"], 16, causal=True) is None
+
+
+def test_forgetting_at_every_evaluation_ends_at_the_runs_own(workdir, host):
+    """``forgetting.every_evaluation`` logs the forgetting of each evaluation's model; the last
+    one is the run's final forgetting, measured on the same weights, and it grows as full
+    training on other text goes on."""
+    write_lm_text(workdir)
+    summary = run(
+        workdir,
+        host,
+        "[full]",
+        "max_steps: 6, eval_every: 2, save_every: 2, keep_checkpoints: 2, lr: 1.0e-2",
+        extra="forgetting: {max_texts: 4, max_length: 24, every_evaluation: true}",
+        model="gpt2",
+        task="language_modeling",
+    )
+    lines = (workdir / "runs" / "r" / "metrics.jsonl").read_text().splitlines()
+    evaluations = [e for e in map(json.loads, lines) if "eval_loss" in e]
+    assert [e["step"] for e in evaluations] == [2, 4, 6]
+    forgetting = [e["forgetting"] for e in evaluations]
+    assert forgetting[-1] == pytest.approx(summary["forgetting"]["value"], abs=1e-6)
+    assert 0 < forgetting[0] < forgetting[-1], forgetting
+    assert "forgetting" not in summary["final_metrics"]  # the summary has its own, for the final model
+    # what the comparison report reads back for the balanced checkpoint
+    from adaptkit.compare.child import row_from_run
+
+    row = row_from_run(workdir / "runs" / "r", "full", 0, workdir)
+    assert [h["step"] for h in row["forgetting_history"]] == [2, 4, 6]
+    assert [h["forgetting"] for h in row["forgetting_history"]] == forgetting
+    assert row["checkpoint_steps"] == [4, 6]  # the two kept

@@ -261,3 +261,94 @@ def test_verdict_without_per_example_scores_or_with_one_variant():
     assert by["a"]["vs_best"]["high"] == pytest.approx(-0.295 + 12.706 * 0.005, rel=1e-3)
     assert verdict(list(by.values()))[1] == "a is clearly behind b."
     assert verdict(aggregate([])) == ["No variant finished, so there is nothing to compare."]
+
+
+# -- balanced checkpoints ----------------------------------------------------------------------
+
+
+def test_balanced_checkpoint_is_the_best_gain_per_unit_of_forgetting():
+    from adaptkit.compare.report.balanced import balanced_step
+
+    history = [
+        {"step": 10, "score": 0.55, "forgetting": 0.10},  # gain 0.05: 0.5 per unit
+        {"step": 20, "score": 0.70, "forgetting": 0.05},  # gain 0.20: 4.0 per unit (the best)
+        {"step": 30, "score": 0.80, "forgetting": 0.30},  # gain 0.30: 1.0 per unit (the final)
+        {"step": 40, "score": 0.45, "forgetting": 0.00},  # no gain: never chosen
+    ]
+    found = balanced_step(history, reference=0.5, greater_is_better=True)
+    assert found["step"] == 20 and found["gain"] == pytest.approx(0.2)
+    assert found["gain_per_forgetting"] == pytest.approx(4.0)
+    # an evaluation that forgot nothing and gained beats every ratio
+    calm = [*history, {"step": 50, "score": 0.52, "forgetting": -0.01}]
+    assert balanced_step(calm, 0.5, True)["step"] == 50
+    assert balanced_step(calm, 0.5, True)["gain_per_forgetting"] is None
+    # a loss: lower is better, gain is the reference minus the score
+    losses = [{"step": 1, "score": 1.8, "forgetting": 0.2}, {"step": 2, "score": 1.2, "forgetting": 0.2}]
+    assert balanced_step(losses, 2.0, greater_is_better=False)["step"] == 2
+    assert balanced_step(history[3:], 0.5, True) is None  # nothing gained
+
+
+def test_the_report_names_each_runs_balanced_checkpoint(tmp_path):
+    from adaptkit.compare.report.write import write_report_files
+
+    def row(variant, seed, final, history, kept):
+        return {
+            "variant": variant,
+            "seed": seed,
+            "status": "finished",
+            "strategies": [variant],
+            "trainable_parameters": 10,
+            "total_parameters": 100,
+            "metric": "accuracy",
+            "greater_is_better": True,
+            "final_metric": final,
+            "run_dir": f"runs/{variant}-s{seed}",
+            "forgetting_history": history,
+            "checkpoint_steps": kept,
+        }
+
+    lora = [{"step": 10, "score": 0.7, "forgetting": 0.02}, {"step": 20, "score": 0.8, "forgetting": 0.2}]
+    rows = [row("none", 0, 0.5, [], []), row("lora", 0, 0.8, lora, [10, 20]), row("full", 0, 0.8, lora, [20])]
+    variants = aggregate(rows)
+    by_name = {v["variant"]: v for v in variants}
+    assert [b["step"] for b in by_name["lora"]["balanced"]] == [10]  # 10 per unit against 1.5
+    assert (
+        by_name["lora"]["balanced"][0]["checkpoint_kept"]
+        and not by_name["full"]["balanced"][0]["checkpoint_kept"]
+    )
+    assert by_name["none"]["balanced"] == []
+    write_report_files(tmp_path, rows, "t", {})
+    md = (tmp_path / "report.md").read_text()
+    assert "## Balanced checkpoints" in md
+    assert "| lora | 0 | 10 |" in md and "| kept |" in md and "| not kept |" in md
+    assert "Balanced checkpoints" in (tmp_path / "report.html").read_text()
+
+
+def test_variants_off_the_front_within_noise_of_a_front_variant_are_marked():
+    """B has ten times A's parameters and one answer fewer right on the same 200 examples: beaten
+    on both axes, but not by a margin the runs can show; C is clearly behind. A is on the front."""
+    rng = np.random.default_rng(0)
+    a = (rng.random(200) < 0.8).astype(float)
+    b = a.copy()
+    b[np.flatnonzero(a)[0]] = 0.0  # one answer fewer right
+    c = (rng.random(200) < 0.3).astype(float)
+
+    def row(variant, params, scores):
+        return {
+            "variant": variant,
+            "seed": 0,
+            "status": "finished",
+            "strategies": [variant],
+            "trainable_parameters": params,
+            "total_parameters": 1000,
+            "metric": "accuracy",
+            "greater_is_better": True,
+            "final_metric": float(scores.mean()),
+            "examples": {"scores": scores.tolist(), "index": list(range(200)), "keys": None},
+        }
+
+    variants = {v["variant"]: v for v in aggregate([row("A", 10, a), row("B", 100, b), row("C", 100, c)])}
+    assert variants["A"]["pareto"] and not variants["B"]["pareto"] and not variants["C"]["pareto"]
+    assert variants["B"]["within_noise_of_front"] == "A"
+    assert variants["C"]["within_noise_of_front"] is None
+    assert variants["A"]["within_noise_of_front"] is None

@@ -181,5 +181,22 @@ def row_from_run(
         tokens_to_target=to_target.get("tokens"),
         seconds_to_target=to_target.get("seconds"),
         examples=read_examples(run_dir, s.metric, final_step),
+        # forgetting at every evaluation (forgetting.every_evaluation): the balanced checkpoint
+        forgetting_history=[
+            {"step": e["step"], "score": e.get(s.metric), "forgetting": e["forgetting"]}
+            for e in evaluations
+            if "forgetting" in e
+        ],
+        checkpoint_steps=kept_checkpoint_steps(run_dir),
     )
     return row
+
+
+def kept_checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of the checkpoints a run still keeps (``checkpoints/step-NNNNNNNN``)."""
+    steps = []
+    for path in (run_dir / "checkpoints").glob("step-*"):
+        suffix = path.name.removeprefix("step-")
+        if path.is_dir() and suffix.isdigit():
+            steps.append(int(suffix))
+    return sorted(steps)

@@ -206,6 +206,11 @@ class ForgettingSpec(Section):
     )
     max_texts: int = Field(16, ge=1, description="paragraphs to measure on")
     max_length: int = Field(64, ge=8, description="tokens per paragraph")
+    every_evaluation: bool = Field(
+        False,
+        description="measure it at every evaluation too (costs time): the comparison report then "
+        "names each run's checkpoint with the best task gain per unit of forgetting",
+    )
 
 
 class Recipe(Section):

@@ -345,6 +345,9 @@ class Loop(Prepared):
             write_examples(run.run_dir, state.step, examples, self.row_keys or None)
         # tokens and training seconds so far: the report's time-to-target reads them back
         progress = {"tokens": state.tokens, PROGRESS_SECONDS: round(self.train_time(), 3)}
+        progress |= (
+            self.forgetting_now() if run.recipe.forgetting and run.recipe.forgetting.every_evaluation else {}
+        )
         run.log_metrics({"step": state.step, "epoch": state.epoch, **progress, **metrics})
         run.notify_plugins("adaptkit_on_evaluate", step=state.step, metrics=metrics)
         key, better = selection_metric(spec, run.task)
@@ -352,6 +355,19 @@ class Loop(Prepared):
             key, better = "eval_loss", False
         state.track(metrics[key], better, metrics)
         return spec.early_stopping_patience is not None and state.bad_evals >= spec.early_stopping_patience
+
+    def forgetting_now(self) -> dict[str, float]:
+        """``{"forgetting": value}`` of the model as it is now (on every rank, as at the end of a
+        run); empty where the run measures none."""
+        run = self.run
+        if run.forgetting_base is None:
+            return {}
+        after = measure_run_texts(run, self.acc.unwrap_model(self.model), run.processor, run.task)
+        return {
+            "forgetting": compare_forgetting(run.forgetting_base, after, run.recipe.forgetting.source)[
+                "value"
+            ]
+        }
 
     def save_checkpoint(self) -> None:
         """Write a checkpoint atomically (every rank its RNG, the main process the rest); rotate old ones."""
@@ -425,11 +441,12 @@ class Loop(Prepared):
             strategies=[s.name for s in adapted.strategies],
             trainable_parameters=sum(parameter_count(p) for p in trained),
             total_parameters=adapted.num_total(),
-            # without the progress figures: seconds differ between a resumed run and a straight one
+            # without the progress figures (seconds differ between a resumed run and a straight
+            # one) and the forgetting of an evaluation, which the summary has for the final model
             final_metrics={
                 k: v
                 for k, v in next(h for h in reversed(run.history) if "eval_loss" in h).items()
-                if k not in ("tokens", PROGRESS_SECONDS)
+                if k not in ("tokens", PROGRESS_SECONDS, "forgetting")
             },
             best_metric=state.best,
             best_step=state.best_step,

@@ -14,7 +14,8 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from adaptkit.compare.report.confidence import add_confidence
+from adaptkit.compare.report.balanced import add_balanced
+from adaptkit.compare.report.confidence import add_confidence, add_front_noise
 
 # Numeric columns of a run, averaged over the finished seeds of a variant.
 NUMERIC_COLUMNS = (
@@ -76,20 +77,22 @@ def _strategy_names(value: Any) -> list[str]:
 def aggregate(rows: list[dict]) -> list[dict]:
     """Summarise runs per variant, in the order variants first appear.
 
-    Each dict holds ``variant``, ``strategies``, ``seeds`` (every seed, failed ones included),
-    ``n_ok`` / ``n_failed``, ``errors`` (``{"seed", "error"}`` per failed seed), the metric's
-    ``metric`` name, ``greater_is_better``, ``memory_kind`` and ``forgetting_measure``, and for
-    each column of ``NUMERIC_COLUMNS`` its ``<column>_mean`` and ``<column>_std`` over the
-    finished seeds that have a value (sample standard deviation; 0.0 for one value; None for none).
+        Each dict holds ``variant``, ``strategies``, ``seeds`` (every seed, failed ones included),
+        ``n_ok`` / ``n_failed``, ``errors`` (``{"seed", "error"}`` per failed seed), the metric's
+        ``metric`` name, ``greater_is_better``, ``memory_kind`` and ``forgetting_measure``, and for
+        each column of ``NUMERIC_COLUMNS`` its ``<column>_mean`` and ``<column>_std`` over the
+        finished seeds that have a value (sample standard deviation; 0.0 for one value; None for none).
 
-    ``gain_over_none`` is the mean ``final_metric`` minus that of the ``none`` variant (the raw
-    difference: negative is an improvement when lower is better), None without a ``none`` result.
-    ``pareto`` is True for a variant on the Pareto front of mean final metric (in the direction of
-    ``greater_is_better``) against mean trainable parameters (fewer is better): no other variant
-    is at least as good on both and better on one.
+        ``gain_over_none`` is the mean ``final_metric`` minus that of the ``none`` variant (the raw
+        difference: negative is an improvement when lower is better), None without a ``none`` result.
+        ``pareto`` is True for a variant on the Pareto front of mean final metric (in the direction of
+        ``greater_is_better``) against mean trainable parameters (fewer is better): no other variant
+        is at least as good on both and better on one.
 
-    ``interval``, ``is_best`` and ``vs_best`` (the confidence interval, and the paired comparison
-    with the best variant) are set by ``confidence.add_confidence``.
+        ``interval``, ``is_best`` and ``vs_best`` (the confidence interval, and the paired comparison
+        with the best variant) are set by ``confidence.add_confidence``, ``within_noise_of_front`` (the
+    front variant it cannot be told apart from) by ``confidence.add_front_noise``; ``balanced`` (each run's
+        evaluation with the best gain per unit of forgetting) by ``balanced.add_balanced``.
     """
     groups: dict[str, list[dict]] = {}
     for row in rows:
@@ -97,6 +100,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     variants = [_summarise(name, runs) for name, runs in groups.items()]
     _add_gain_and_pareto(variants)
     add_confidence(variants, groups, greater_is_better(variants))
+    add_front_noise(variants, groups, greater_is_better(variants))
+    add_balanced(variants, groups, _baseline_metric(variants))
     return variants
 
 
@@ -132,7 +137,7 @@ def _summarise(name: str, runs: list[dict]) -> dict[str, Any]:
 
 def _add_gain_and_pareto(variants: list[dict]) -> None:
     """Set ``gain_over_none`` and ``pareto`` on every summary; both need all variants at once."""
-    base = next((v["final_metric_mean"] for v in variants if v["variant"] == BASELINE), None)
+    base = _baseline_metric(variants)
     higher = greater_is_better(variants)
     points = {}
     for v in variants:
@@ -143,6 +148,11 @@ def _add_gain_and_pareto(variants: list[dict]) -> None:
     for v in variants:
         p = points.get(v["variant"])
         v["pareto"] = p is not None and not any(_dominates(q, p) for q in points.values())
+
+
+def _baseline_metric(variants: list[dict]) -> float | None:
+    """The untouched model's mean final metric, None without a ``none`` result."""
+    return next((v["final_metric_mean"] for v in variants if v["variant"] == BASELINE), None)
 
 
 def greater_is_better(variants: list[dict]) -> bool:

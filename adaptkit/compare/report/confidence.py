@@ -3,7 +3,9 @@
 ``add_confidence`` reads each finished run's final per-example scores (``row["examples"]``, kept by
 the training loop) or, for runs without them, its final metric alone, and sets on every variant
 summary its interval, its paired comparison with the best variant, and, for the runner-up, how
-many seeds or evaluation examples would separate the top two. The statistics are in ``stats``.
+many seeds or evaluation examples would separate the top two; ``add_front_noise`` marks the
+variants off the Pareto front that cannot be told apart from a front variant that beats them.
+The statistics are in ``stats``.
 """
 
 from __future__ import annotations
@@ -132,6 +134,30 @@ def add_confidence(variants: list[dict], groups: dict[str, list[dict]], higher: 
         v["vs_best"] = None if pair is None else {"best": best["variant"], **pair}
     if len(ranked) > 1 and ranked[1]["vs_best"] is not None:
         _add_sample_sizes(ranked[1], best)
+
+
+def add_front_noise(variants: list[dict], groups: dict[str, list[dict]], higher: bool) -> None:
+    """Set ``within_noise_of_front`` on every variant: for one off the Pareto front, the first
+    front variant that dominates it (no more trainable parameters, a score at least as good) and
+    that a paired comparison cannot tell apart from it; else None. Such a variant is beaten on
+    the plot's two axes, but not by a margin the runs can show."""
+    finished = {name: _finished(runs) for name, runs in groups.items()}
+    front = [v for v in variants if v["pareto"]]
+    for v in variants:
+        v["within_noise_of_front"] = None
+        params, metric = v["trainable_parameters_mean"], v["final_metric_mean"]
+        if v["pareto"] or params is None or metric is None or not finished[v["variant"]]:
+            continue
+        for f in front:
+            at_least_as_good = (
+                f["final_metric_mean"] >= metric if higher else f["final_metric_mean"] <= metric
+            )
+            if f["trainable_parameters_mean"] > params or not at_least_as_good:
+                continue
+            pair = compare_pair(finished[v["variant"]], finished[f["variant"]])
+            if pair is not None and not pair["distinguishable"]:
+                v["within_noise_of_front"] = f["variant"]
+                break
 
 
 def _add_sample_sizes(runner_up: dict, best: dict) -> None:

@@ -9,7 +9,13 @@ import html
 from adaptkit.compare.report.aggregate import BASELINE
 from adaptkit.compare.report.notes import column_notes, estimate_notes
 from adaptkit.compare.report.plots import PLOT_NAMES, SKIPPED_FORGETTING
-from adaptkit.compare.report.table import first_line, table_cells, target_cells
+from adaptkit.compare.report.table import (
+    BALANCED_HEADING,
+    balanced_cells,
+    first_line,
+    table_cells,
+    target_cells,
+)
 from adaptkit.compare.report.verdict import verdict
 
 # Inline rather than linked, so the page needs no other file.
@@ -47,7 +53,7 @@ _CAPTIONS = {
     "loss_curves": "Training (solid) and validation (dashed) loss, one seed per variant.",
     "metric_vs_params": "Final metric against trainable parameters; error bars are 95% intervals "
     "(± one standard deviation over seeds where there is none); circled points and the step line "
-    "are the Pareto front; open squares: indistinguishable from the best.",
+    "are the Pareto front; open squares: off the front, but within noise of a front variant that beats them.",
     "differences_vs_best": "Each variant minus the best one, paired on the same seeds and evaluation "
     "examples, with 95% intervals: a bar that crosses zero is within noise.",
     "memory_throughput": "Peak memory and throughput per variant (± one standard deviation over seeds).",
@@ -111,19 +117,19 @@ def _html_table(variants: list[dict]) -> str:
     return "".join(out)
 
 
-def _target_table(variants: list[dict]) -> list[str]:
-    """The time-and-cost table as HTML, under its heading; nothing when no run recorded one."""
-    targets = target_cells(variants)
-    if not targets:
+def _grid(heading: str, found: tuple[list[str], list[list[str]]] | None) -> list[str]:
+    """A table of text cells (the first column a name, the rest numeric) under ``heading``;
+    nothing when there is no table."""
+    if not found:
         return []
-    headers, cells = targets
+    headers, cells = found
     head = "".join(f'<th class="num">{html.escape(h)}</th>' for h in headers[1:])
     body = "".join(
         f"<tr><td>{html.escape(row[0])}</td>" + "".join(_html_cell(c, True) for c in row[1:]) + "</tr>"
         for row in cells
     )
     return [
-        '<h2>Time and cost to 90% of the final score</h2><div class="scroll"><table><thead><tr>'
+        f'<h2>{html.escape(heading)}</h2><div class="scroll"><table><thead><tr>'
         f"<th>{html.escape(headers[0])}</th>{head}</tr></thead><tbody>{body}</tbody></table></div>"
     ]
 
@@ -159,7 +165,8 @@ def html_page(title: str, meta: dict, variants: list[dict], plots: dict[str, byt
         "</div>",
         f'<p class="legend">{" ".join(legend)}</p>',
     ]
-    out += _target_table(variants)
+    out += _grid("Time and cost to 90% of the final score", target_cells(variants))
+    out += _grid(BALANCED_HEADING, balanced_cells(variants))
     failures = [(v["variant"], err) for v in variants for err in v["errors"]]
     if failures:
         out.append('<h2>Failures</h2><ul class="notes">')

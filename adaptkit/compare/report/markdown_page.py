@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from adaptkit.compare.report.notes import column_notes, estimate_notes
 from adaptkit.compare.report.plots import PLOT_NAMES, SKIPPED_FORGETTING
-from adaptkit.compare.report.table import first_line, markdown_grid, markdown_table, target_cells
+from adaptkit.compare.report.table import (
+    BALANCED_HEADING,
+    balanced_cells,
+    first_line,
+    markdown_grid,
+    markdown_table,
+    target_cells,
+)
 from adaptkit.compare.report.verdict import verdict
 
 
@@ -24,6 +31,11 @@ def markdown_page(title: str, meta: dict, variants: list[dict], plots: dict[str,
             markdown_grid(headers, cells, numeric),
             "",
         ]
+    balanced = balanced_cells(variants)
+    if balanced:
+        headers, cells = balanced
+        numeric = [False] + [True] * (len(headers) - 1)
+        lines += [f"## {BALANCED_HEADING}", "", markdown_grid(headers, cells, numeric), ""]
     failures = [(v["variant"], e) for v in variants for e in v["errors"]]
     if failures:
         lines += ["## Failures", ""]

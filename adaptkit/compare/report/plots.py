@@ -160,7 +160,8 @@ def _plot_metric_vs_params(
 
 
 def _plot_points(ax: Any, on_log: list[dict], colour: dict[str, str]) -> None:
-    """Each variant's mean with its interval; a dashed square marks one within noise of the best."""
+    """Each variant's mean with its interval; a dashed square marks one off the Pareto front that a
+    paired comparison cannot tell apart from a front variant beating it."""
     for v in on_log:
         ax.errorbar(
             [v["trainable_parameters_mean"]],
@@ -172,7 +173,7 @@ def _plot_points(ax: Any, on_log: list[dict], colour: dict[str, str]) -> None:
             markersize=6,
             zorder=3,
         )
-        if v.get("vs_best") and not v["vs_best"]["distinguishable"]:  # within noise of the best
+        if v.get("within_noise_of_front"):
             ax.scatter(
                 [v["trainable_parameters_mean"]],
                 [v["final_metric_mean"]],

@@ -149,6 +149,33 @@ def target_cells(variants: list[dict]) -> tuple[list[str], list[list[str]]] | No
     return [c[0] for c in columns], [[c[1](v) for c in columns] for v in variants if v["n_ok"]]
 
 
+#: The heading of the balanced-checkpoint table in both report pages.
+BALANCED_HEADING = "Balanced checkpoints: the best task gain per unit of forgetting"
+
+
+def balanced_cells(variants: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """The balanced-checkpoint table: per run that measured forgetting at every evaluation, the
+    step with the best gain over the untouched model per unit of forgetting; None without one."""
+    rows = [(v, b) for v in variants for b in v.get("balanced") or []]
+    if not rows:
+        return None
+    headers = ["variant", "seed", "step", "score", "gain", "forgetting", "gain per forgetting", "checkpoint"]
+    cells = [
+        [
+            v["variant"],
+            str(b["seed"]),
+            str(b["step"]),
+            _fmt(b["score"]),
+            _fmt(b["gain"], signed=True),
+            _fmt(b["forgetting"], signed=True),
+            "none forgotten" if b["gain_per_forgetting"] is None else _fmt(b["gain_per_forgetting"]),
+            "kept" if b["checkpoint_kept"] else "not kept",
+        ]
+        for v, b in rows
+    ]
+    return headers, cells
+
+
 def _trainable_cell(v: dict) -> str:
     count = v["trainable_parameters_mean"]
     percent = v["trainable_percent_mean"]
