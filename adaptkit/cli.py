@@ -391,6 +391,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             "hooks": p.hooks,
             "status": "broken" if p.error else "ok",
             "error": p.error,
+            "imports_torch": p.imports_torch,
         }
         for p in host.plugins
     ]
@@ -404,6 +405,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"    error: {row['error']}")
         else:
             print(f"    hooks: {', '.join(row['hooks']) or 'none'}")
+        if row["imports_torch"]:
+            print("    note: imports torch when it loads, which slows every adaptkit command's start")
     return 0
 
 

@@ -98,6 +98,7 @@ def test_plugins_lists_where_each_plugin_comes_from():
         "hooks": ["adaptkit_register_strategies"],
         "status": "ok",
         "error": None,
+        "imports_torch": False,
     }
     assert rows["freeze"]["source"] == "builtin" and rows["freeze"]["status"] == "ok"
     text = adaptkit("plugins")
@@ -293,3 +294,22 @@ def test_no_command_prints_help():
     result = adaptkit()
     assert result.returncode == 0
     assert "strategies" in result.stdout and "plugins" in result.stdout and "-p NAME" in result.stdout
+
+
+def test_a_plugin_that_imports_torch_when_it_loads_is_named(tmp_path):
+    """Such a plugin makes every command start seconds later: ``adaptkit plugins`` says which."""
+    (tmp_path / "heavy_plugin.py").write_text(
+        "import torch  # at module level: what the note is about\n"
+        "from adaptkit import hookimpl\n\n\n"
+        "@hookimpl\n"
+        "def adaptkit_register_metrics(register):\n"
+        "    register('always_zero', lambda predictions, references: 0.0)\n"
+    )
+    env = clean_env(PYTHONPATH=str(tmp_path))
+    result = adaptkit("-p", "heavy_plugin", "plugins", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["heavy_plugin"]["imports_torch"] is True
+    assert not [name for name, row in rows.items() if row["imports_torch"] and name != "heavy_plugin"]
+    text = adaptkit("-p", "heavy_plugin", "plugins", env=env).stdout
+    assert "imports torch when it loads" in text

@@ -735,3 +735,22 @@ def test_meta_pass_saves_what_a_real_cpu_pass_with_attention_dropout_saves(tmp_p
     assert sum(saved.values()) == est.activations
     # each of the 3 layers keeps its dropout mask as booleans: batch x heads x sequence x sequence bytes
     assert sum(n for n in saved.values() if n == B * 2 * S * S) >= 3 * B * 2 * S * S
+
+
+def test_a_strategy_error_stops_a_run_once_before_any_weight_loads(tmp_path, capsys):
+    """A strategy refusing the recipe is said once, by the pre-flight check, with exit 2: not once
+    as a skipped estimate and again when the strategy applies to the loaded model."""
+    from adaptkit.testing import save_tiny_pretrained
+
+    save_tiny_pretrained(tmp_path / "tied", "llama", task="causal_lm", tie_word_embeddings=True)
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"text": f"row {i} " * 8}) + "\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tmp_path / "tied", "[freeze]", "max_steps: 1", data_source=tmp_path / "d.jsonl"
+    )
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("tied_head") == 1 and "memory estimate skipped" not in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs" / "r" / "summary.json").exists()

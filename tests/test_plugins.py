@@ -542,3 +542,119 @@ def test_other_builtin_plugins_can_be_blocked():
     assert "lora" not in host.registries["strategies"]
     assert "full" in host.registries["strategies"]
     assert host.registries["models"] == {}
+
+
+SEED_RECORDER = '''
+from adaptkit import Strategy, StrategyConfig, hookimpl
+from adaptkit.contract.anatomy import head_parameter_names
+
+SEEN = []
+
+
+class SeedRecorder(Strategy):
+    """Train the head; note the seed every event carries."""
+
+    def apply(self, model):
+        heads = set(head_parameter_names(model))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in heads)
+        self.owned = {n: p for n, p in model.named_parameters() if n in heads}
+        return model
+
+    def on_event(self, model, event, state):
+        SEEN.append((event, state.seed))
+        return False
+
+
+@hookimpl
+def adaptkit_register_strategies(register):
+    register("seed_recorder", SeedRecorder, StrategyConfig)
+'''
+
+
+def test_every_event_carries_the_runs_seed(tmp_path, monkeypatch):
+    """A strategy that draws at random seeds its draws from ``TrainState.seed``: the run's
+    ``train.seed``, on every event."""
+    import importlib
+
+    from adaptkit.recipe.schema import validate
+    from adaptkit.testing import save_tiny_pretrained, write_sentiment
+    from adaptkit.train.loop import train
+
+    (tmp_path / "seed_recorder_plugin.py").write_text(SEED_RECORDER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    host = get_plugin_host(["seed_recorder_plugin"], autoload=False)
+    save_tiny_pretrained(tmp_path / "bert", "bert")
+    write_sentiment(tmp_path / "train.jsonl", 32, seed=0)
+    raw = {
+        "model": {"source": str(tmp_path / "bert"), "task": "classification"},
+        "data": {"source": str(tmp_path / "train.jsonl"), "max_length": 16},
+        "strategies": ["seed_recorder"],
+        "train": {"max_steps": 2, "micro_batch_size": 8, "seed": 7},
+        "output": str(tmp_path / "runs" / "{name}"),
+        "name": "seeded",
+    }
+    train(validate(raw, host=host), host, fresh=True)
+    seen = importlib.import_module("seed_recorder_plugin").SEEN
+    assert {event for event, _ in seen} >= {"train_start", "step_start"}
+    assert {seed for _, seed in seen} == {7}
+
+
+def test_p_no_with_a_name_no_plugin_has_is_refused(capsys):
+    """A typo in ``-p no:NAME`` would block nothing: it is refused, naming the plugins there are."""
+    from adaptkit.cli import main
+    from adaptkit.errors import PluginError
+
+    with pytest.raises(PluginError, match="-p no:lroa: no plugin is called 'lroa'"):
+        get_plugin_host(["no:lroa"], autoload=False)
+    assert main(["-p", "no:lroa", "strategies"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("adaptkit: error: -p no:lroa: no plugin is called 'lroa'")
+    assert "lora" in err[0]  # the plugins there are, to pick the right name from
+
+
+def test_the_plugin_guides_complete_strategy_is_the_shipped_file():
+    """docs/plugins.md shows the example plugin whole: the very file the example package ships,
+    so what a reader copies has every check the tested plugin has."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    guide = (root / "docs" / "plugins.md").read_text()
+    section = guide.split("## A complete strategy", 1)[1]
+    shown = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shipped = (root / "examples" / "adaptkit-example-plugin" / "adaptkit_example_plugin.py").read_text()
+    assert shown == shipped
+
+
+BROKEN_APPLY = '''
+from adaptkit import Strategy, StrategyConfig, hookimpl
+
+
+class Broken(Strategy):
+    """A strategy with a bug in apply."""
+
+    def apply(self, model):
+        return {}["missing key"]
+
+
+@hookimpl
+def adaptkit_register_strategies(register):
+    register("broken", Broken, StrategyConfig)
+'''
+
+
+def test_a_bug_in_a_strategy_is_one_message_naming_the_strategy_and_its_plugin(tmp_path, monkeypatch, capsys):
+    """Not a traceback that names neither: the strategy, its plugin and the error, in one line."""
+    import adaptkit
+    from adaptkit.errors import PluginError
+    from adaptkit.testing import tiny_model
+
+    (tmp_path / "broken_plugin.py").write_text(BROKEN_APPLY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    host = get_plugin_host(["broken_plugin"], autoload=False)
+    with pytest.raises(PluginError) as caught:
+        adaptkit.apply(tiny_model("bert"), "broken", host=host)
+    message = str(caught.value)
+    assert message.startswith("strategy 'broken' of plugin 'broken_plugin' (broken_plugin) failed in apply")
+    assert message.endswith("KeyError: 'missing key'")
+    assert isinstance(caught.value.__cause__, KeyError)  # the original, for a debugger

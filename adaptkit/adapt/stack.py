@@ -6,12 +6,13 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adaptkit.contract.strategy import Strategy, TrainState
-from adaptkit.errors import CheckpointError, ConfigError, StrategyError
+from adaptkit.errors import AdaptkitError, CheckpointError, ConfigError, PluginError, StrategyError
 from adaptkit.host.manager import default_host
 from adaptkit.host.specs import StrategySpec
 
@@ -23,6 +24,22 @@ if TYPE_CHECKING:
 
 MANIFEST = "adaptkit.json"
 FORMAT_VERSION = 1
+
+
+@contextmanager
+def strategy_code(strategy: Strategy, what: str) -> Iterator[None]:
+    """Run a strategy's own code (``what``: ``apply``, ``on_event``): an exception that is not one
+    of adaptkit's becomes one ``PluginError`` naming the strategy and the plugin that registered
+    it, instead of a traceback that names neither."""
+    try:
+        yield
+    except AdaptkitError:
+        raise
+    except Exception as exc:
+        origin = f" of {strategy.origin}" if strategy.origin else ""
+        raise PluginError(
+            f"strategy '{strategy.name}'{origin} failed in {what}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 class Adapted:
@@ -88,7 +105,8 @@ class Adapted:
         """Pass a training event to every strategy; True if the trainable set changed."""
         changed = False
         for s in self.strategies:
-            changed = s.on_event(self.model, event, state) or changed
+            with strategy_code(s, "on_event"):
+                changed = s.on_event(self.model, event, state) or changed
         return changed
 
     # -- saving, loading, merging ------------------------------------------------------------
@@ -219,7 +237,8 @@ def apply(
     fingerprint = fingerprint_model(model)
     was_training = model.training
     for s in stack:
-        model = s.apply(model)
+        with strategy_code(s, "apply"):
+            model = s.apply(model)
     # peft creates its dropout modules in training mode even on a model in eval mode.
     model.train(was_training)
     return Adapted(model, stack, fingerprint)

@@ -41,7 +41,10 @@ class TrainState:
 
     ``step`` counts optimizer steps already taken; ``epoch`` counts epochs already finished
     (both start at 0). A resumed run fires ``train_start`` with the restored values, so a
-    strategy whose behaviour depends only on this state resumes exactly.
+    strategy whose behaviour depends only on this state resumes exactly. ``seed`` is the run's
+    ``train.seed`` (a comparison gives each run its own): a strategy that draws at random (which
+    layers to unfreeze next, say) seeds its draws from it and the step, so that another seed
+    draws differently and a resumed run draws the same.
     """
 
     step: int = 0
@@ -49,6 +52,7 @@ class TrainState:
     steps_per_epoch: int = 0
     total_steps: int = 0
     num_processes: int = 1
+    seed: int = 0
 
 
 class Strategy:
@@ -64,6 +68,8 @@ class Strategy:
     exclusive: ClassVar[bool] = False
     #: True when ``apply`` wraps the model in a ``peft.PeftModel``; a stack holds at most one.
     wraps_with_peft: ClassVar[bool] = False
+    #: The plugin that registered the strategy, as messages name it; set by the host.
+    origin: str = ""
 
     def __init__(self, config: StrategyConfig, name: str | None = None):
         self.config = config

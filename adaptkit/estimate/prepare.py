@@ -66,9 +66,11 @@ def final_stage(adapted: Any, spec: Any) -> None:
 
     unbounded = 10**9
     if spec.max_steps is not None:
-        state = TrainState(step=spec.max_steps - 1, epoch=unbounded, total_steps=spec.max_steps)
+        state = TrainState(
+            step=spec.max_steps - 1, epoch=unbounded, total_steps=spec.max_steps, seed=spec.seed
+        )
     else:
-        state = TrainState(step=unbounded, epoch=max(0, math.ceil(spec.epochs) - 1))
+        state = TrainState(step=unbounded, epoch=max(0, math.ceil(spec.epochs) - 1), seed=spec.seed)
     for event in ("train_start", "epoch_start", "step_start"):
         adapted.on_event(event, state)
 

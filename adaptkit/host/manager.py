@@ -85,6 +85,9 @@ class PluginInfo:
     version: str | None = None
     hooks: list[str] = field(default_factory=list)
     error: str | None = None
+    #: True when loading the plugin imported torch (heavy modules belong inside the functions
+    #: that need them: ``adaptkit strategies`` and ``plugins`` start without torch)
+    imports_torch: bool = False
 
     @property
     def origin(self) -> str:
@@ -275,7 +278,9 @@ class PluginHost:
             except ValidationError as exc:
                 problems.extend(_option_problems(exc, where, name, config_class))
                 continue
-            stack.append(entry.obj(config, name=name))
+            strategy = entry.obj(config, name=name)
+            strategy.origin = entry.plugin.origin  # errors from its code name its plugin
+            stack.append(strategy)
         if problems:
             raise ConfigError(problems)
         check_stack(stack)
@@ -409,6 +414,7 @@ def get_plugin_host(
     explicit = [arg for arg in args if not arg.startswith("no:")]
     if autoload is None:
         autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
+    _refuse_unknown_blocks(blocked, explicit)
 
     host = PluginHost()
     for name in sorted(blocked):
@@ -422,12 +428,15 @@ def get_plugin_host(
             host.plugins.append(info)
             info.error = taken
             return
+        torch_before = "torch" in sys.modules
         try:
             plugin = loader()
         except Exception as exc:
             host.plugins.append(info)
             info.error = one_line(f"import failed: {type(exc).__name__}: {exc}")
             return
+        # a plugin that imports torch when it loads makes every command start seconds later
+        info.imports_torch = not torch_before and "torch" in sys.modules
         host.add(plugin, info)
 
     if builtins:
@@ -446,6 +455,17 @@ def get_plugin_host(
     for info in host.broken:
         print(f"adaptkit: warning: {info.origin} failed to load: {info.error}", file=sys.stderr)
     return host
+
+
+def _refuse_unknown_blocks(blocked: set[str], explicit: list[str]) -> None:
+    """``-p no:NAME`` for a name no plugin has (a typo) is refused, naming the plugins there are,
+    rather than silently blocking nothing."""
+    known = {name for name, _ in DEFAULT_PLUGINS} | {ep.name for ep in _entry_points()} | set(explicit)
+    unknown = sorted(blocked - known)
+    if unknown:
+        raise PluginError(
+            f"-p no:{unknown[0]}: no plugin is called '{unknown[0]}' (plugins: {', '.join(sorted(known))})"
+        )
 
 
 _DEFAULT: PluginHost | None = None

@@ -309,6 +309,7 @@ class Loop(Prepared):
             steps_per_epoch=self.steps_per_epoch,
             total_steps=self.total_steps,
             num_processes=self.acc.num_processes,
+            seed=self.spec.seed,
         )
         self.adapted.on_event(event, train_state)
         pending = self.adapted.pending_parameters()

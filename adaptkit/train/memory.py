@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptkit.errors import DoesNotFitError
+from adaptkit.errors import DoesNotFitError, StrategyError
 from adaptkit.estimate.estimator import Estimator
 from adaptkit.estimate.machine import free_memory
 from adaptkit.estimate.render import does_not_fit_message
@@ -86,7 +86,14 @@ def _estimator(run: Any, device: Any, info: dict[str, Any]) -> Estimator | None:
 
 def skipped(run: Any, info: dict[str, Any], exc: Exception, what: str = "memory estimate skipped") -> None:
     """Say that the estimate was skipped, and why: on stderr and in the plan ``summary.json``
-    keeps (``estimate_skipped``), which compare's report shows for the variant."""
+    keeps (``estimate_skipped``), which compare's report shows for the variant.
+
+    A ``StrategyError`` is re-raised instead: a strategy refusing the recipe refuses it on real
+    weights too, and the run stops now, before any weight loads, with that one message (rather
+    than once as a skipped estimate and again when the strategy applies).
+    """
+    if isinstance(exc, StrategyError):
+        raise exc
     reason = " ".join(f"{type(exc).__name__}: {exc}".split())
     info["estimate_skipped"] = reason
     run.log(f"adaptkit: {what}: {reason}")
