@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptkit.compare.report.stats import time_to_target
+from adaptkit.train.checkpoint import checkpoint_dirs, step_of
 from adaptkit.train.evaluate import EXAMPLES_FILE
 from adaptkit.train.state import RunSummary
 
@@ -193,10 +194,5 @@ def row_from_run(
 
 
 def kept_checkpoint_steps(run_dir: Path) -> list[int]:
-    """The steps of the checkpoints a run still keeps (``checkpoints/step-NNNNNNNN``)."""
-    steps = []
-    for path in (run_dir / "checkpoints").glob("step-*"):
-        suffix = path.name.removeprefix("step-")
-        if path.is_dir() and suffix.isdigit():
-            steps.append(int(suffix))
-    return sorted(steps)
+    """The steps of the checkpoints a run still keeps."""
+    return [step_of(path) for path in checkpoint_dirs(run_dir / "checkpoints")]

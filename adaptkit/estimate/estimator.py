@@ -81,6 +81,7 @@ class Estimator:
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device: '{self.device}' is not supported; use cpu or cuda")
         self._overhead = overhead_bytes
+        self._overheads: dict[str | None, int] = {}  # the measured CPU baseline, per model directory
         self._peak_tflops = peak_tflops
         self._prepared: dict[str, Prepared] = {}
 
@@ -147,7 +148,10 @@ class Estimator:
         if self.device == "cuda":
             return CUDA_CONTEXT_BYTES
         model_dir = source_path(recipe.model, self.host) if recipe is not None else None
-        return cpu_overhead_bytes(model_dir if model_dir and Path(model_dir).is_dir() else None)
+        model_dir = model_dir if model_dir and Path(model_dir).is_dir() else None
+        if model_dir not in self._overheads:  # suggestions estimate many variants of one recipe
+            self._overheads[model_dir] = cpu_overhead_bytes(model_dir)
+        return self._overheads[model_dir]
 
     def peak_tflops(self, recipe: Recipe) -> float:
         """The device's matmul rate in TFLOP/s in the step's compute dtype (given, or measured once)."""

@@ -414,7 +414,8 @@ def get_plugin_host(
     explicit = [arg for arg in args if not arg.startswith("no:")]
     if autoload is None:
         autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
-    _refuse_unknown_blocks(blocked, explicit)
+    entry_points = _entry_points()  # scanned once: for the names -p no: may block, and to load
+    _refuse_unknown_blocks(blocked, explicit, entry_points)
 
     host = PluginHost()
     for name in sorted(blocked):
@@ -446,7 +447,7 @@ def get_plugin_host(
                 lambda m=module: importlib.import_module(m),
             )
     if autoload:
-        for ep in _entry_points():
+        for ep in entry_points:
             dist = ep.dist.name if ep.dist else None
             version = ep.dist.version if ep.dist else None
             load(PluginInfo(ep.name, ep.value, "entry point", dist, version), ep.load)
@@ -457,10 +458,12 @@ def get_plugin_host(
     return host
 
 
-def _refuse_unknown_blocks(blocked: set[str], explicit: list[str]) -> None:
+def _refuse_unknown_blocks(
+    blocked: set[str], explicit: list[str], entry_points: list[importlib.metadata.EntryPoint]
+) -> None:
     """``-p no:NAME`` for a name no plugin has (a typo) is refused, naming the plugins there are,
     rather than silently blocking nothing."""
-    known = {name for name, _ in DEFAULT_PLUGINS} | {ep.name for ep in _entry_points()} | set(explicit)
+    known = {name for name, _ in DEFAULT_PLUGINS} | {ep.name for ep in entry_points} | set(explicit)
     unknown = sorted(blocked - known)
     if unknown:
         raise PluginError(

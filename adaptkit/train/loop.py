@@ -346,9 +346,7 @@ class Loop(Prepared):
             write_examples(run.run_dir, state.step, examples, self.row_keys or None)
         # tokens and training seconds so far: the report's time-to-target reads them back
         progress = {"tokens": state.tokens, PROGRESS_SECONDS: round(self.train_time(), 3)}
-        progress |= (
-            self.forgetting_now() if run.recipe.forgetting and run.recipe.forgetting.every_evaluation else {}
-        )
+        progress |= self.forgetting_now()
         run.log_metrics({"step": state.step, "epoch": state.epoch, **progress, **metrics})
         run.notify_plugins("adaptkit_on_evaluate", step=state.step, metrics=metrics)
         key, better = selection_metric(spec, run.task)
@@ -359,9 +357,9 @@ class Loop(Prepared):
 
     def forgetting_now(self) -> dict[str, float]:
         """``{"forgetting": value}`` of the model as it is now (on every rank, as at the end of a
-        run); empty where the run measures none."""
+        run) where the recipe asks for it at every evaluation; else empty."""
         run = self.run
-        if run.forgetting_base is None:
+        if run.forgetting_base is None or not run.recipe.forgetting.every_evaluation:
             return {}
         after = measure_run_texts(run, self.acc.unwrap_model(self.model), run.processor, run.task)
         return {

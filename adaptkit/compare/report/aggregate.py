@@ -9,13 +9,13 @@ for its numbers rather than raising.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Iterable
 from typing import Any
 
 from adaptkit.compare.report.balanced import add_balanced
-from adaptkit.compare.report.confidence import add_confidence, add_front_noise
+from adaptkit.compare.report.confidence import add_confidence
+from adaptkit.compare.report.stats import number
 
 # Numeric columns of a run, averaged over the finished seeds of a variant.
 NUMERIC_COLUMNS = (
@@ -40,13 +40,6 @@ NUMERIC_COLUMNS = (
     "cost_to_target",
 )
 BASELINE = "none"  # the variant that evaluates the pretrained model untouched
-
-
-def number(value: Any) -> float | None:
-    """A finite int/float as float, anything else (None, bool, str, NaN, inf) as None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def is_finished(row: dict) -> bool:
@@ -91,7 +84,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
         ``interval``, ``is_best`` and ``vs_best`` (the confidence interval, and the paired comparison
         with the best variant) are set by ``confidence.add_confidence``, ``within_noise_of_front`` (the
-    front variant it cannot be told apart from) by ``confidence.add_front_noise``; ``balanced`` (each run's
+    front variant it cannot be told apart from) too; ``balanced`` (each run's
         evaluation with the best gain per unit of forgetting) by ``balanced.add_balanced``.
     """
     groups: dict[str, list[dict]] = {}
@@ -100,7 +93,6 @@ def aggregate(rows: list[dict]) -> list[dict]:
     variants = [_summarise(name, runs) for name, runs in groups.items()]
     _add_gain_and_pareto(variants)
     add_confidence(variants, groups, greater_is_better(variants))
-    add_front_noise(variants, groups, greater_is_better(variants))
     add_balanced(variants, groups, _baseline_metric(variants))
     return variants
 

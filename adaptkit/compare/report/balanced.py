@@ -10,14 +10,10 @@ was kept to rewind to.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
-
-def _finite(value: Any) -> bool:
-    """A real, finite number (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+from adaptkit.compare.report.stats import number
 
 
 def balanced_step(
@@ -32,7 +28,7 @@ def balanced_step(
     best, best_key = None, None
     for entry in history:
         score, forgot = entry.get("score"), entry.get("forgetting")
-        if not (_finite(score) and _finite(forgot)):
+        if number(score) is None or number(forgot) is None:
             continue
         gain = score - reference if greater_is_better else reference - score
         if gain <= 0:

@@ -3,14 +3,13 @@
 ``add_confidence`` reads each finished run's final per-example scores (``row["examples"]``, kept by
 the training loop) or, for runs without them, its final metric alone, and sets on every variant
 summary its interval, its paired comparison with the best variant, and, for the runner-up, how
-many seeds or evaluation examples would separate the top two; ``add_front_noise`` marks the
-variants off the Pareto front that cannot be told apart from a front variant that beats them.
+many seeds or evaluation examples would separate the top two; it also marks the variants off
+the Pareto front that cannot be told apart from a front variant that beats them.
 The statistics are in ``stats``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from adaptkit.compare.report.stats import (
     bootstrap_interval,
     examples_needed,
     mcnemar_exact,
+    number,
     paired_differences,
     seed_interval,
     seeds_needed,
@@ -29,14 +29,7 @@ from adaptkit.compare.report.stats import (
 
 def _finished(runs: list[dict]) -> list[dict]:
     """The runs that finished with a finite final metric, in seed order."""
-    ok = [
-        r
-        for r in runs
-        if r.get("status") == "finished"
-        and isinstance(r.get("final_metric"), (int, float))
-        and not isinstance(r.get("final_metric"), bool)
-        and math.isfinite(r["final_metric"])
-    ]
+    ok = [r for r in runs if r.get("status") == "finished" and number(r.get("final_metric")) is not None]
     return sorted(ok, key=lambda r: (r.get("seed") is None, r.get("seed") or 0))
 
 
@@ -108,7 +101,8 @@ def compare_pair(runs: list[dict], best_runs: list[dict]) -> dict[str, Any] | No
 
 
 def add_confidence(variants: list[dict], groups: dict[str, list[dict]], higher: bool) -> None:
-    """Set ``interval``, ``is_best`` and ``vs_best`` on every variant summary (see the module docstring).
+    """Set ``interval``, ``is_best``, ``vs_best`` and ``within_noise_of_front`` on every variant
+    summary (see the module docstring; the last needs ``pareto`` set already).
 
     ``interval`` is ``{"mean", "low", "high", "method"}`` or None (one seed and no per-example
     scores); ``vs_best`` is ``compare_pair``'s result with ``best`` (the best variant's name) or
@@ -123,6 +117,7 @@ def add_confidence(variants: list[dict], groups: dict[str, list[dict]], higher: 
             None if found is None else {k: getattr(found, k) for k in ("mean", "low", "high", "method")}
         )
         v["is_best"], v["vs_best"] = False, None
+    _mark_front_noise(variants, finished, higher)
     scored = [v for v in variants if finished[v["variant"]] and v["final_metric_mean"] is not None]
     if not scored:
         return
@@ -136,12 +131,11 @@ def add_confidence(variants: list[dict], groups: dict[str, list[dict]], higher: 
         _add_sample_sizes(ranked[1], best)
 
 
-def add_front_noise(variants: list[dict], groups: dict[str, list[dict]], higher: bool) -> None:
+def _mark_front_noise(variants: list[dict], finished: dict[str, list[dict]], higher: bool) -> None:
     """Set ``within_noise_of_front`` on every variant: for one off the Pareto front, the first
     front variant that dominates it (no more trainable parameters, a score at least as good) and
     that a paired comparison cannot tell apart from it; else None. Such a variant is beaten on
     the plot's two axes, but not by a margin the runs can show."""
-    finished = {name: _finished(runs) for name, runs in groups.items()}
     front = [v for v in variants if v["pareto"]]
     for v in variants:
         v["within_noise_of_front"] = None

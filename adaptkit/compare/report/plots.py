@@ -15,10 +15,10 @@ from adaptkit.compare.report.aggregate import (
     greater_is_better,
     is_finished,
     metric_name,
-    number,
     throughput_key,
 )
 from adaptkit.compare.report.notes import MEMORY_KINDS
+from adaptkit.compare.report.stats import number
 
 # The plots in the order the report shows them; each is written as plots/<name>.png.
 PLOT_NAMES = (

@@ -239,7 +239,7 @@ def time_to_target(
     where recorded, ``tokens`` and ``train_seconds``); the last one holding ``metric`` is the final
     score. None when no evaluation holds the metric.
     """
-    scored = [e for e in evaluations if _finite(e.get(metric))]
+    scored = [e for e in evaluations if number(e.get(metric)) is not None]
     if not scored:
         return None
     target = target_value(float(scored[-1][metric]), greater_is_better, fraction)
@@ -261,6 +261,8 @@ def run_cost(seconds: float | None, cost_per_hour: float | None) -> float | None
     return cost_per_hour * seconds / 3600.0
 
 
-def _finite(value: Any) -> bool:
-    """A real, finite number (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def number(value: Any) -> float | None:
+    """A finite int/float as float, anything else (None, bool, str, NaN, inf) as None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None

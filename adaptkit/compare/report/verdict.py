@@ -38,7 +38,8 @@ def verdict(variants: list[dict]) -> list[str]:
         return ["No variant finished, so there is nothing to compare."]
     if len(scored) == 1:
         return [
-            f"Only {best['variant']} finished ({metric} {_num(best['final_metric_mean'])}): nothing to compare it with."
+            f"Only {best['variant']} finished ({metric} {_num(best['final_metric_mean'])}): "
+            "nothing to compare it with."
         ]
     others = [v for v in scored if v is not best]
     tied = [v for v in others if v["vs_best"] and not v["vs_best"]["distinguishable"]]
