@@ -187,6 +187,7 @@ class Result:
     total: int
     losses: list[float]  # every step's training loss: the first shows both loops saw the same batch
     allocator: str = "glibc default"  # glibc's policy for freed memory in the run (see adaptkit_allocator)
+    tokens_trained: int = 0  # tokens of every step's batches (attention mask), warm-up included
 
 
 def summarise(
@@ -197,6 +198,7 @@ def summarise(
     total: int,
     losses: list[float],
     allocator: str,
+    tokens_trained: int,
 ) -> Result:
     """Throughput over the steps after the warm-up ones, and the peak memory at the last step."""
     assert len(stamps) == case.steps + case.warmup, stamps
@@ -214,6 +216,7 @@ def summarise(
         total,
         losses,
         allocator,
+        tokens_trained,
     )
 
 
@@ -290,6 +293,7 @@ def run_adaptkit(case: Case, workdir: Path, allocator: str | None = None) -> Res
         summary["total_parameters"],
         _steptimes.LOSSES,
         chosen,
+        round(summary["tokens_per_s"] * summary["wall_time_s"]),  # the loop's own count of tokens
     )
 
 
@@ -377,8 +381,9 @@ def run_baseline(case: Case, workdir: Path, allocator: str | None = None) -> Res
         "linear", optimizer, num_warmup_steps=0, num_training_steps=total_steps
     )
     model.train()
-    stamps, losses = [], []
+    stamps, losses, tokens = [], [], 0
     for step, batch in enumerate(loader, 1):
+        tokens += int(batch["attention_mask"].sum())
         loss = model(**batch).loss
         losses.append(loss.item())
         accelerator.backward(loss)
@@ -392,7 +397,7 @@ def run_baseline(case: Case, workdir: Path, allocator: str | None = None) -> Res
     unwrapped = accelerator.unwrap_model(model)
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
     total = sum(p.numel() for p in unwrapped.parameters())
-    return summarise("baseline", case, stamps, trainable, total, losses, allocator or GLIBC_DEFAULT)
+    return summarise("baseline", case, stamps, trainable, total, losses, allocator or GLIBC_DEFAULT, tokens)
 
 
 def worker_main(argv: list[str]) -> None:

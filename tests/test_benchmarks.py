@@ -109,8 +109,9 @@ def test_estimate_accuracy_benchmark_measures_a_model_directory(tmp_path):
 @pytest.mark.parametrize("name", ["lora", "full", "classification"])
 def test_both_loops_of_a_benchmark_case_train_the_same_thing(tmp_path, name):
     """adaptkit and the hand-written baseline of loop_overhead.py, on a tiny model of the case's
-    family: the same parameters train, the first step sees the same batch (the same loss), and
-    the second step's loss shows the same optimizer update (lr, decay, clipping, schedule)."""
+    family: the same parameters train on the same number of tokens, the first step sees the same
+    batch (the same loss), and the second step's loss shows the same optimizer update (lr, decay,
+    clipping, schedule)."""
     from dataclasses import replace
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -127,6 +128,8 @@ def test_both_loops_of_a_benchmark_case_train_the_same_thing(tmp_path, name):
     policy = adaptkit_allocator(tiny)  # adaptkit's run checks that it chose this policy itself
     ours, theirs = measure(script, "adaptkit", tiny, policy), measure(script, "baseline", tiny, policy)
     assert ours.allocator == theirs.allocator == policy
+    # the same tokens a step: every example is exactly seq tokens long, in both loops' own counts
+    assert ours.tokens_trained == theirs.tokens_trained == (tiny.steps + tiny.warmup) * tiny.batch * tiny.seq
     assert (ours.trainable, ours.total) == (theirs.trainable, theirs.total)
     assert 0 < ours.trainable < ours.total or case.strategy == "full"
     assert len(ours.losses) == len(theirs.losses) == 2
