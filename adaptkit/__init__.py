@@ -5,7 +5,7 @@ Importing adaptkit does not import torch; the heavy libraries load when a model 
 
 from adaptkit.adapt.stack import Adapted, apply
 from adaptkit.contract.hookspecs import hookimpl
-from adaptkit.contract.strategy import Strategy, StrategyConfig, TrainState
+from adaptkit.contract.strategy import Event, Strategy, StrategyConfig, TrainState
 from adaptkit.errors import AdaptkitError, ConfigError, StrategyError
 from adaptkit.version import __version__
 
@@ -13,6 +13,7 @@ __all__ = [
     "Adapted",
     "AdaptkitError",
     "ConfigError",
+    "Event",
     "Strategy",
     "StrategyConfig",
     "StrategyError",

@@ -10,9 +10,7 @@ import argparse
 import json
 import os
 import sys
-import typing
 from collections.abc import Callable
-from typing import Any
 
 from adaptkit.errors import AdaptkitError, ConfigError
 
@@ -235,13 +233,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from adaptkit.compare import is_comparison
     from adaptkit.recipe.schema import load_recipe, read_raw
     from adaptkit.train.loop import train
+    from adaptkit.train.setup import check_launch
 
     if is_comparison(read_raw(args.recipe)):
         raise ConfigError(
             f"{args.recipe} is a comparison recipe (it has a compare: section); run it with `adaptkit compare {args.recipe}`"
         )
+    check_launch()  # a launch this machine cannot run is the first thing to say
     host = _host(args)
-    recipe = load_recipe(args.recipe, args.overrides, host=host)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides, host=host)
+    except AdaptkitError as exc:
+        exc.every_rank = True  # every process of a launch reads the same recipe: say it once
+        raise
     summary = train(recipe, host, fresh=args.fresh)
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in summary["final_metrics"].items() if isinstance(v, float))
     print(f"adaptkit: {summary['steps']} steps, {metrics}; run directory {recipe.run_dir}", file=sys.stderr)
@@ -270,14 +274,25 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=cmd_generate)
 
 
-@command("export", "write a finished run as a plain transformers model (--merge) or as its peft adapter")
+@command(
+    "export",
+    "write a finished run as its peft adapter, a plain transformers model (--merge) or a GGUF file (--format gguf)",
+)
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory written by adaptkit train")
-    p.add_argument("out", help="directory to write")
+    p.add_argument("out", help="directory to write (a .gguf file for --format gguf)")
     p.add_argument(
         "--merge",
         action="store_true",
-        help="fold the strategies into the weights (AutoModel...from_pretrained loads it)",
+        help="fold the strategies into the weights (AutoModel...from_pretrained loads it); --format transformers",
+    )
+    p.add_argument(
+        "--format",
+        choices=["peft", "transformers", "gguf"],
+        help="peft (the adapter, the default), transformers (merged) or gguf (merged, for llama.cpp)",
+    )
+    p.add_argument(
+        "--quant", choices=["f16", "f32", "q8_0"], default="f16", help="GGUF weight type (with --format gguf)"
     )
     p.set_defaults(run=cmd_export)
 
@@ -309,11 +324,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export and print where it went."""
-    from adaptkit.runs import export, open_run
+    from adaptkit.export import export
+    from adaptkit.runs import open_run
 
-    out = export(open_run(args.run_dir, _host(args)), args.out, args.merge)
+    if args.merge and args.format not in (None, "transformers"):
+        raise ConfigError(f"--merge is --format transformers; it cannot go with --format {args.format}")
+    fmt = args.format or ("transformers" if args.merge else "peft")
+    out = export(open_run(args.run_dir, _host(args)), args.out, fmt, args.quant)
     print(f"adaptkit: wrote {out}", file=sys.stderr)
     return 0
+
+
+@command(
+    "check-plugin", "run the strategy conformance kit on an installed strategy and print a pass/fail table"
+)
+def _check_plugin_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("strategy", help="a registered strategy name (see `adaptkit strategies`)")
+    p.add_argument(
+        "--config", action="append", default=[], metavar="KEY=VALUE", help="a strategy option (repeatable)"
+    )
+    p.add_argument(
+        "--family",
+        action="append",
+        choices=["bert", "gpt2", "llama", "vit"],
+        help="model families (default: all)",
+    )
+    p.add_argument(
+        "--two-processes", action="store_true", help="also train under DDP on 2 CPU processes (slower)"
+    )
+    p.set_defaults(run=cmd_check_plugin)
+
+
+def cmd_check_plugin(args: argparse.Namespace) -> int:
+    """Print the conformance table; exit 1 when a check fails."""
+    from adaptkit.recipe.yaml import parse_scalar
+    from adaptkit.testing.kit import check_from_cli
+
+    config = {}
+    for item in args.config:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--config {item!r}: write KEY=VALUE (for example --config r=8)")
+        config[key] = parse_scalar(value)
+    return check_from_cli(args.strategy, config, tuple(args.family or ()), args.two_processes, _host(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,78 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _field_rows(config_cls: Any) -> list[dict[str, str]]:
-    rows = []
-    for name, field in config_cls.model_fields.items():
-        annotation = field.annotation
-        plain = isinstance(annotation, type) and not typing.get_args(annotation)
-        # list[str] and Literal[...] keep their parameters: "list" alone would hide what is allowed
-        type_name = annotation.__name__ if plain else str(annotation).replace("typing.", "")
-        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        rows.append(
-            {"name": name, "type": type_name, "default": default, "description": field.description or ""}
-        )
-    return rows
-
-
 def cmd_strategies(args: argparse.Namespace) -> int:
-    """Print every registered strategy with its plugin, description and config fields."""
-    host = _host(args)
-    entries = [host.registries["strategies"][n] for n in sorted(host.registries["strategies"])]
-    rows = [
-        {
-            "name": e.name,
-            "plugin": e.plugin.name,
-            "distribution": e.plugin.distribution,
-            "version": e.plugin.version,
-            "description": e.description,
-            "fields": _field_rows(e.extra["config_class"]),
-        }
-        for e in entries
-    ]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for row in rows:
-        dist = f"{row['distribution']} {row['version']}" if row["distribution"] else row["plugin"]
-        print(f"{row['name']}  [plugin {row['plugin']}, {dist}]")
-        print(f"    {row['description']}")
-        for f in row["fields"]:
-            desc = f"  {f['description']}" if f["description"] else ""
-            print(f"      {f['name']}: {f['type']} = {f['default']}{desc}")
-    return 0
+    """Print every registered strategy with its plugin, capabilities and config fields."""
+    from adaptkit.listing import print_strategies
+
+    return print_strategies(_host(args), args.json)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     """Print every plugin, where it came from, its hooks, and why it failed if it did."""
-    host = _host(args)
-    rows = [
-        {
-            "name": p.name,
-            "module": p.module,
-            "source": p.source,
-            "distribution": p.distribution,
-            "version": p.version,
-            "hooks": p.hooks,
-            "status": "broken" if p.error else "ok",
-            "error": p.error,
-            "imports_torch": p.imports_torch,
-        }
-        for p in host.plugins
-    ]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for row in rows:
-        dist = f"{row['distribution']} {row['version']}" if row["distribution"] else row["module"]
-        print(f"{row['name']}  [{row['source']}, {dist}]  {row['status']}")
-        if row["error"]:
-            print(f"    error: {row['error']}")
-        else:
-            print(f"    hooks: {', '.join(row['hooks']) or 'none'}")
-        if row["imports_torch"]:
-            print("    note: imports torch when it loads, which slows every adaptkit command's start")
-    return 0
+    from adaptkit.listing import print_plugins
+
+    return print_plugins(_host(args), args.json)
 
 
 def _host(args: argparse.Namespace):

@@ -42,6 +42,10 @@ class NotMergeableError(StrategyError):
     """A strategy's changes cannot be folded into a plain model."""
 
 
+class UnownedParametersError(StrategyError):
+    """Parameters would train that no strategy owns (and so none would save)."""
+
+
 class SharedParameterError(StrategyError):
     """A parameter shared by two modules (tied embeddings) would be frozen or trained by accident."""
 

@@ -1,15 +1,15 @@
-"""Using a finished run: evaluate, predict, generate and export from its run directory."""
+"""Using a finished run: evaluate, predict and generate from its run directory (``adaptkit.export``
+exports it)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adaptkit.adapt.stack import Adapted
-from adaptkit.errors import AdaptkitError, ConfigError, NotMergeableError
+from adaptkit.errors import AdaptkitError
 from adaptkit.host.manager import PluginHost
 from adaptkit.recipe.schema import Recipe, validate
 from adaptkit.recipe.yaml import load_yaml
@@ -26,6 +26,9 @@ class OpenRun:
     splits: Any
     files: dict[str, str]
     batch_size: int  # the micro-batch it trained with (what ``auto`` chose): evaluation needs less memory
+    run_dir: Path
+    host: PluginHost
+    base_id: str | None  # the base model's public identifier (a hub id), where its loader knows one
 
 
 def open_run(run_dir: str | Path, host: PluginHost, data: str | None = None) -> OpenRun:
@@ -46,8 +49,9 @@ def open_run(run_dir: str | Path, host: PluginHost, data: str | None = None) -> 
     adapted = Adapted.load(loaded.model, run_dir / "final", host=host)
     adapted.model.eval()
     return OpenRun(
-        recipe, task, loaded.processor, adapted, base.splits, base.files, trained_batch_size(run_dir, recipe)
-    )
+        recipe, task, loaded.processor, adapted, base.splits, base.files, trained_batch_size(run_dir, recipe),
+        run_dir, host, loaded.public_id,
+    )  # fmt: skip
 
 
 def trained_batch_size(run_dir: Path, recipe: Recipe) -> int:
@@ -123,35 +127,3 @@ def generate(run: OpenRun, prompt: str, max_new_tokens: int = 64) -> str:
             pad_token_id=tok.pad_token_id or tok.eos_token_id,
         )
     return tok.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
-
-
-def export(run: OpenRun, out: str | Path, merge: bool) -> Path:
-    """Write a plain transformers directory (``merge``) or the peft adapter of the run."""
-    out = Path(out)
-    if merge:
-        try:
-            model = run.adapted.merge()
-        except NotMergeableError as exc:
-            raise AdaptkitError(f"{exc}; export without --merge to get the strategy state") from None
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        run.processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        return out
-    peft_strategies = [s for s in run.adapted.strategies if s.wraps_with_peft]
-    if not peft_strategies or len(run.adapted.strategies) > 1:
-        raise ConfigError(
-            f"only a single peft strategy exports as an adapter (this run has {[s.name for s in run.adapted.strategies]}); use --merge"
-        )
-    src = Path(run.adapted.strategies[0].name)
-    run.adapted.save(out.with_name(f".{out.name}.stack"))
-    stack_dir = out.with_name(f".{out.name}.stack")
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.move(str(stack_dir / src), out)
-    shutil.rmtree(stack_dir, ignore_errors=True)
-    (out / "adaptkit_recipe.json").write_text(json.dumps(run.recipe.model_dump(mode="json"), indent=2))
-    return out

@@ -63,8 +63,9 @@ def test_strategies_lists_the_example_plugin_with_its_distribution_and_fields():
         lines[i + 1].strip()
         == "BitFit: train only the bias terms, plus the task head (Ben Zaken et al., 2021)."
     )
+    assert lines[i + 2].strip().startswith("mergeable; saves its weights; combines with others")
     assert (
-        lines[i + 2].strip()
+        lines[i + 3].strip()
         == "train_head: bool = True  also train the task head (everything outside the backbone)"
     )
     assert any(line.startswith("freeze  [plugin freeze, adaptkit ") for line in lines)

@@ -754,3 +754,20 @@ def test_a_strategy_error_stops_a_run_once_before_any_weight_loads(tmp_path, cap
     assert err.count("tied_head") == 1 and "memory estimate skipped" not in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "runs" / "r" / "summary.json").exists()
+
+
+def test_lisa_optimizer_states_cover_the_drawn_blocks_only(llama_dir, host, estimator):
+    """LISA drops the optimizer state of the blocks it draws out, so the estimate counts the state
+    of what trains at the last step: everything outside the blocks and one drawn block."""
+    est = estimator.estimate(make_recipe(llama_dir, [{"name": "lisa", "active_layers": 1}], host))
+    outside = PARAMS - LAYERS * BLOCK_PARAMS
+    assert est.optimizer_states == 8 * (outside + BLOCK_PARAMS)
+    assert est.trainable_parameters == outside + BLOCK_PARAMS
+
+
+def test_a_base_rewriting_lora_init_counts_the_copy_it_keeps(llama_dir, host, estimator):
+    """PiSSA keeps the adapter as initialised (its export subtracts it): one more float32 copy."""
+    plain = estimator.estimate(make_recipe(llama_dir, [{"name": "lora", "r": 4}], host))
+    pissa = estimator.estimate(make_recipe(llama_dir, [{"name": "lora", "r": 4, "init": "pissa"}], host))
+    assert plain.trainable_parameters == pissa.trainable_parameters == 8192  # the adapters only
+    assert pissa.trainable_weights == 2 * plain.trainable_weights == 2 * 4 * 8192

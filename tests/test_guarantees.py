@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from adaptkit.testing import save_tiny_pretrained, write_sentiment
+from adaptkit.testing.kit import adaptkit_command
 
 # 96 rows at a micro-batch of 8: 12 steps an epoch; 16 steps cross into the second epoch.
 ROWS, STEPS = 96, 16
@@ -157,14 +158,7 @@ def env(work: Path, **extra: str) -> dict[str, str]:
 
 def launch(work: Path, args: list[str], processes: int = 1, **extra: str) -> subprocess.CompletedProcess:
     """``adaptkit ARGS`` in a child process, or under ``accelerate launch`` on N CPU processes."""
-    if processes == 1:
-        cmd = [sys.executable, "-m", "adaptkit", *args]
-    else:
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "adaptkit", *args,
-        ]  # fmt: skip
+    cmd = adaptkit_command(args, processes)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env(work, **extra))
 
 
@@ -298,6 +292,18 @@ def test_a_sharded_launch_without_gpus_is_refused_in_one_line(work, flag):
     assert not (work / "runs" / path.stem).exists()  # nothing written
 
 
+@pytest.mark.distributed
+def test_a_recipe_refused_under_two_processes_is_said_once(work):
+    """Every process of a launch reads the same recipe and finds the same problem: one line, not two."""
+    path = recipe(work, "refused_twice", "[neftune]", train="max_steps: 2, micro_batch_size: 8")
+    res = launch(work, ["train", str(path)], processes=2)
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if line.startswith("adaptkit: error:")]
+    assert len(errors) == 1, res.stderr[-4000:]
+    assert "only change how training runs" in errors[0]
+    assert not (work / "runs" / path.stem).exists()
+
+
 FRESH_INTERPRETER = r"""
 import importlib.abc, json, sys
 
@@ -325,11 +331,19 @@ print(json.dumps(out))
 """
 
 
-EXPORTED = {**STRATEGIES, "freeze": "[{name: freeze, trainable_top_blocks: 1}]"}
+EXPORTED = {
+    **STRATEGIES,
+    "freeze": "[{name: freeze, trainable_top_blocks: 1}]",
+    # a training-only strategy leaves nothing to export: the adapter and the merge are as without it
+    "lora+neftune": "[{name: lora, r: 4}, neftune]",
+    "full+neftune": "[full, neftune]",
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["lora", "full", "freeze"])  # adapters cannot merge (non-linear)
+@pytest.mark.parametrize(
+    "strategy", ["lora", "full", "freeze", "lora+neftune", "full+neftune"]
+)  # adapters cannot merge
 def test_exports_load_without_adaptkit_and_reproduce_the_run(work, tmp_path, strategy):
     """The merged model (plain transformers) and, for LoRA, the adapter (plain peft) give the
     run's logits in an interpreter where importing adaptkit fails."""
@@ -338,7 +352,7 @@ def test_exports_load_without_adaptkit_and_reproduce_the_run(work, tmp_path, str
     from adaptkit.host.manager import get_plugin_host
     from adaptkit.runs import open_run
 
-    name = f"export_{strategy}"
+    name = f"export_{strategy.replace('+', '_')}"
     train_fresh(work, name, EXPORTED[strategy], train="max_steps: 4, lr: 1.0e-2, micro_batch_size: 8")
     run_dir = work / "runs" / name
     texts = ["the movie was great", "awful and dull, the worst"]
@@ -348,7 +362,7 @@ def test_exports_load_without_adaptkit_and_reproduce_the_run(work, tmp_path, str
         expected = opened.adapted.model(**batch).logits
     assert launch(work, ["export", str(run_dir), str(tmp_path / "merged"), "--merge"]).returncode == 0
     adapter = "-"
-    if strategy == "lora":
+    if strategy.startswith("lora"):
         adapter = str(tmp_path / "adapter")
         assert launch(work, ["export", str(run_dir), adapter]).returncode == 0
     args = [str(tmp_path / "merged"), adapter, str(work / "bert"), json.dumps(texts)]

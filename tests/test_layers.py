@@ -26,7 +26,15 @@ LAYERS: list[tuple[str, ...]] = [
     ("adaptkit.estimate",),
     ("adaptkit.train",),
     ("adaptkit.compare",),
-    ("adaptkit.runs", "adaptkit.testing", "adaptkit.cli", "adaptkit.__main__", "adaptkit"),
+    (
+        "adaptkit.runs",
+        "adaptkit.export",
+        "adaptkit.testing",
+        "adaptkit.listing",
+        "adaptkit.cli",
+        "adaptkit.__main__",
+        "adaptkit",
+    ),
 ]
 
 #: What a plugin may import from adaptkit: its public plugin API and the types hooks receive.

@@ -391,3 +391,66 @@ def test_minilm_classification_run_through_a_recipe(real_home, host, tmp_path, m
         assert changed == (".layer.5." in name or name.startswith("classifier.")), (
             f"{name}: changed={changed}"
         )
+
+
+LOAD_ELSEWHERE = r"""
+import json, sys
+import torch
+from transformers import AutoTokenizer
+from adaptkit.export.loading import load_adapter
+
+model = load_adapter(sys.argv[1])
+tok = AutoTokenizer.from_pretrained(sys.argv[1])  # the tokenizer travels with the adapter
+with torch.no_grad():
+    print(json.dumps(model(**tok(json.loads(sys.argv[2]), padding=True, return_tensors="pt")).logits.tolist()))
+"""
+
+
+@pytest.mark.slow
+def test_a_minilm_adapter_names_its_hub_base_and_loads_from_another_cache_by_name(
+    real_home, host, tmp_path, monkeypatch
+):
+    """The export names the packaged model's hub id as its base (not this machine's cache path), and
+    on another cache layout, with pip cut off, ``load_adapter`` finds the base by its packaged name
+    and gives the run's logits."""
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    from adaptkit.runs import open_run
+    from adaptkit.testing import write_sentiment
+
+    fetch_timed(MINILM)
+    write_sentiment(tmp_path / "train.jsonl", 48, seed=0)
+    (tmp_path / "m.yaml").write_text(
+        f"model: {{source: {MINILM}, task: classification}}\n"
+        f"data: {{source: {tmp_path / 'train.jsonl'}, max_length: 16}}\n"
+        "strategies: [{name: lora, r: 4}]\n"
+        "train: {max_steps: 2, lr: 1.0e-2, micro_batch_size: 8}\n"
+        f"output: {tmp_path}/runs/{{name}}\n"
+    )
+    assert main(["train", str(tmp_path / "m.yaml")]) == 0
+    run_dir, out = tmp_path / "runs" / "m", tmp_path / "adapter"
+    assert main(["export", str(run_dir), str(out)]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in (out / "README.md").read_text()
+    texts = ["the movie was great", "awful and dull, the worst"]
+    opened = open_run(run_dir, host)
+    with torch.no_grad():
+        expected = opened.adapted.model(**opened.processor(texts, padding=True, return_tensors="pt")).logits
+    elsewhere = tmp_path / "another" / "cache"
+    shutil.copytree(real_home / "models", elsewhere / "models")
+    cut_off_pip(monkeypatch)  # only the copy can serve the base
+    env = {**os.environ, "ADAPTKIT_HOME": str(elsewhere), "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    res = subprocess.run(
+        [sys.executable, "-c", LOAD_ELSEWHERE, str(out), json.dumps(texts)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.tensor(json.loads(res.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -361,6 +361,27 @@ def test_hookimpls_of_unknown_hooks_are_refused_whatever_their_name(plugin):
     assert_fully_gone(host, "typo")
 
 
+class _Wrapper:
+    @hookimpl(wrapper=True)
+    def adaptkit_on_step_end(self, run, step, logs):
+        return (yield)
+
+
+class _OldStyleWrapper:
+    @hookimpl(hookwrapper=True)
+    def adaptkit_on_train_end(self, run, summary):
+        yield
+
+
+@pytest.mark.parametrize("plugin", [_Wrapper, _OldStyleWrapper])
+def test_wrapper_hookimpls_are_refused_since_they_would_never_run(plugin):
+    """adaptkit calls each plugin's notification on its own: a wrapper's body would never execute."""
+    host = PluginHost()
+    assert not host.add(plugin(), PluginInfo("wrapping", "tests", "-p"))
+    assert "wrapper=True" in host.broken[0].error and "plain @hookimpl" in host.broken[0].error
+    assert_fully_gone(host, "wrapping")
+
+
 def test_a_register_hook_without_the_register_argument_is_fine():
     class TakesNothing:
         @hookimpl
@@ -658,3 +679,50 @@ def test_a_bug_in_a_strategy_is_one_message_naming_the_strategy_and_its_plugin(t
     assert message.startswith("strategy 'broken' of plugin 'broken_plugin' (broken_plugin) failed in apply")
     assert message.endswith("KeyError: 'missing key'")
     assert isinstance(caught.value.__cause__, KeyError)  # the original, for a debugger
+
+
+BUGGY_LATER = '''
+from adaptkit import Strategy, StrategyConfig, hookimpl
+from adaptkit.contract.anatomy import head_parameter_names
+
+
+class BuggyLater(Strategy):
+    """Applies fine; its check, save and merge each have a bug."""
+
+    def apply(self, model):
+        head = set(head_parameter_names(model))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in head)
+        self.owned = {n: p for n, p in model.named_parameters() if n in head}
+        return model
+
+    def save(self, model, directory):
+        raise OSError("disk on fire")
+
+    def merge(self, model):
+        return model.no_such_attribute
+
+
+@hookimpl
+def adaptkit_register_strategies(register):
+    register("buggy_later", BuggyLater, StrategyConfig)
+'''
+
+
+def test_a_bug_in_save_or_merge_also_names_the_strategy_and_its_plugin(tmp_path, monkeypatch):
+    import adaptkit
+    from adaptkit.errors import PluginError
+    from adaptkit.testing import tiny_model
+
+    (tmp_path / "buggy_later.py").write_text(BUGGY_LATER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    adapted = adaptkit.apply(
+        tiny_model("bert"), "buggy_later", host=get_plugin_host(["buggy_later"], autoload=False)
+    )
+    with pytest.raises(
+        PluginError, match=r"^strategy 'buggy_later' of plugin .* failed in save: OSError: disk on fire"
+    ):
+        adapted.save(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()  # nothing half-written
+    with pytest.raises(PluginError, match=r"failed in merge: AttributeError"):
+        adapted.merge()

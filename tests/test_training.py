@@ -333,7 +333,8 @@ def test_export_merged_reproduces_the_run_and_predict_works(workdir, host, tmp_p
     import torch
     import transformers
 
-    from adaptkit.runs import export, open_run, predict
+    from adaptkit.export import export
+    from adaptkit.runs import open_run, predict
     from adaptkit.train.loop import train
 
     name = "exp_lora" if "lora" in strategies else "exp_freeze"
@@ -343,7 +344,7 @@ def test_export_merged_reproduces_the_run_and_predict_works(workdir, host, tmp_p
     batch = opened.processor(["the movie was great", "awful and dull"], padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = opened.adapted.model(**batch).logits
-    out = export(opened, tmp_path / "merged", merge=True)
+    out = export(opened, tmp_path / "merged", "transformers")
     plain = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     with torch.no_grad():
         got = plain(**batch).logits
@@ -354,7 +355,7 @@ def test_export_merged_reproduces_the_run_and_predict_works(workdir, host, tmp_p
         import peft
 
         # merging folded the adapter into the weights of `opened`: export from a fresh open
-        adapter = export(open_run(workdir / "runs" / name, host), tmp_path / "adapter", merge=False)
+        adapter = export(open_run(workdir / "runs" / name, host), tmp_path / "adapter", "peft")
         base = transformers.AutoModelForSequenceClassification.from_pretrained(
             workdir / "bert", num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1}
         )

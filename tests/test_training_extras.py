@@ -512,10 +512,11 @@ def reference_generation(run_dir: Path, tmp_path: Path, prompt: str, max_new_tok
     import torch
     import transformers
 
-    from adaptkit.runs import export, open_run
+    from adaptkit.export import export
+    from adaptkit.runs import open_run
     from adaptkit.testing import plugin_host
 
-    out = export(open_run(run_dir, plugin_host()), tmp_path / f"{run_dir.name}-merged", merge=True)
+    out = export(open_run(run_dir, plugin_host()), tmp_path / f"{run_dir.name}-merged", "transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out)
     if tok.chat_template:

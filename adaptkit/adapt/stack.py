@@ -6,15 +6,19 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptkit.contract.strategy import Strategy, TrainState
-from adaptkit.errors import AdaptkitError, CheckpointError, ConfigError, PluginError, StrategyError
+from adaptkit.contract.strategy import Event, Strategy, TrainState
+from adaptkit.errors import (
+    CheckpointError,
+    ConfigError,
+    StrategyError,
+    UnownedParametersError,
+)
 from adaptkit.host.manager import default_host
-from adaptkit.host.specs import StrategySpec
+from adaptkit.host.specs import StrategySpec, strategy_code
 
 if TYPE_CHECKING:
     import torch
@@ -24,22 +28,6 @@ if TYPE_CHECKING:
 
 MANIFEST = "adaptkit.json"
 FORMAT_VERSION = 1
-
-
-@contextmanager
-def strategy_code(strategy: Strategy, what: str) -> Iterator[None]:
-    """Run a strategy's own code (``what``: ``apply``, ``on_event``): an exception that is not one
-    of adaptkit's becomes one ``PluginError`` naming the strategy and the plugin that registered
-    it, instead of a traceback that names neither."""
-    try:
-        yield
-    except AdaptkitError:
-        raise
-    except Exception as exc:
-        origin = f" of {strategy.origin}" if strategy.origin else ""
-        raise PluginError(
-            f"strategy '{strategy.name}'{origin} failed in {what}: {type(exc).__name__}: {exc}"
-        ) from exc
 
 
 class Adapted:
@@ -70,7 +58,10 @@ class Adapted:
 
     def pending_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters some strategy will unfreeze later (kept out of updates until then)."""
-        pending = {id(p): p for s in self.strategies for p in s.pending_parameters(self.model)}
+        pending = {}
+        for s in self.strategies:
+            with strategy_code(s, "pending_parameters"):
+                pending.update((id(p), p) for p in s.pending_parameters(self.model))
         return [p for p in pending.values() if not p.requires_grad]
 
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
@@ -88,7 +79,9 @@ class Adapted:
         for p in candidates:
             assigned[id(p)] = (p, "default", lr)
         for s in self.strategies:
-            for group in s.param_groups(self.model, lr) or []:
+            with strategy_code(s, "param_groups"):
+                own = s.param_groups(self.model, lr) or []
+            for group in own:
                 for p in group["params"]:
                     if id(p) in assigned:
                         assigned[id(p)] = (p, f"{s.name}:{group.get('name', '')}", group.get("lr", lr))
@@ -101,13 +94,35 @@ class Adapted:
             for (name, group_lr, decays), ps in groups.items()
         ]
 
-    def on_event(self, event: str, state: TrainState) -> bool:
-        """Pass a training event to every strategy; True if the trainable set changed."""
-        changed = False
-        for s in self.strategies:
+    def on_event(self, event: str, state: TrainState, strategies: list[Strategy] | None = None) -> None:
+        """Pass a training event to every strategy (or to ``strategies``), in stack order."""
+        event = Event(event)
+        for s in self.strategies if strategies is None else strategies:
             with strategy_code(s, "on_event"):
-                changed = s.on_event(self.model, event, state) or changed
-        return changed
+                s.on_event(self.model, event, state)
+
+    def owner_of(self, param: torch.nn.Parameter) -> Strategy | None:
+        """The strategy that owns ``param`` (the last one in the stack, if several do), or None."""
+        return next((s for s in reversed(self.strategies) if any(q is param for q in s.owned.values())), None)
+
+    def check_ownership(self) -> None:
+        """Refuse trainable (or pending) parameters that no strategy owns: they would train, yet no
+        strategy would save them, so a reloaded model would differ from the trained one."""
+        owned = {id(p) for s in self.strategies for p in s.owned.values()}
+        pending = {id(p) for p in self.pending_parameters()}
+        orphans = [
+            name
+            for name, p in self.model.named_parameters()  # a tied parameter is listed once
+            if id(p) not in owned and (p.requires_grad or id(p) in pending)
+        ]
+        if orphans:
+            shown = ", ".join(orphans[:4]) + (f" and {len(orphans) - 4} more" if len(orphans) > 4 else "")
+            raise UnownedParametersError(
+                f"{len(orphans)} trainable parameters belong to no strategy of "
+                f"{[s.name for s in self.strategies]} "
+                f"({shown}): they would train but not be saved. A strategy must list what it trains in its "
+                "'owned'; or add one that owns them (freeze trains the head, full trains everything)"
+            )
 
     # -- saving, loading, merging ------------------------------------------------------------
 
@@ -115,15 +130,17 @@ class Adapted:
         """Save what the strategies changed, atomically: a temporary directory, then a rename.
 
         ``directory/adaptkit.json`` names the stack and the base model's fingerprint; each
-        strategy writes into ``directory/<strategy name>/`` (LoRA in peft's own format).
+        strategy writes into ``directory/<strategy name>/`` (LoRA in peft's own format), except a
+        training-only one, which has nothing to save.
         """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
         try:
-            for s in self.strategies:
+            for s in self.saving:
                 (tmp / s.name).mkdir()
-                s.save(self.model, tmp / s.name)
+                with strategy_code(s, "save"):
+                    s.save(self.model, tmp / s.name)
             manifest = {
                 "format": FORMAT_VERSION,
                 "strategies": [
@@ -172,8 +189,14 @@ class Adapted:
 
     def load_state(self, directory: str | Path) -> None:
         """Load what ``save`` wrote into this already adapted model (a fresh apply, or a resume)."""
-        for s in self.strategies:
-            self.model = s.load(self.model, Path(directory) / s.name)
+        for s in self.saving:
+            with strategy_code(s, "load"):
+                self.model = s.load(self.model, Path(directory) / s.name)
+
+    @property
+    def saving(self) -> list[Strategy]:
+        """The strategies that save weights (every one but the training-only ones)."""
+        return [s for s in self.strategies if not s.training_only]
 
     def merge(self) -> nn.Module:
         """Fold every strategy into a plain model (outermost first) and return it.
@@ -183,7 +206,8 @@ class Adapted:
         """
         model = self.model
         for s in reversed(self.strategies):
-            model = s.merge(model)
+            with strategy_code(s, "merge"):
+                model = s.merge(model)
         return model
 
 
@@ -241,4 +265,6 @@ def apply(
             model = s.apply(model)
     # peft creates its dropout modules in training mode even on a model in eval mode.
     model.train(was_training)
-    return Adapted(model, stack, fingerprint)
+    adapted = Adapted(model, stack, fingerprint)
+    adapted.check_ownership()
+    return adapted

@@ -15,6 +15,9 @@ class LoadedModel:
     model: Any
     processor: Any
     source: str
+    #: The base's public identifier (a hub id) that another machine can load it by, where the
+    #: loader knows one; None for a local directory. Exports name their base by it.
+    public_id: str | None = None
 
 
 class ModelSource(Protocol):

@@ -11,8 +11,9 @@ This module must not import torch: ``adaptkit strategies`` reads these classes w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -33,6 +34,20 @@ class StrategyConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Event(str, Enum):
+    """The training events a strategy's ``on_event`` receives, in the order they fire.
+
+    A ``str`` enum: ``event == "step_start"`` holds, so a strategy may compare with plain strings.
+    """
+
+    #: once, before the first step of the run (and again, with the restored state, on resume)
+    TRAIN_START = "train_start"
+    #: at the start of every epoch, before its first step
+    EPOCH_START = "epoch_start"
+    #: before every optimizer step (``state.step`` steps already taken)
+    STEP_START = "step_start"
 
 
 @dataclass
@@ -62,14 +77,49 @@ class Strategy:
     saves the parameters it made trainable (``self.owned``) and merges as a no-op.
     """
 
+    # -- declared capabilities: the host checks them before anything loads, and
+    # ``adaptkit strategies`` shows them ---------------------------------------------------------
+
     #: False when the strategy's effect cannot be folded into a plain model (``merge`` raises).
-    mergeable: ClassVar[bool] = True
-    #: True when the strategy trains the whole model and so combines with nothing else.
+    #: A strategy whose mergeability depends on its config sets it on the instance in ``__init__``.
+    mergeable: bool = True
+    #: True when the strategy changes only how training runs (noise, sampling) and leaves no
+    #: weights of its own: it saves nothing, merges as a no-op, and combines even with ``full``.
+    training_only: ClassVar[bool] = False
+    #: True when the strategy trains the whole model and so combines with nothing else
+    #: (except training-only strategies).
     exclusive: ClassVar[bool] = False
     #: True when ``apply`` wraps the model in a ``peft.PeftModel``; a stack holds at most one.
     wraps_with_peft: ClassVar[bool] = False
+    #: False when the strategy cannot work on a base an earlier strategy quantized (QLoRA).
+    quantized_base: ClassVar[bool] = True
+    #: Launches the strategy works under: one process, several (DDP), sharded (FSDP, DeepSpeed).
+    launches: ClassVar[frozenset[str]] = frozenset({"single", "ddp"})
+    #: Registered task names the strategy supports, or None for every task.
+    tasks: ClassVar[tuple[str, ...] | None] = None
+    #: What happens to the optimizer state (AdamW's moments) of a parameter this strategy freezes
+    #: again: ``keep`` it (it resumes where it was when unfrozen later) or ``drop`` it (memory
+    #: goes back; the parameter starts afresh when unfrozen).
+    refrozen_state: ClassVar[Literal["keep", "drop"]] = "keep"
     #: The plugin that registered the strategy, as messages name it; set by the host.
     origin: str = ""
+
+    @property
+    def quantizes_base(self) -> bool:
+        """True when ``apply`` quantizes the base (later strategies then see a quantized model)."""
+        return False
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        """The declared capabilities, as ``adaptkit strategies`` prints them."""
+        return {
+            "mergeable": cls.mergeable,
+            "saves": "nothing (training-time only)" if cls.training_only else "its weights",
+            "combines": "only with training-only strategies" if cls.exclusive else "with others",
+            "quantized_base": cls.quantized_base,
+            "launches": sorted(cls.launches),
+            "tasks": list(cls.tasks) if cls.tasks is not None else "all",
+        }
 
     def __init__(self, config: StrategyConfig, name: str | None = None):
         self.config = config
@@ -113,27 +163,52 @@ class Strategy:
         """
         return []
 
-    def on_event(self, model: nn.Module, event: str, state: TrainState) -> bool:
-        """React to ``train_start``, ``epoch_start`` or ``step_start``.
+    def on_event(self, model: nn.Module, event: Event, state: TrainState) -> None:
+        """React to a training ``event`` (see ``Event``): set ``requires_grad`` as this strategy wants now.
 
-        Return True when the set of trainable parameters changed.
+        Decide from ``state`` alone (not from what happened before), so that a resumed run lands on
+        the same trainable set. The host undoes its own marking for DDP before every event, so
+        setting the set only when it changes is enough; it notices changes by itself (any return
+        value is ignored). A parameter made trainable here must be one ``pending_parameters``
+        listed: the optimizer and DDP are built once, from what trains or is pending at the start.
         """
-        return False
+
+    def optimizer_state_parameters(self, model: nn.Module) -> list[torch.nn.Parameter] | None:
+        """Parameters of this strategy that may hold optimizer state at the run's last step, for the
+        memory estimate; None means those trainable then. A strategy that keeps state for parameters
+        it froze again (``refrozen_state = "keep"``) lists them too."""
+        return None
 
     # -- saving, loading, merging ------------------------------------------------------------
 
     def save(self, model: nn.Module, directory: Path) -> None:
-        """Write what this strategy changed (and only that) into ``directory``."""
+        """Write what this strategy changed (and only that) into ``directory``.
+
+        Not called for a training-only strategy, which has nothing to save.
+        """
         from adaptkit.files import save_tensors
 
         save_tensors({name: p.detach() for name, p in self.owned.items()}, directory / WEIGHTS_FILE)
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
-        """Load what ``save`` wrote onto ``model``, a fresh base this strategy was just applied to."""
+        """Load what ``save`` wrote onto ``model``, a fresh base this strategy was just applied to.
+
+        Not called for a training-only strategy.
+        """
         from adaptkit.files import load_into
 
         load_into(self.owned, directory / WEIGHTS_FILE, owner=self.name)
         return model
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """Write what a user of the strategy's own library loads without adaptkit (a peft adapter
+        that applies to the untouched base, say); the default is what ``save`` writes."""
+        self.save(model, directory)
+
+    def held_bytes(self, model: nn.Module) -> int:
+        """Memory the strategy holds besides the model's parameters (a copy of its initial state),
+        for the memory estimate."""
+        return 0
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold this strategy into a plain model for export and return it.

@@ -97,7 +97,9 @@ class Estimator:
 
         trainable_numel = sum(p.numel() for p in prep.trainable)
         trainable_bytes = 4 * trainable_numel  # training keeps trainable weights in float32
-        states = sum(optimizer_state_bytes(spec.optimizer, p.numel()) for p in prep.trainable)
+        # and some strategies a copy of them besides (PiSSA's initial adapter, for its export)
+        trainable_bytes += sum(s.held_bytes(prep.model) for s in prep.adapted.strategies)
+        states = sum(optimizer_state_bytes(spec.optimizer, p.numel()) for p in prep.stateful)
         frozen = sum(prep.frozen_by_dtype.values())
         activations, lora_dropout = activation_terms(profile, checkpointing)
         checkpoint_pages = self._checkpoint_pages(prep, recipe)

@@ -35,6 +35,8 @@ class Prepared:
     frozen_by_dtype: dict[str, int]
     #: trainable parameters at the run's last stage
     trainable: list[Any]
+    #: parameters holding optimizer state then: those, and what strategies keep state for
+    stateful: list[Any]
     total_parameters: int
     #: checkpoint bytes of the layers that were quantized
     replaced_float_bytes: int
@@ -73,6 +75,15 @@ def final_stage(adapted: Any, spec: Any) -> None:
         state = TrainState(step=unbounded, epoch=max(0, math.ceil(spec.epochs) - 1), seed=spec.seed)
     for event in ("train_start", "epoch_start", "step_start"):
         adapted.on_event(event, state)
+
+
+def stateful_parameters(adapted: Any) -> list[Any]:
+    """Parameters that may hold optimizer state at the last step: those trainable then, and those
+    a strategy keeps state for after freezing them again (``Strategy.optimizer_state_parameters``)."""
+    chosen = {id(p): p for p in adapted.model.parameters() if p.requires_grad}
+    for s in adapted.strategies:
+        chosen.update((id(p), p) for p in s.optimizer_state_parameters(adapted.model) or [])
+    return list(chosen.values())
 
 
 def _meta_model(spec: Any, task: Any, config: Any) -> Any:
@@ -177,6 +188,7 @@ def build_prepared(recipe: Recipe, host: PluginHost) -> Prepared:
         blocks=blocks,
         frozen_by_dtype=frozen_by_dtype,
         trainable=[p for p in params.values() if p.requires_grad],
+        stateful=stateful_parameters(adapted),
         total_parameters=sum(p.numel() for p in params.values()),
         replaced_float_bytes=replaced,
         param_region={pid: r for pid, r in region.items() if pid in params},

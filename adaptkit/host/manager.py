@@ -31,7 +31,7 @@ import pluggy
 
 from adaptkit.contract import hookspecs
 from adaptkit.errors import AdaptkitError, ConfigError, PluginError, StrategyError
-from adaptkit.host.specs import StrategySpec, check_stack, describe_error, split_spec
+from adaptkit.host.specs import Setting, StrategySpec, check_stack, option_problems, split_spec
 from adaptkit.version import __version__
 
 ENTRY_POINT_GROUP = "adaptkit"
@@ -50,6 +50,8 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("adapters", "adaptkit_plugins.strategies.adapters"),
     ("gradual_unfreeze", "adaptkit_plugins.strategies.gradual_unfreeze"),
     ("peft", "adaptkit_plugins.strategies.peft_methods"),
+    ("neftune", "adaptkit_plugins.strategies.neftune"),
+    ("lisa", "adaptkit_plugins.strategies.lisa"),
     ("reasoning_gym", "adaptkit_plugins.data_sources.reasoning_gym"),
     ("baselines", "adaptkit_plugins.strategies.baselines"),
 )
@@ -156,6 +158,19 @@ class PluginHost:
                 plugin,
                 f"{unknown} {'is not an adaptkit hook' if len(unknown) == 1 else 'are not adaptkit hooks'} (known hooks: see adaptkit.contract.hookspecs)",
             )
+        wrappers = sorted(
+            c.name
+            for c in callers
+            for impl in c.get_hookimpls()
+            if impl.plugin is plugin and (impl.hookwrapper or getattr(impl, "wrapper", False))
+        )
+        if wrappers:  # notifications call each plugin on its own: a wrapper would silently never run
+            return self._refuse(
+                info,
+                plugin,
+                f"{wrappers} declared with wrapper=True or hookwrapper=True; adaptkit calls each plugin's "
+                "hooks on their own, so a wrapper would never run: use a plain @hookimpl",
+            )
         info.hooks = sorted(c.name for c in callers)
         staged, problem = self._collect(plugin, info)
         if problem:
@@ -250,8 +265,11 @@ class PluginHost:
 
     # -- recipes against what is installed -----------------------------------------------------
 
-    def build_strategies(self, specs: Iterable[StrategySpec], path: str = "strategies") -> list[Any]:
-        """Validate each spec with its plugin's config class and check the stack as a whole.
+    def build_strategies(
+        self, specs: Iterable[StrategySpec], path: str = "strategies", setting: Setting | None = None
+    ) -> list[Any]:
+        """Validate each spec with its plugin's config class and check the stack as a whole
+        (against ``setting``, the task and launch it will run in, where known).
 
         Returns the configured strategy objects in the recipe's order. Every problem is collected
         into one ConfigError, each with its dotted path (``strategies[1].r``).
@@ -276,23 +294,27 @@ class PluginHost:
             try:
                 config = config_class(**options)
             except ValidationError as exc:
-                problems.extend(_option_problems(exc, where, name, config_class))
+                problems.extend(option_problems(exc, where, name, config_class))
                 continue
             strategy = entry.obj(config, name=name)
             strategy.origin = entry.plugin.origin  # errors from its code name its plugin
             stack.append(strategy)
         if problems:
             raise ConfigError(problems)
-        check_stack(stack)
+        check_stack(stack, setting)
         return stack
 
     def recipe_problems(self, raw: dict) -> list[tuple[str, str]]:
         """What a raw recipe asks that the installed plugins cannot do: unknown or misconfigured
         strategies, an impossible stack, an unknown task. Each problem is (dotted path, message)."""
         problems: list[tuple[str, str]] = []
+        task = (
+            raw.get("model", {}).get("task", "classification") if isinstance(raw.get("model"), dict) else None
+        )
         if isinstance(raw.get("strategies"), list) and raw["strategies"]:  # [] is the schema's problem
             try:
-                self.build_strategies(raw["strategies"])
+                setting = Setting.from_environment(task if isinstance(task, str) else None)
+                self.build_strategies(raw["strategies"], setting=setting)
             except ConfigError as exc:
                 problems.extend(exc.problems)
             except AdaptkitError as exc:
@@ -303,18 +325,6 @@ class PluginHost:
             except AdaptkitError as exc:
                 problems.append(("model.task", str(exc)))
         return problems
-
-
-def _option_problems(exc: Any, where: str, name: str, config_class: Any) -> list[tuple[str, str]]:
-    """A strategy config's validation errors, each with its dotted path in the recipe."""
-    problems = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        message = describe_error(err)
-        if err["type"] == "extra_forbidden":
-            message = f"unknown option of '{name}'; its options are {', '.join(config_class.model_fields)}"
-        problems.append((f"{where}.{loc}" if loc else where, message))
-    return problems
 
 
 class _DuplicateName(Exception):

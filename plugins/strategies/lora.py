@@ -7,6 +7,7 @@ restores the whole trained state on a fresh base without adaptkit.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
@@ -18,6 +19,7 @@ from adaptkit_plugins.strategies._peft_common import (
     PeftStrategy,
     block_linear_names,
     check_ties,
+    finish_merge,
     is_linear,
     peft_task_type,
     resolve_module_names,
@@ -26,10 +28,22 @@ from adaptkit_plugins.strategies._peft_common import (
 if TYPE_CHECKING:
     from torch import nn
 
-#: ``init`` values and what peft's ``init_lora_weights`` gets. Methods that rewrite the base
-#: weights (pissa, olora) or need data (eva, corda, loftq) are left out: an adapter saved alone
-#: would then not fit the untouched base it is loaded onto.
-INITS = {"default": True, "random": False, "gaussian": "gaussian", "orthogonal": "orthogonal"}
+#: ``init`` values and what peft's ``init_lora_weights`` gets. Methods that need data (eva, corda)
+#: or a quantization round trip (loftq) are left out.
+INITS = {
+    "default": True,
+    "random": False,
+    "gaussian": "gaussian",
+    "orthogonal": "orthogonal",
+    "pissa": "pissa",
+    "olora": "olora",
+}
+#: Inits that start from a decomposition of the base weights and leave the residual in the base
+#: (PiSSA: the top singular vectors; OLoRA: a QR decomposition). The residual is a deterministic
+#: function of the base, so applying the strategy to the same base again rebuilds it: a checkpoint
+#: holds the adapter only. An export converts the adapter to a plain LoRA of rank 2r that applies
+#: to the untouched base (peft's own conversion, ``path_initial_model_for_weight_conversion``).
+REWRITES_BASE = ("pissa", "olora")
 
 
 class LoraConfig(StrategyConfig):
@@ -59,10 +73,11 @@ class LoraConfig(StrategyConfig):
     use_dora: bool = Field(
         False, description="weight-decomposed LoRA (DoRA): also train a magnitude per output"
     )
-    init: Literal["default", "random", "gaussian", "orthogonal"] = Field(
+    init: Literal["default", "random", "gaussian", "orthogonal", "pissa", "olora"] = Field(
         "default",
         description="adapter initialisation: default (B = 0, the model starts unchanged), gaussian, orthogonal, "
-        "or random (B != 0: the model changes at once; for tests)",
+        "pissa (the top singular vectors of each weight; the rest stays in the base), olora (its QR "
+        "decomposition), or random (B != 0: the model changes at once; for tests)",
     )
     blocks: str | None = Field(
         None, description="dotted path of the transformer block list, when it cannot be found automatically"
@@ -87,6 +102,56 @@ class Lora(PeftStrategy):
         super().__init__(config, name)
         #: Names of the GPT-2 Conv1D layers that were quantized (merging gives them back as Conv1D).
         self._conv1d: set[str] = set()
+        #: The adapter as initialised by a base-rewriting init (``REWRITES_BASE``), else None.
+        self._initial: dict | None = None
+
+    def check(self, stack, position):
+        """Refuse a base-rewriting init on a quantized base, then the usual stack checks."""
+        if self.config.init in REWRITES_BASE and self.config.quantize is not None:
+            raise StrategyError(
+                f"{self.name}: init {self.config.init} decomposes full-precision base weights; it cannot "
+                "start from a quantized base (drop quantize, or use init: default)"
+            )
+        super().check(stack, position)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Wrap with peft; a base-rewriting init also keeps the adapter as initialised, for export."""
+        wrapped = super().apply(model)
+        self._initial = None
+        if self.config.init in REWRITES_BASE:
+            from peft.utils import get_peft_model_state_dict
+
+            self._initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(wrapped).items()}
+        return wrapped
+
+    def held_bytes(self, model: nn.Module) -> int:
+        """A base-rewriting init keeps a float32 copy of the initial adapter (for export)."""
+        if self.config.init not in REWRITES_BASE:
+            return 0
+        return 4 * sum(p.numel() for n, p in self.owned.items() if ".lora_" in n)
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """peft's format; an adapter that started from a decomposition of the base is first converted,
+        by peft, to a plain LoRA of rank 2r that applies to the untouched base."""
+        if self._initial is None:
+            return super().export(model, directory)
+        import tempfile
+
+        from adaptkit.files import save_tensors
+
+        with tempfile.TemporaryDirectory() as tmp:
+            initial = Path(tmp) / "initial"
+            initial.mkdir()
+            model.peft_config["default"].save_pretrained(str(initial))
+            save_tensors(self._initial, initial / "adapter_model.safetensors")
+            model.save_pretrained(
+                str(directory), safe_serialization=True, path_initial_model_for_weight_conversion=str(initial)
+            )
+
+    @property
+    def quantizes_base(self) -> bool:
+        """True with ``quantize`` set: the strategies after this one see a 4-bit or 8-bit base."""
+        return self.config.quantize is not None
 
     # -- building ---------------------------------------------------------------------------
 
@@ -140,6 +205,11 @@ class Lora(PeftStrategy):
             raise StrategyError(
                 f"{self.name}: target_modules mix Conv1D layers {conv1d[:2]} with Linear layers; adapt one kind at a time"
             )
+        if conv1d and cfg.init == "olora":  # peft's OLoRA ignores fan_in_fan_out: the shapes would not fit
+            raise StrategyError(
+                f"{self.name}: init olora does not support Conv1D layers (GPT-2's {conv1d[0]}); "
+                "use pissa or default"
+            )
         tied = check_ties(model, modules_to_save, self.name, "modules_to_save")
         task_type = peft_task_type(model)
         head = {n.rpartition(".")[0] for n in head_parameter_names(model)}
@@ -186,8 +256,7 @@ class Lora(PeftStrategy):
         merged = model.merge_and_unload()  # only modules_to_save wrappers are left to unwrap
         for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
             merged.__dict__.pop(attr, None)
-        merged.train(was_training)
-        return merged
+        return finish_merge(merged, was_training)
 
 
 # -- quantization ------------------------------------------------------------------------------

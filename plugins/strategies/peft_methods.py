@@ -109,6 +109,11 @@ def _takes_past_key_values(model: nn.Module) -> bool:
 class PeftMethod(PeftStrategy):
     """Any other peft method (IA3, LoHa, LoKr, VeRA, prompt or prefix tuning, ...) by its config."""
 
+    def __init__(self, config, name=None):
+        super().__init__(config, name)
+        # whether it merges depends on the method: prompt-learning methods add tokens, not weights
+        self.mergeable = config.method not in _PROMPT_METHODS
+
     def peft_config(self, model: nn.Module, modules_to_save: list[str]):
         """The method's peft config: the user's options plus the task type and what to save."""
         cfg = self.config

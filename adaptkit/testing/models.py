@@ -1,4 +1,4 @@
-"""Helpers for testing adaptkit and its plugins: tiny models built from configs, and inputs.
+"""Tiny models built from configs, tokenizers and inputs, for tests of adaptkit and its plugins.
 
 No download happens here: every model is randomly initialised from a small config, so a test
 runs in seconds on a CPU. Plugin authors can use these in their own test suites.
