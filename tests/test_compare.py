@@ -226,7 +226,9 @@ def test_compare_end_to_end_numbers_match_the_runs(workdir):
     html = (root / "report.html").read_text()
     plots = {p.name for p in (root / "plots").glob("*.png")}
     assert "differences_vs_best.png" in plots  # each variant's paired difference from the best
-    assert html.count("data:image/png;base64,") == len(plots) == 5
+    # the variants name no rate of their own: each was range-tested (compare.lr: auto), and the curves are drawn
+    assert "lr_range_tests.png" in plots and "range test: 40 steps" in md
+    assert html.count("data:image/png;base64,") == len(plots) == 6
 
 
 @pytest.mark.slow
@@ -291,6 +293,10 @@ def test_lr_sweep_keeps_the_best_rate_for_every_seed(workdir):
     tried = meta["tuning"]["probe"]["tried"]
     best = max(tried, key=tried.get)
     assert meta["tuning"]["probe"]["chosen"] == {"train.lr": float(best)}
+    # with two rates the best is always at an edge: the report says the best may lie beyond it
+    side = "largest" if float(best) == 3.0e-2 else "smallest"
+    assert f"is the {side} tried" in meta["tuning"]["probe"]["edge"]
+    assert f"is the {side} tried; the best may lie beyond it" in (root / "report.md").read_text()
     runs = results(root)["runs"]
     assert [r["seed"] for r in runs] == [0, 1]
     assert runs[0]["run_dir"] == f"runs/probe-s0-lr{best}"

@@ -395,3 +395,70 @@ def test_a_skipped_estimate_is_recorded_and_reported(work):
     assert "## Memory estimates skipped" in report
     assert f"nometa (seed 0): memory estimate skipped, {reason}" in report
     assert "memory estimates skipped" in (work / "runs" / "skip" / "report.html").read_text().lower()
+
+
+def launch_two_machines(work: Path, args: list[str], env_by_machine: dict[int, dict[str, str]]) -> list:
+    """``adaptkit ARGS`` as two "machines" on this host: two ``accelerate launch --num_machines 2``
+    commands, machine ranks 0 and 1, one CPU process each (gloo), meeting at 127.0.0.1 as the nodes
+    of a cluster meet at their main node's address."""
+    port = str(29700 + os.getpid() % 1000)
+    procs = []
+    for rank in (0, 1):
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+            "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+            "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "adaptkit", *args,
+        ]  # fmt: skip
+        extra = env_by_machine.get(rank, {})
+        procs.append(
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(work, **extra)
+            )
+        )
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["lora", "gradual_unfreeze"])
+def test_two_machines_train_like_two_processes_and_resume_exactly_after_one_is_killed(work, strategy):
+    """Two nodes of one process each: the same weights as one machine with two processes (the data
+    is sharded by global rank alike); the second node killed at step 8 takes the first down with
+    it, and relaunching both resumes from the step-6 checkpoint to bitwise the same weights."""
+    expected = train_fresh(work, f"one_machine_{strategy}", STRATEGIES[strategy], processes=2)
+    path = recipe(work, f"two_machines_{strategy}", STRATEGIES[strategy])
+    never = {"KILL_AT_STEP": "-1"}
+    killed = launch_two_machines(
+        work, ["-p", "killer", "train", str(path), "--fresh"], {0: never, 1: {"KILL_AT_STEP": "8"}}
+    )
+    assert all(r.returncode != 0 for r in killed), [r.stderr[-2000:] for r in killed]
+    run_dir = work / "runs" / path.stem
+    assert not (run_dir / "summary.json").exists()
+    resumed = launch_two_machines(work, ["train", str(path)], {})
+    assert all(r.returncode == 0 for r in resumed), [r.stderr[-3000:] for r in resumed]
+    assert "(step 6)" in resumed[0].stderr  # the global main process says where it resumed
+    got = summary(work, path.stem)
+    assert (got["steps"], got["num_processes"], got["ranks_in_sync"]) == (STEPS, 2, True)
+    assert got["param_digest"] == expected["param_digest"]
+    assert got["trainable_parameters"] == expected["trainable_parameters"]
+    # one writer: complete checkpoints only, no temporary directory left by a second writer
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints and not [c for c in checkpoints if c.startswith(".")], checkpoints
+
+
+def test_the_multi_node_examples_are_valid_for_accelerate_and_bash():
+    """What a cluster user copies: the accelerate config parses as a 2-machine DDP config, and the
+    SLURM script is valid bash that launches adaptkit once per node with the machine rank from SLURM."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    config = load_config_from_file(str(root / "accelerate" / "multi_node.yaml"))
+    assert (config.num_machines, config.num_processes, config.distributed_type.value) == (2, 8, "MULTI_GPU")
+    script = root / "slurm" / "train_multinode.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "--machine_rank \\$SLURM_NODEID" in text and "-m adaptkit train" in text

@@ -129,5 +129,19 @@ def test_adaptkit_strategies_shows_the_declared_capabilities(capsys):
     assert rows["full"]["combines"] == "only with training-only strategies"
     assert rows["adapters"]["mergeable"] is False and rows["lora"]["mergeable"] is True
     assert rows["lisa"]["launches"] == ["ddp", "single"]
+    assert rows["lora"]["launches"] == ["ddp", "sharded", "single"]
     assert main(["strategies"]) == 0
     assert "not mergeable; saves its weights; combines with others" in capsys.readouterr().out
+
+
+def test_strategies_declare_the_learning_rates_that_suit_them(host):
+    """What trains decides the range: a probe's head learns at rates that would wreck full fine-tuning."""
+    probe, partial = (
+        host.build_strategies(["freeze"]),
+        host.build_strategies([{"name": "freeze", "trainable_top_blocks": 1}]),
+    )
+    assert probe[0].lr_range == (1e-3, 1e-1) and partial[0].lr_range == (1e-5, 1e-3)
+    full, lora = host.strategy("full").obj, host.strategy("lora").obj
+    assert full.lr_range[1] < lora.lr_range[1] < probe[0].lr_range[1]
+    assert full.capabilities()["learning_rates"] == [1e-5, 1e-4]
+    assert host.strategy("neftune").obj.capabilities()["learning_rates"] is None  # trains nothing itself

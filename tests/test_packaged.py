@@ -325,6 +325,35 @@ def test_smollm2_lora_run_through_a_recipe(real_home, host, tmp_path):
     for name, value in before.items():
         key = name if name in after else name.replace(".weight", ".base_layer.weight")
         assert torch.equal(after[key], value), f"{name} is frozen but changed"
+    answers_the_same_after_a_gguf_export(tmp_path / "runs" / "r", host, tmp_path / "gguf" / "r.gguf")
+
+
+def answers_the_same_after_a_gguf_export(run_dir: Path, host, out: Path) -> None:
+    """The run exported as f16 GGUF, read back by transformers' GGUF loader: the same tokens for
+    the chat prompts, and the same greedy answers to sums (and to a question it was trained on)."""
+    import torch
+    import transformers
+
+    from adaptkit.runs import generate, open_run
+
+    assert main(["export", str(run_dir), str(out), "--format", "gguf"]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    opened = open_run(run_dir, host)
+    questions = [f"What is {a} + {b}? Answer with the number only." for a, b in ((3, 4), (12, 7), (25, 17))]
+    for question in [*questions, "What colour is the sky on planet Zorb?"]:
+        chat = [{"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(
+            chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        theirs = opened.processor.apply_chat_template(
+            chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        assert torch.equal(ids["input_ids"], theirs["input_ids"]), question
+        with torch.no_grad():
+            out_ids = model.generate(**ids, max_new_tokens=12, do_sample=False)
+        answer = tokenizer.decode(out_ids[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert answer == generate(opened, question, max_new_tokens=12), question
 
 
 @pytest.mark.slow

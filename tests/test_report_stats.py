@@ -150,6 +150,16 @@ def test_mcnemar_exact_hand_worked():
     assert mcnemar_exact([0.5, 1.0], [1.0, 1.0]) is None  # not right/wrong scores
 
 
+def test_mcnemar_exact_on_thousands_of_discordant_examples():
+    """Two seeds of SST-2's 872 validation sentences pooled: the binomial counts outgrow a float."""
+    a = [1.0] * 900 + [0.0] * 1100
+    b = [0.0] * 900 + [1.0] * 1100
+    p = mcnemar_exact(a, b)  # 900 of 2000 discordant examples favour a: z = 4.5
+    assert 0 < p < 1e-4
+    even_a, even_b = [1.0] * 1000 + [0.0] * 1000, [0.0] * 1000 + [1.0] * 1000
+    assert mcnemar_exact(even_a, even_b) == pytest.approx(1.0)  # 1000 against 1000: no sign of a difference
+
+
 def test_paired_differences_need_the_same_examples():
     assert paired_differences({0: [1, 0], 1: [1, 1]}, {1: [0, 1], 2: [1, 1]})[1].tolist() == [1.0, 0.0]
     assert paired_differences({0: [1, 0]}, {0: [1, 0, 1]}) is None

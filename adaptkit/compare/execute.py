@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from adaptkit.compare.edges import search_edge, sweep_edge
 from adaptkit.compare.plan import count_runs
 from adaptkit.compare.runner import Runner, score
 from adaptkit.compare.spec import Plan
@@ -19,7 +20,7 @@ def execute(p: Plan, plugins: list[str] = (), echo: bool = True) -> dict[str, An
     tuning: dict[str, Any] = {}
     for label, jobs in p.variants.items():
         first, chosen = jobs[0], {}
-        if first.trains and p.spec.lr_sweep and first.tunes_lr:
+        if first.trains and p.spec.lr_mode == "sweep" and first.tunes_lr:
             tried = {lr: runner.run(first, f"-lr{lr:g}", {"train.lr": lr}) for lr in p.spec.lr_sweep}
             best_lr = max(tried, key=lambda lr: score(tried[lr]))
             chosen, first_row = {"train.lr": best_lr}, tried[best_lr]
@@ -27,16 +28,24 @@ def execute(p: Plan, plugins: list[str] = (), echo: bool = True) -> dict[str, An
                 "method": "lr_sweep",
                 "chosen": chosen,
                 "tried": {f"{lr:g}": tried[lr].get("best_metric") for lr in tried},
+                "edge": sweep_edge(list(tried), best_lr),
             }
             runner.log(f"{label}: learning rate {best_lr:g} chosen from {p.spec.lr_sweep}")
+        elif first.trains and p.spec.lr_mode == "auto" and first.tunes_lr:
+            from adaptkit.compare.lr_range import auto_rate
+
+            chosen, first_row, tuning[label] = auto_rate(runner, first)
         elif first.trains and p.spec.search:
             from adaptkit.compare.search import optimise
 
             chosen, first_row, trials = optimise(runner, first, p.spec.search)
-            tuning[label] = {"method": "optuna", "chosen": chosen, "trials": trials}
+            edge = search_edge(p.spec.search.space, chosen)
+            tuning[label] = {"method": "optuna", "chosen": chosen, "trials": trials, "edge": edge}
             runner.log(f"{label}: search chose {chosen}")
         else:
             first_row = runner.run(first)
+        if tuning.get(label, {}).get("edge"):
+            runner.log(f"{label}: note: {tuning[label]['edge']}")
         rows.append(first_row)
         write_plan(p, rows, tuning)  # after every run: an interrupted comparison can still report
         for job in jobs[1:]:

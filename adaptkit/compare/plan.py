@@ -129,7 +129,9 @@ def count_runs(p: Plan) -> int:
     """How many child runs the plan may start (sweeps and trials included)."""
     s, n = p.spec, 0
     for jobs in p.variants.values():
-        tuned = jobs[0].trains and ((s.lr_sweep and jobs[0].tunes_lr) or s.search)
+        first = jobs[0]
+        tuned = first.trains and ((s.lr_sweep and first.tunes_lr) or s.search)
         extra = (len(s.lr_sweep) if s.lr_sweep else s.search.trials if s.search else 0) if tuned else 0
-        n += len(jobs) + (extra - 1 if extra else 0)
+        range_test = first.trains and first.tunes_lr and s.lr_mode == "auto"
+        n += len(jobs) + (extra - 1 if extra else 0) + int(range_test)
     return n

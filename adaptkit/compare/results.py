@@ -47,6 +47,14 @@ def report_meta(meta: dict[str, Any]) -> dict[str, Any]:
         out["data options"] = json.dumps(data["options"])
     for label, t in (meta.get("tuning") or {}).items():
         out[f"tuning {label}"] = f"{t['method']}: {json.dumps(t['chosen'])}"
+        if t["method"] == "range_test":  # its cost counts: say what it took
+            seconds = f", {t['seconds']:.0f} s" if t.get("seconds") is not None else ""
+            low, high = t["tried"]
+            out[f"tuning {label}"] += (
+                f" (range test: {t['steps']} steps over [{low:g}, {high:g}]{seconds}; {t['rule']})"
+            )
+        if t.get("edge"):  # the best may lie beyond what was tried: the reader must know
+            out[f"tuning {label}"] += f" (note: {t['edge']})"
     if meta.get("cost_per_hour") is not None:
         out["cost per hour"] = f"{meta['cost_per_hour']:g}"
     out["date"] = time.strftime("%Y-%m-%d %H:%M")
@@ -60,6 +68,10 @@ def write_report(root: str | Path) -> tuple[dict[str, Path], str]:
 
     rows, meta = collect(root)
     files = write_report_files(
-        Path(root), rows, title=f"adaptkit comparison: {meta['name']}", meta=report_meta(meta)
+        Path(root),
+        rows,
+        title=f"adaptkit comparison: {meta['name']}",
+        meta=report_meta(meta),
+        tuning=meta.get("tuning"),
     )
     return files, format_table(rows)

@@ -82,6 +82,12 @@ class CompareSpec(Section):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="applied to every variant")
     budget: Budget | None = None
+    lr: Literal["auto", "sweep", "fixed"] | None = Field(
+        None,
+        description="how a variant without its own train.lr gets one: auto (a learning-rate range test "
+        "on its first seed), sweep (each rate of lr_sweep), fixed (the base recipe's); default: sweep "
+        "with lr_sweep, the search's choice with search, else auto",
+    )
     lr_sweep: list[float] = Field(
         default_factory=list, description="learning rates tried per variant (on the first seed)"
     )
@@ -106,7 +112,14 @@ class CompareSpec(Section):
             raise ValueError(f"variant names must be unique (got {names})")
         if self.lr_sweep and self.search:
             raise ValueError("use either lr_sweep or search, not both")
+        if (self.lr == "sweep") != bool(self.lr_sweep) and self.lr is not None:
+            raise ValueError("lr: sweep goes with lr_sweep (the rates to try), and lr_sweep with lr: sweep")
         return self
+
+    @property
+    def lr_mode(self) -> str:
+        """How variants without their own rate get one: auto, sweep, fixed, or search."""
+        return self.lr or ("sweep" if self.lr_sweep else "search" if self.search else "auto")
 
 
 @dataclass

@@ -94,13 +94,18 @@ class Strategy:
     #: False when the strategy cannot work on a base an earlier strategy quantized (QLoRA).
     quantized_base: ClassVar[bool] = True
     #: Launches the strategy works under: one process, several (DDP), sharded (FSDP, DeepSpeed).
-    launches: ClassVar[frozenset[str]] = frozenset({"single", "ddp"})
+    #: A strategy that cannot work under one leaves it out, and such a launch is refused.
+    launches: ClassVar[frozenset[str]] = frozenset({"single", "ddp", "sharded"})
     #: Registered task names the strategy supports, or None for every task.
     tasks: ClassVar[tuple[str, ...] | None] = None
     #: What happens to the optimizer state (AdamW's moments) of a parameter this strategy freezes
     #: again: ``keep`` it (it resumes where it was when unfrozen later) or ``drop`` it (memory
     #: goes back; the parameter starts afresh when unfrozen).
     refrozen_state: ClassVar[Literal["keep", "drop"]] = "keep"
+    #: The learning rates that suit the strategy, as (low, high), or None where it depends on the
+    #: config. What trains sets it: a few new weights learn fast, a whole pretrained network slowly.
+    #: A strategy whose range depends on its config sets it on the instance in ``__init__``.
+    lr_range: tuple[float, float] | None = None
     #: The plugin that registered the strategy, as messages name it; set by the host.
     origin: str = ""
 
@@ -119,6 +124,7 @@ class Strategy:
             "quantized_base": cls.quantized_base,
             "launches": sorted(cls.launches),
             "tasks": list(cls.tasks) if cls.tasks is not None else "all",
+            "learning_rates": list(cls.lr_range) if cls.lr_range else None,
         }
 
     def __init__(self, config: StrategyConfig, name: str | None = None):

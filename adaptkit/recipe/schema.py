@@ -137,8 +137,13 @@ class TrainSpec(Section):
         "outputs (the backbone runs without dropout)",
     )
     lr: float = Field(5e-5, gt=0, le=10, description="peak learning rate")
-    scheduler: Literal["linear", "cosine", "constant"] = Field(
-        "linear", description="learning-rate schedule after warmup"
+    scheduler: Literal["linear", "cosine", "constant", "range_test"] = Field(
+        "linear",
+        description="learning-rate schedule after warmup; range_test: a learning-rate range test, the rate "
+        "growing geometrically from lr_low at the first step to lr at the last",
+    )
+    lr_low: float | None = Field(
+        None, gt=0, description="with scheduler range_test: the rate of the first step (lr is the last one's)"
     )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps spent warming up")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms)")
@@ -176,6 +181,14 @@ class TrainSpec(Section):
         if self.effective_batch_size is not None and self.micro_batch_size != "auto":
             raise ValueError(
                 "effective_batch_size is for micro_batch_size: auto; with a fixed micro-batch set gradient_accumulation"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _range_test_rises(self) -> TrainSpec:
+        if self.scheduler == "range_test" and self.lr_low is not None and self.lr_low >= self.lr:
+            raise ValueError(
+                f"with scheduler range_test, lr_low ({self.lr_low:g}) must be below lr ({self.lr:g})"
             )
         return self
 

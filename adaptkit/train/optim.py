@@ -42,8 +42,18 @@ def build_optimizer(groups: list[dict], spec: Any):
 
 
 def build_scheduler(optimizer: Any, spec: Any, total_steps: int):
-    """Linear, cosine or constant schedule with warmup, stepped once per optimizer step."""
+    """Linear, cosine or constant schedule with warmup, stepped once per optimizer step; or the
+    geometric ramp of a learning-rate range test (each group's rate scaled alike)."""
     from transformers import get_scheduler
+
+    if spec.scheduler == "range_test":
+        import torch
+
+        start = (spec.lr_low or spec.lr / 1e4) / spec.lr
+        last = max(total_steps - 1, 1)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: start ** (1 - min(step, last) / last)
+        )
 
     warmup = int(spec.warmup_ratio * total_steps)
     name = "constant_with_warmup" if spec.scheduler == "constant" else spec.scheduler

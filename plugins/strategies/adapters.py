@@ -109,6 +109,7 @@ class Adapters(Strategy):
     """
 
     mergeable = False
+    lr_range = (1e-4, 3e-3)  # small new modules beside a frozen network, as for LoRA (Houlsby et al.)
 
     def __init__(self, config, name=None):
         super().__init__(config, name)

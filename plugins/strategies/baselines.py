@@ -34,6 +34,7 @@ class Scratch(Strategy):
     """Baseline: re-initialise every weight as the architecture's own initialiser does, then train everything."""
 
     exclusive = True
+    lr_range = (1e-4, 1e-3)  # random weights: nothing to preserve, the usual pre-training rates
 
     def apply(self, model):
         """Re-initialise every weight from the architecture's initialiser and make all of them trainable."""

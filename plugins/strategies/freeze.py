@@ -38,6 +38,14 @@ class FreezeConfig(StrategyConfig):
 class Freeze(Strategy):
     """Freeze the backbone; train the head and whatever else the config names."""
 
+    # a head-only probe: a new linear layer on fixed features learns fast
+    lr_range = (1e-3, 1e-1)
+
+    def __init__(self, config, name=None):
+        super().__init__(config, name)
+        if config.trainable_top_blocks or config.trainable_modules:
+            self.lr_range = (1e-5, 1e-3)  # pretrained blocks train too: nearer full fine-tuning
+
     def check(self, stack, position):
         """Refuse to follow a peft strategy, whose adapters freezing would freeze."""
         for earlier in stack[:position]:

@@ -13,6 +13,8 @@ class Full(Strategy):
     """Full fine-tuning: every parameter of the model trains."""
 
     exclusive = True
+    # every pretrained weight moves: small steps keep what pretraining learned (BERT, ULMFiT)
+    lr_range = (1e-5, 1e-4)
 
     def apply(self, model):
         """Make every parameter trainable."""

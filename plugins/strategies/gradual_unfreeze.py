@@ -89,6 +89,11 @@ class _Group:
 class GradualUnfreeze(Strategy):
     """Train the head first, then unfreeze one block at a time from the top, each at a lower learning rate."""
 
+    # what trains changes mid-run: checked under DDP, never with sharded parameters and state
+    launches = frozenset({"single", "ddp"})
+    # the rate of the top group (the head); lower groups get it divided by lr_decay (ULMFiT)
+    lr_range = (1e-4, 1e-2)
+
     def __init__(self, config, name=None):
         super().__init__(config, name)
         self._groups: list[_Group] = []

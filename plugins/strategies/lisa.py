@@ -40,6 +40,9 @@ class Lisa(Strategy):
 
     exclusive = True
     refrozen_state = "drop"
+    # what trains changes mid-run: checked under DDP, never with sharded parameters and state
+    launches = frozenset({"single", "ddp"})
+    lr_range = (1e-5, 1e-4)  # whole pretrained blocks train, as in full fine-tuning
 
     def __init__(self, config, name=None):
         super().__init__(config, name)

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 #: ``init`` values and what peft's ``init_lora_weights`` gets. Methods that need data (eva, corda)
-#: or a quantization round trip (loftq) are left out.
+#: are left out, and so is LoftQ: peft computes it on CUDA only, and its adapter fits only the
+#: quantized base it was computed with, so no plain LoRA on the untouched base can carry it.
 INITS = {
     "default": True,
     "random": False,
@@ -97,6 +98,10 @@ class LoraConfig(StrategyConfig):
 
 class Lora(PeftStrategy):
     """LoRA: train low-rank updates of the linear layers (QLoRA with quantize: 4bit)."""
+
+    # new low-rank weights over a frozen network learn at rates ten times full fine-tuning's
+    # (Hu et al.; QLoRA: 2e-4 for large models, up to a few 1e-3 for small ones)
+    lr_range = (1e-4, 3e-3)
 
     def __init__(self, config: LoraConfig, name: str | None = None):
         super().__init__(config, name)

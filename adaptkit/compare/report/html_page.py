@@ -58,6 +58,8 @@ _CAPTIONS = {
     "examples, with 95% intervals: a bar that crosses zero is within noise.",
     "memory_throughput": "Peak memory and throughput per variant (± one standard deviation over seeds).",
     "forgetting_vs_gain": "Forgetting on general text against the task gain over the untouched model.",
+    "lr_range_tests": "Training loss of each variant's learning-rate range test against the rate it "
+    "trained at that step; the dashed line is the rate chosen (the smoothed loss's minimum over 3).",
 }
 
 

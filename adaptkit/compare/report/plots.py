@@ -27,6 +27,7 @@ PLOT_NAMES = (
     "differences_vs_best",
     "memory_throughput",
     "forgetting_vs_gain",
+    "lr_range_tests",
 )
 SKIPPED_FORGETTING = "Forgetting vs gain plot skipped: no finished variant has a forgetting measurement."
 # matplotlib's default colour cycle: one colour per variant, the same in every plot.
@@ -305,8 +306,23 @@ def _plot_forgetting(
     ax.margins(0.15)
 
 
-def draw_plots(variants: list[dict], runs: list[dict]) -> dict[str, bytes]:
-    """Render the plots as PNG bytes by name; variants without a finished seed are left out."""
+def _plot_lr_range_tests(fig: Any, tests: dict[str, dict], colour: dict[str, str]) -> None:
+    """Training loss against the rate of each variant's range test, the chosen rate marked."""
+    ax = fig.subplots()
+    for name, test in tests.items():
+        rates, losses = zip(*test["curve"])
+        ax.plot(rates, losses, color=colour.get(name, "#333333"), label=name, lw=1.4)
+        chosen = test.get("chosen", {}).get("train.lr")
+        if chosen:
+            ax.axvline(chosen, color=colour.get(name, "#333333"), ls="--", lw=0.8)
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="Learning-rate range tests")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def draw_plots(variants: list[dict], runs: list[dict], tuning: dict | None = None) -> dict[str, bytes]:
+    """Render the plots as PNG bytes by name; variants without a finished seed are left out.
+    ``tuning`` (the comparison's, by variant) adds the learning-rate range tests' curves."""
     from matplotlib.figure import Figure  # a bare Figure draws with Agg: no pyplot state, no display
 
     ok = [v for v in variants if v["n_ok"]]
@@ -330,4 +346,7 @@ def draw_plots(variants: list[dict], runs: list[dict]) -> dict[str, bytes]:
     pairs = [v for v in ok if v["forgetting_mean"] is not None and v[xkey] is not None]
     if pairs:
         plots["forgetting_vs_gain"] = figure(_plot_forgetting, pairs, colour, xkey, metric, higher)
+    tests = {k: t for k, t in (tuning or {}).items() if t.get("method") == "range_test" and t.get("curve")}
+    if tests:
+        plots["lr_range_tests"] = figure(_plot_lr_range_tests, tests, colour)
     return plots

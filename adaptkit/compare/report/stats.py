@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from statistics import NormalDist
 from typing import Any
 
@@ -186,8 +187,9 @@ def mcnemar_exact(a: Sequence[float], b: Sequence[float]) -> float | None:
     n, k = only_a + only_b, min(only_a, only_b)
     if n == 0:
         return 1.0
-    tail = math.fsum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
-    return min(1.0, 2.0 * tail)
+    # exact integers: binomial coefficients and 2**n overflow a float past about a thousand examples
+    tail = Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2**n)
+    return min(1.0, float(2 * tail))
 
 
 def _z_sum(power: float = POWER) -> float:

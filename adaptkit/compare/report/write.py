@@ -139,7 +139,9 @@ def _variants_csv(variants: list[dict]) -> str:
     return buf.getvalue()
 
 
-def write_report_files(out_dir: str | Path, rows: list[dict], title: str, meta: dict) -> dict[str, Path]:
+def write_report_files(
+    out_dir: str | Path, rows: list[dict], title: str, meta: dict, tuning: dict | None = None
+) -> dict[str, Path]:
     """Write the comparison report into ``out_dir``; return every file written, by relative name.
 
     Files: ``results.json`` (``title``, ``meta``, the ``verdict`` sentences, ``runs`` as given but
@@ -153,7 +155,7 @@ def write_report_files(out_dir: str | Path, rows: list[dict], title: str, meta: 
     """
     out_dir = Path(out_dir)
     variants = aggregate(rows)
-    plots = draw_plots(variants, rows)
+    plots = draw_plots(variants, rows, tuning)
     written: dict[str, Path] = {}
 
     def put(name: str, data: bytes) -> None:
