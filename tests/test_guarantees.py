@@ -383,7 +383,7 @@ def test_a_skipped_estimate_is_recorded_and_reported(work):
         "strategies: [nometa]\n"
         "train: {max_steps: 2, lr: 1.0e-3, micro_batch_size: auto, effective_batch_size: 8, preflight: true}\n"
         f"output: {work / 'runs'}/{{name}}\n"
-        "compare: {variants: [{name: nometa}]}\n"
+        "compare: {lr: fixed, variants: [{name: nometa}]}\n"
     )
     res = launch(work, ["-p", "nometa", "compare", str(path)])
     assert res.returncode == 0, res.stderr[-4000:]

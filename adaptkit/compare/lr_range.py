@@ -79,18 +79,25 @@ def curve(run_dir: Path, low: float, high: float, steps: int = STEPS) -> list[tu
     return [(rate_at(e["step"], low, high, steps), e["loss"]) for e in read_metrics(run_dir) if "loss" in e]
 
 
+def smoothed(points: list[tuple[float, float]]) -> list[float]:
+    """The losses as the rule sees them: an exponential moving average, debiased."""
+    average, out = 0.0, []
+    for i, (_, loss) in enumerate(points):
+        average = SMOOTHING * average + (1 - SMOOTHING) * loss
+        out.append(average / (1 - SMOOTHING ** (i + 1)))
+    return out
+
+
 def smoothed_minimum(points: list[tuple[float, float]]) -> tuple[int | None, int]:
     """(index of the smoothed loss's minimum, index where the curve ends: divergence or its end)."""
-    average, best, at = 0.0, math.inf, None
-    for i, (_, loss) in enumerate(points):
+    best, at = math.inf, None
+    for i, ((_, loss), value) in enumerate(zip(points, smoothed(points))):
         if not math.isfinite(loss):
             return at, i
-        average = SMOOTHING * average + (1 - SMOOTHING) * loss
-        smoothed = average / (1 - SMOOTHING ** (i + 1))
-        if smoothed > DIVERGENCE * best:
+        if value > DIVERGENCE * best:
             return at, i
-        if smoothed < best:
-            best, at = smoothed, i
+        if value < best:
+            best, at = value, i
     return at, len(points)
 
 

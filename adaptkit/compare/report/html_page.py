@@ -59,7 +59,8 @@ _CAPTIONS = {
     "memory_throughput": "Peak memory and throughput per variant (± one standard deviation over seeds).",
     "forgetting_vs_gain": "Forgetting on general text against the task gain over the untouched model.",
     "lr_range_tests": "Training loss of each variant's learning-rate range test against the rate it "
-    "trained at that step; the dashed line is the rate chosen (the smoothed loss's minimum over 3).",
+    "trained at that step (faint: per step; solid: smoothed, as the rule sees it); the dashed line is "
+    "the rate chosen (the smoothed loss's minimum over 3).",
 }
 
 

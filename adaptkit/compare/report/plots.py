@@ -308,10 +308,13 @@ def _plot_forgetting(
 
 def _plot_lr_range_tests(fig: Any, tests: dict[str, dict], colour: dict[str, str]) -> None:
     """Training loss against the rate of each variant's range test, the chosen rate marked."""
+    from adaptkit.compare.lr_range import smoothed
+
     ax = fig.subplots()
     for name, test in tests.items():
         rates, losses = zip(*test["curve"])
-        ax.plot(rates, losses, color=colour.get(name, "#333333"), label=name, lw=1.4)
+        ax.plot(rates, losses, color=colour.get(name, "#333333"), lw=0.8, alpha=0.3)
+        ax.plot(rates, smoothed(test["curve"]), color=colour.get(name, "#333333"), label=name, lw=1.6)
         chosen = test.get("chosen", {}).get("train.lr")
         if chosen:
             ax.axvline(chosen, color=colour.get(name, "#333333"), ls="--", lw=0.8)
