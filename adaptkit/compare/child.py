@@ -28,19 +28,14 @@ ERROR_PREFIX = "adaptkit: error:"
 def command(recipe_file: Path, plugins: list[str], launch: list[str]) -> list[str]:
     """The command that trains one recipe: ``python -m adaptkit train``, under ``accelerate launch`` when asked."""
     plugin_args = [a for p in plugins for a in ("-p", p)]
+    return adaptkit_command([*plugin_args, "train", str(recipe_file)], launch)
+
+
+def adaptkit_command(args: list[str], launch: list[str]) -> list[str]:
+    """``python -m adaptkit ARGS``, under ``accelerate launch LAUNCH`` when ``launch`` is given."""
     if launch:
-        return [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            *launch,
-            "-m",
-            "adaptkit",
-            *plugin_args,
-            "train",
-            str(recipe_file),
-        ]
-    return [sys.executable, "-m", "adaptkit", *plugin_args, "train", str(recipe_file)]
+        return [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "adaptkit", *args]
+    return [sys.executable, "-m", "adaptkit", *args]
 
 
 def run_child(

@@ -125,13 +125,13 @@ def check_two_processes(
 def adaptkit_command(args: list[str], processes: int = 1) -> list[str]:
     """The command line of ``adaptkit ARGS`` in a child process, under ``accelerate launch`` on
     ``processes`` CPU processes (gloo) when there are several."""
-    if processes == 1:
-        return [sys.executable, "-m", "adaptkit", *args]
-    return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-        str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "adaptkit", *args,
+    from adaptkit.compare.child import adaptkit_command as command
+
+    launch = [
+        "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
     ]  # fmt: skip
+    return command(args, launch if processes > 1 else [])
 
 
 def _train(work: Path, recipe: Path, name: str, processes: int, plugins: tuple[str, ...]) -> dict[str, Any]:
