@@ -147,6 +147,22 @@ def _estimate_args(p: argparse.ArgumentParser) -> None:
         metavar="X",
         help="the device's matmul rate for the time per step (default: measured here; 0: no time estimate)",
     )
+    p.add_argument(
+        "--num-processes",
+        metavar="N",
+        help="estimate one process of a run launched on N processes (DDP: a full replica each; "
+        "with --fsdp: sharded); --device-memory is then one process's device",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="with --num-processes: FSDP2 through Accelerate, full shard, one unit per transformer block",
+    )
+    p.add_argument(
+        "--accelerate-config",
+        metavar="FILE",
+        help="read the launch (num_processes, distributed_type, fsdp_config) from an Accelerate config file",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_estimate)
 
@@ -154,12 +170,15 @@ def _estimate_args(p: argparse.ArgumentParser) -> None:
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Print the estimate table (or JSON), and the suggestions when it does not fit."""
     from adaptkit.compare import is_comparison
+    from adaptkit.estimate.launch import check_device, launch_from_flags
     from adaptkit.estimate.render import estimate_report, render
     from adaptkit.estimate.units import parse_memory
     from adaptkit.recipe.schema import load_recipe, read_raw
 
     if args.device_memory is not None:
         parse_memory(args.device_memory)  # a bad size fails before anything heavy loads
+    launch = launch_from_flags(args.num_processes, args.fsdp, args.accelerate_config)
+    check_device(args.device, launch, args.device_memory, args.peak_tflops, args.accelerate_config)
     if is_comparison(read_raw(args.recipe)):
         raise ConfigError(
             f"{args.recipe} is a comparison recipe; estimate one of its runs (adaptkit validate lists them)"
@@ -167,7 +186,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     host = _host(args)
     recipe = load_recipe(args.recipe, args.overrides, host=host)
     est, budget, suggestions, report = estimate_report(
-        recipe, host, args.device_memory, args.device, args.peak_tflops
+        recipe, host, args.device_memory, args.device, args.peak_tflops, launch
     )
     auto = report["micro_batch_size_auto"]
     print(

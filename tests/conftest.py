@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +28,16 @@ def host():
     from adaptkit.testing import plugin_host
 
     return plugin_host()
+
+
+@pytest.fixture(scope="session")
+def shared_home(tmp_path_factory) -> Path:
+    """One cache for every slow test of the session, so each wheel is downloaded once."""
+    return tmp_path_factory.mktemp("adaptkit-home")
+
+
+@pytest.fixture
+def real_home(shared_home, monkeypatch) -> Path:
+    """The session's shared cache as ``ADAPTKIT_HOME``."""
+    monkeypatch.setenv("ADAPTKIT_HOME", str(shared_home))
+    return shared_home

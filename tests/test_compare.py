@@ -237,6 +237,7 @@ def test_a_crashing_variant_fails_alone_and_finished_runs_are_skipped(workdir):
         workdir,
         "crash",
         """
+  parallel: 2
   variants:
     - {name: probe, strategies: [{name: freeze, trainable_top_blocks: 0}]}
     - {name: broken, strategies: [full], overrides: {data.text: no_such_column}}
@@ -374,6 +375,7 @@ def test_report_has_intervals_paired_results_verdict_and_costs(workdir):
         """
   seeds: [0, 1]
   cost_per_hour: 3.6
+  parallel: 2  # two runs at a time: the report is the same as one at a time (test_compare_executors.py)
   variants:
     - {name: none, strategies: [none]}
     - {name: probe, strategies: [{name: freeze, trainable_top_blocks: 0}]}

@@ -225,6 +225,9 @@ def test_two_processes_killed_and_resumed_across_an_epoch_boundary_match_the_uni
     lora = STRATEGIES["lora"]
     expected = train_fresh(work, "ddp_straight", lora, processes=2)
     assert expected["ranks_in_sync"] is True
+    # the pre-flight check judged one process of two, with DDP's copy of the gradients counted
+    launch_plan = expected["memory_plan"]["estimate_launch"]
+    assert (launch_plan["kind"], launch_plan["num_processes"]) == ("DDP", 2)
     path = recipe(work, "ddp_killed", lora)
     killed = launch(work, ["-p", "killer", "train", str(path), "--fresh"], 2, KILL_AT_STEP="8")
     assert killed.returncode != 0

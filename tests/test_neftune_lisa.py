@@ -65,6 +65,12 @@ def test_declared_tasks_are_checked_before_anything_loads(host):
 def test_declared_launches_are_checked(host):
     with pytest.raises(StrategyError, match="does not run under a sharded launch"):
         host.build_strategies(["lisa"], setting=Setting(task="classification", launch="sharded"))
+    # QLoRA under FSDP or DeepSpeed: refused, saying why; plain LoRA is not
+    qlora = [{"name": "lora", "quantize": "4bit"}]
+    with pytest.raises(StrategyError, match=r"does not run under a sharded launch.*bnb_4bit_quant_storage"):
+        host.build_strategies(qlora, setting=Setting(task="classification", launch="sharded"))
+    host.build_strategies(qlora, setting=Setting(task="classification", launch="ddp"))
+    host.build_strategies(["lora"], setting=Setting(task="classification", launch="sharded"))
 
 
 def test_a_strategy_that_cannot_work_on_a_quantized_base_is_refused_after_qlora(host):

@@ -40,6 +40,7 @@ def load_base(recipe: Recipe, host: PluginHost, loaded: LoadedModel | None = Non
     splits, files = load_data(recipe.data, host, recipe.train.seed)
     task = host.lookup("tasks", recipe.model.task).obj(recipe.data)
     task.setup(splits, files)
+    task.model_spec = recipe.model
     loaded = loaded or host.pm.hook.adaptkit_load_model(spec=recipe.model, task=task)
     if loaded is None:
         raise ConfigError(f"model.source: no loader recognised '{recipe.model.source}'")
@@ -51,7 +52,7 @@ def encode_for_training(base: Base, recipe: Recipe, host: PluginHost) -> tuple[A
     """The encoded training split (after the recipe's transforms) and validation split."""
     task, processor = base.task, base.loaded.processor
     train = apply_transforms(base.splits["train"], recipe.data, host)
-    return (
-        task.encode(train, processor, base.files["train"]),
-        task.encode(base.splits["validation"], processor, base.files["validation"]),
-    )
+    encoded = task.encode(train, processor, base.files["train"])
+    if recipe.data.packing:  # training rows only: evaluation means the same either way
+        encoded = task.pack(encoded)
+    return encoded, task.encode(base.splits["validation"], processor, base.files["validation"])

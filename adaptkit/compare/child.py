@@ -39,19 +39,25 @@ def adaptkit_command(args: list[str], launch: list[str]) -> list[str]:
 
 
 def run_child(
-    cmd: list[str], log_file: Path, poll: Callable[[], bool] | None = None, echo: bool = True
+    cmd: list[str],
+    log_file: Path,
+    poll: Callable[[], bool] | None = None,
+    echo: bool = True,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
 ) -> tuple[int, str]:
     """Run ``cmd``, teeing its output to the terminal and ``log_file``; return (exit status, error line).
 
     ``poll`` is called about once a second while the child runs; when it returns True the child
-    is terminated (a pruned search trial). The error line is the child's ``adaptkit: error:``
-    message, or the last line it printed.
+    is terminated (a pruned search trial, a stopped comparison). The error line is the child's
+    ``adaptkit: error:`` message, or the last line it printed. ``env`` adds variables to this
+    process's environment (an executor's GPU and thread settings); ``cwd`` is the child's directory.
     """
-    env = dict(os.environ, ADAPTKIT_PROGRESS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, ADAPTKIT_PROGRESS="1", PYTHONUNBUFFERED="1", **(env or {}))
     log_file.parent.mkdir(parents=True, exist_ok=True)
     tail: list[str] = []
     with open(log_file, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
 
         def pump() -> None:
             pending = b""

@@ -7,23 +7,33 @@ import json
 import math
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from adaptkit.compare.child import command, row_from_run, run_child
+from adaptkit.compare.child import command, row_from_run
 from adaptkit.compare.spec import Job, Plan
 from adaptkit.recipe.schema import apply_overrides
 
 
 class Runner:
-    """Runs a plan's jobs one child process at a time, skipping finished ones, and builds the rows."""
+    """Runs a plan's jobs as child processes through an executor, skipping finished ones, and builds the rows.
 
-    def __init__(self, plan: Plan, plugins: list[str] = (), echo: bool = True):
-        self.plan, self.plugins, self.echo = plan, list(plugins), echo
+    ``run`` may be called from several threads at once (parallel executors, search workers): the
+    counters behind the progress lines are kept under a lock.
+    """
+
+    def __init__(self, plan: Plan, plugins: list[str] = (), echo: bool = True, executor: Any = None):
+        if executor is None:
+            from adaptkit.compare.executors import LocalExecutor
+
+            executor = LocalExecutor(plan.spec, echo)
+        self.plan, self.plugins, self.executor = plan, list(plugins), executor
         self.done, self.total, self.executed, self.spent = 0, 0, 0, 0.0
+        self.lock = threading.Lock()
 
     def log(self, message: str) -> None:
         """Print a progress line to stderr, where the children's output goes too."""
@@ -41,7 +51,9 @@ class Runner:
         run_dir, recipe_file = Path(raw["output"]), self.plan.root / "recipes" / f"{key}.yaml"
         text = yaml.safe_dump(raw, sort_keys=False)
         same = recipe_file.is_file() and recipe_file.read_text() == text
-        self.done += 1
+        with self.lock:
+            self.done += 1
+            number, left = self.done, self._left()
         if same and (run_dir / "summary.json").is_file():
             self.log(f"{key}: finished earlier, skipped")
             return row_from_run(run_dir, job.variant, job.seed, self.plan.root)
@@ -49,27 +61,30 @@ class Runner:
             shutil.rmtree(run_dir)
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
         recipe_file.write_text(text)
-        left = (
-            f", about {_duration(self.spent / self.executed * (self.total - self.done + 1))} left"
-            if self.executed
-            else ""
-        )
-        self.log(f"[{self.done}/{self.total}] {key}{left}")
+        self.log(f"[{number}/{self.total}] {key}{left}")
         t0 = time.monotonic()
-        rc, error = run_child(
+        rc, error = self.executor.launch(
             command(recipe_file, self.plugins, self.plan.spec.launch),
             self.plan.root / "logs" / f"{key}.log",
             poll,
-            self.echo,
         )
-        self.spent += time.monotonic() - t0
-        self.executed += 1
+        with self.lock:
+            self.spent += time.monotonic() - t0
+            self.executed += 1
         row = row_from_run(run_dir, job.variant, job.seed, self.plan.root, error=error if rc else None)
         if rc and row["status"] == "finished":  # a summary from before, but this attempt failed
             row.update(status="failed", error=error)
         if row["status"] == "failed":
             self.log(f"{key} failed: {row['error']}")
         return row
+
+    def _left(self) -> str:
+        """``, about T left`` from the mean time of the runs so far, shared over the runs at once."""
+        if not self.executed:
+            return ""
+        runs_left = self.total - self.done + 1
+        seconds = self.spent / self.executed * runs_left / max(self.executor.width, 1)
+        return f", about {_duration(seconds)} left"
 
 
 def _duration(seconds: float) -> str:

@@ -2,8 +2,11 @@
 
 Each trial is an ordinary run in its own process. While it runs, its evaluations are read from
 its ``metrics.jsonl`` and reported to Optuna; a trial the pruner judges hopeless is stopped.
-The study lives in ``<comparison>/search.db`` (SQLite), so an interrupted search goes on where
-it stopped when the comparison is run again.
+The study lives in ``<comparison>/search.db`` (SQLite) or the storage ``search.storage`` names,
+so an interrupted search goes on where it stopped when the comparison is run again. With
+``search.workers`` above one, that many trials of the study run at once (Optuna's threads, each
+trial a child run through the comparison's executor); a database server as the storage suits
+many workers better than SQLite, which serialises every write.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def optimise(
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     """Run the search for one variant; return (best parameters, best trial's row, all trials)."""
     import optuna
+    from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     root = runner.plan.root
@@ -51,7 +55,7 @@ def optimise(
     extra = {"train.metric": search.metric} if search.metric else {}
     study = optuna.create_study(
         study_name=job.key,
-        storage=f"sqlite:///{(root / 'search.db').resolve()}",
+        storage=search.storage or f"sqlite:///{(root / 'search.db').resolve()}",
         load_if_exists=True,
         direction=search.direction or ("maximize" if greater else "minimize"),
         sampler=optuna.samplers.TPESampler(seed=job.seed),
@@ -87,14 +91,15 @@ def optimise(
             raise RuntimeError(row["error"])
         return row["best_metric"]
 
-    remaining = search.trials - len([t for t in study.trials if t.state.is_finished()])
-    for _ in range(max(remaining, 0)):
-        study.optimize(objective, n_trials=1, catch=(RuntimeError,))
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    remaining = search.trials - len(study.get_trials(deepcopy=False, states=finished))
+    if remaining > 0:  # n_jobs: that many trials at once, each on a thread of its own
+        study.optimize(objective, n_trials=remaining, n_jobs=search.workers, catch=(RuntimeError,))
     trials = [
         {"number": t.number, "params": t.params, "value": t.value, "state": t.state.name}
         for t in study.trials
     ]
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not done:
         from adaptkit.errors import AdaptkitError
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from adaptkit.recipe.schema import ForgettingSpec, Section
 
@@ -73,6 +73,26 @@ class Search(Section):
     pruning: bool = Field(
         True, description="stop trials whose intermediate evaluations are poor (median rule)"
     )
+    storage: str | None = Field(
+        None,
+        description="Optuna storage URL of the studies (sqlite:///..., postgresql://..., mysql://...); "
+        "default: sqlite:///<comparison>/search.db",
+    )
+    workers: int = Field(
+        1, ge=1, description="trials of one variant's search run at once (each a run of its own)"
+    )
+
+
+class RaySpec(Section):
+    """``compare.ray``: where the runs of ``executor: ray`` go and what each one claims."""
+
+    address: str | None = Field(
+        None,
+        description="an existing Ray cluster (auto, HOST:6379, ray://HOST:10001); "
+        "null: start a local Ray instance for the comparison and stop it after",
+    )
+    cpus_per_run: float = Field(1, gt=0, description="CPUs each run claims (and its torch threads)")
+    gpus_per_run: float = Field(0, ge=0, description="GPUs each run claims (Ray pins them)")
 
 
 class CompareSpec(Section):
@@ -104,6 +124,22 @@ class CompareSpec(Section):
         allow_inf_nan=False,
         description="price of the machine per hour: the report adds each run's cost",
     )
+    executor: Literal["local", "ray"] = Field(
+        "local", description="where the runs go: child processes on this machine, or Ray tasks"
+    )
+    parallel: int = Field(
+        1,
+        ge=1,
+        validate_default=True,  # the check against search.workers applies to the default too
+        description="runs at once on the local executor; with GPUs each gets its own GPU",
+    )
+    threads_per_run: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads of each run (OMP_NUM_THREADS); default: all cores with one run at "
+        "a time, the cores shared out with parallel > 1, cpus_per_run with Ray",
+    )
+    ray: RaySpec | None = Field(None, description="the Ray cluster and each run's resources (executor: ray)")
 
     @model_validator(mode="after")
     def _consistent(self) -> CompareSpec:
@@ -116,10 +152,52 @@ class CompareSpec(Section):
             raise ValueError("lr: sweep goes with lr_sweep (the rates to try), and lr_sweep with lr: sweep")
         return self
 
+    @field_validator("parallel")
+    @classmethod
+    def _parallel(cls, parallel: int, info: ValidationInfo) -> int:
+        """Concurrency is the local executor's, and must cover the search's workers and one GPU a run."""
+        data = info.data
+        workers = data["search"].workers if data.get("search") else 1
+        if data.get("executor") == "ray" and parallel > 1:
+            raise ValueError(
+                "runs at once are for executor: local; with executor: ray, Ray runs as many as the "
+                "cluster holds (set ray.cpus_per_run / ray.gpus_per_run)"
+            )
+        if data.get("executor") != "ray" and workers > parallel:
+            raise ValueError(
+                f"search.workers: {workers} trials at once need parallel: {workers} or more on the "
+                "local executor (or executor: ray)"
+            )
+        if parallel > 1 and _launch_processes(data.get("launch") or []) > 1:
+            raise ValueError(
+                "each run at once gets one GPU, but launch: starts several processes per run; use "
+                "parallel: 1, or executor: ray with ray.gpus_per_run"
+            )
+        return parallel
+
+    @field_validator("ray")
+    @classmethod
+    def _ray(cls, ray: RaySpec | None, info: ValidationInfo) -> RaySpec | None:
+        """Ray's settings without executor: ray would be silently ignored."""
+        if ray is not None and info.data.get("executor") != "ray":
+            raise ValueError("these settings are for executor: ray (add executor: ray, or remove ray:)")
+        return ray
+
     @property
     def lr_mode(self) -> str:
         """How variants without their own rate get one: auto, sweep, fixed, or search."""
         return self.lr or ("sweep" if self.lr_sweep else "search" if self.search else "auto")
+
+
+def _launch_processes(launch: list[str]) -> int:
+    """The ``--num_processes`` of ``accelerate launch`` arguments (2 for a bare ``--multi_gpu``, else 1)."""
+    for i, arg in enumerate(launch):
+        value = arg.split("=", 1)[1] if arg.startswith("--num_processes=") else None
+        if arg == "--num_processes" and i + 1 < len(launch):
+            value = launch[i + 1]
+        if value is not None:
+            return int(value) if value.isdigit() else 1
+    return 2 if "--multi_gpu" in launch else 1
 
 
 @dataclass

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+#: The model-config key naming how a classification head reads an encoder's tokens (``pooler``,
+#: ``cls`` or ``mean``: recipe field ``model.pooling``), so a saved or exported model reloads alike.
+POOLING_KEY = "adaptkit_pooling"
+
 
 @dataclass
 class LoadedModel:

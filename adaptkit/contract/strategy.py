@@ -96,6 +96,8 @@ class Strategy:
     #: Launches the strategy works under: one process, several (DDP), sharded (FSDP, DeepSpeed).
     #: A strategy that cannot work under one leaves it out, and such a launch is refused.
     launches: ClassVar[frozenset[str]] = frozenset({"single", "ddp", "sharded"})
+    #: Why a launch is left out of ``launches``, said when such a launch is refused (optional).
+    launches_note: str = ""
     #: Registered task names the strategy supports, or None for every task.
     tasks: ClassVar[tuple[str, ...] | None] = None
     #: What happens to the optimizer state (AdamW's moments) of a parameter this strategy freezes

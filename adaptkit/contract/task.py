@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from adaptkit.errors import DataError
 
 if TYPE_CHECKING:
-    from adaptkit.recipe.schema import DataSpec
+    from adaptkit.recipe.schema import DataSpec, ModelSpec
 
 #: The label value that losses and metrics skip (transformers' convention).
 IGNORE = -100
@@ -48,6 +48,11 @@ class Task:
     #: The metric that decides the best evaluation, and whether larger is better.
     metric: ClassVar[str] = "eval_loss"
     greater_is_better: ClassVar[bool] = False
+    #: Whether ``pack`` packs training rows (``data.packing`` is refused for tasks that do not).
+    packs: ClassVar[bool] = False
+
+    #: The recipe's ``model`` section, set by the host before the model loads (None outside a run).
+    model_spec: ModelSpec | None = None
 
     def __init__(self, data: DataSpec):
         self.data = data
@@ -74,6 +79,14 @@ class Task:
 
     def encode(self, split: Any, processor: Any, file: str) -> Any:
         """Turn a split's rows into model inputs (a ``datasets.Dataset`` of token ids and labels)."""
+        raise NotImplementedError
+
+    def pack(self, encoded: Any) -> Any:
+        """The encoded training rows packed several to a row without padding (``data.packing``).
+
+        Only tasks that set ``packs = True`` implement it; the host never packs validation rows,
+        so evaluation means the same with packing on or off.
+        """
         raise NotImplementedError
 
     def collate(self, processor: Any) -> Callable[[list[dict]], dict]:

@@ -40,6 +40,7 @@ from adaptkit.estimate.machine import (
 from adaptkit.estimate.meta_pass import run_profile
 from adaptkit.estimate.prepare import Prepared, build_prepared, prepare_key
 from adaptkit.estimate.result import Estimate
+from adaptkit.estimate.sharding import per_process
 from adaptkit.estimate.terms import (
     activation_terms,
     backward_peak,
@@ -52,6 +53,7 @@ from adaptkit.estimate.terms import (
 )
 
 if TYPE_CHECKING:
+    from adaptkit.estimate.launch import Launch
     from adaptkit.estimate.profile import Profile
     from adaptkit.host.manager import PluginHost
     from adaptkit.recipe.schema import Recipe
@@ -62,7 +64,9 @@ class Estimator:
 
     ``device`` is ``cpu`` or ``cuda`` (default: cuda when available); ``overhead_bytes`` the
     process baseline (default: measured once and cached, see ``cpu_overhead_bytes``);
-    ``peak_tflops`` the device's matmul rate for the time estimate (default: measured; 0 skips it).
+    ``peak_tflops`` the device's matmul rate for the time estimate (default: measured; 0 skips it);
+    ``launch`` a launch on several processes, whose estimates are then per process (see
+    ``adaptkit.estimate.sharding``; default: one process).
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class Estimator:
         device: str | None = None,
         overhead_bytes: int | None = None,
         peak_tflops: float | None = None,
+        launch: Launch | None = None,
     ):
         import torch
 
@@ -83,6 +88,7 @@ class Estimator:
         self._overhead = overhead_bytes
         self._overheads: dict[str | None, int] = {}  # the measured CPU baseline, per model directory
         self._peak_tflops = peak_tflops
+        self.launch = None if launch is None or launch.single else launch
         self._prepared: dict[str, Prepared] = {}
 
     def estimate(self, recipe: Recipe) -> Estimate:
@@ -93,7 +99,8 @@ class Estimator:
         seq = recipe.data.max_length
         checkpointing = recipe.model.gradient_checkpointing
         prep = self._prepare(recipe)
-        profile = run_profile(prep, spec.mixed_precision, micro, seq, self.device)
+        distributed = self.launch.distributed_type if self.launch else "NO"
+        profile = run_profile(prep, spec.mixed_precision, micro, seq, self.device, distributed)
 
         trainable_numel = sum(p.numel() for p in prep.trainable)
         trainable_bytes = 4 * trainable_numel  # training keeps trainable weights in float32
@@ -109,7 +116,7 @@ class Estimator:
 
         flops = step_flops(profile, checkpointing) * spec.gradient_accumulation
         peak = self.peak_tflops(recipe)
-        return Estimate(
+        est = Estimate(
             device=self.device,
             model_type=prep.model_type,
             strategies=[s.name for s in prep.adapted.strategies],
@@ -141,6 +148,7 @@ class Estimator:
             peak_tflops=peak or None,
             time_per_step_s=flops / (peak * 1e12) if peak else None,
         )
+        return per_process(est, prep, profile, recipe, self.launch)
 
     def overhead_bytes(self, recipe: Recipe | None = None) -> int:
         """The process baseline this estimator adds: given, the CUDA context, or the measured CPU one
@@ -188,7 +196,7 @@ class Estimator:
             fb_peak, phase = profile.held, "evaluation only (nothing trains)"
         # the step runs while the output (its logits) is still referenced by the training loop
         grads_total = 4 * sum(p.numel() for p in prep.trainable)
-        temporaries = optimizer_temporaries(spec.optimizer, prep.trainable, self.device)
+        temporaries = optimizer_temporaries(spec.optimizer, [p.numel() for p in prep.trainable], self.device)
         step_peak = grads_total + profile.held + temporaries
         return (fb_peak, phase) if fb_peak >= step_peak else (step_peak, "optimizer step")
 

@@ -167,8 +167,11 @@ def _cast_float_weights(model: Any, half: Any) -> list[tuple[Any, Any]]:
     return casted
 
 
-def _count_logits(prof: Profile, out: Any, vocab: int, prep: Prepared, device: str) -> None:
-    """Record the logits the model returned, and what the loss training computes keeps of them."""
+def _count_logits(
+    prof: Profile, out: Any, vocab: int, prep: Prepared, device: str, distributed_type: str = "NO"
+) -> None:
+    """Record the logits the model returned, and what the loss training computes keeps of them
+    (under ``distributed_type`` FSDP, the model's own loss: see ``chunked_output_layer``)."""
     import torch
 
     from adaptkit.kernels.lm_loss import chunk_rows, chunked_output_layer
@@ -181,16 +184,19 @@ def _count_logits(prof: Profile, out: Any, vocab: int, prep: Prepared, device: s
     if prof.logits_numel == 0:  # a classifier's loss saves nothing logits-sized
         prof.post += prof.loss
         prof.loss = 0
-    elif chunked_output_layer(prep.model, prep.auto_model) is not None:
+    elif chunked_output_layer(prep.model, prep.auto_model, distributed_type) is not None:
         # training computes this loss a chunk of tokens at a time (adaptkit.kernels.lm_loss): no
         # logits are returned or kept, and a chunk's logits and their gradient are the largest blocks
         prof.held = prof.loss = 0
         prof.logits_numel = min(prof.logits_numel // vocab, chunk_rows(vocab, device)) * vocab
 
 
-def run_profile(prep: Prepared, mixed_precision: str, micro: int, seq: int, device: str) -> Profile:
+def run_profile(
+    prep: Prepared, mixed_precision: str, micro: int, seq: int, device: str, distributed_type: str = "NO"
+) -> Profile:
     """Run one forward pass of ``prep``'s model on meta tensors (``micro`` sequences of ``seq``
-    tokens) and sort every tensor autograd saves by where it was made."""
+    tokens) and sort every tensor autograd saves by where it was made. ``distributed_type`` is
+    Accelerate's (``NO``, ``MULTI_GPU``, ``FSDP``): the loss training computes depends on it."""
     import torch
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
@@ -208,5 +214,5 @@ def run_profile(prep: Prepared, mixed_precision: str, micro: int, seq: int, devi
             h.remove()
         for p, data in casted:
             p.data = data
-    _count_logits(recorder.prof, out, recorder.vocab, prep, device)
+    _count_logits(recorder.prof, out, recorder.vocab, prep, device, distributed_type)
     return recorder.prof

@@ -12,6 +12,7 @@ from adaptkit.estimate.suggest import largest_fitting_micro_batch, suggest, with
 from adaptkit.estimate.units import format_bytes, parse_memory
 
 if TYPE_CHECKING:
+    from adaptkit.estimate.launch import Launch
     from adaptkit.host.manager import PluginHost
     from adaptkit.recipe.schema import Recipe
 
@@ -19,8 +20,11 @@ if TYPE_CHECKING:
 def does_not_fit_message(est: Estimate, budget: int, suggestions: list[Suggestion], device: str) -> str:
     """One message: the estimate against the budget, its largest terms, and the changes that would fit."""
     terms = sorted(est.terms().items(), key=lambda kv: -kv[1])[:3]
+    per = (
+        f" per process ({est.launch['num_processes']} processes, {est.launch['kind']})" if est.launch else ""
+    )
     lines = [
-        f"this run needs about {format_bytes(est.total)} at its peak ({est.peak_phase}) "
+        f"this run needs about {format_bytes(est.total)}{per} at its peak ({est.peak_phase}) "
         f"but {format_bytes(budget)} is available on the {device}; largest terms: "
         + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in terms)
     ]
@@ -50,8 +54,34 @@ def _header(est: Estimate, auto: bool) -> list[str]:
         f"accumulation {est.gradient_accumulation}, "
         f"optimizer {est.optimizer}, mixed precision {est.mixed_precision}, "
         f"gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}, device {est.device}",
+        *_launch_lines(est),
         "",
     ]
+
+
+def _launch_lines(est: Estimate) -> list[str]:
+    """The header's line for a launch on several processes: what the figures are, and against what."""
+    if est.launch is None:
+        return []
+    launch = est.launch
+    lines = [
+        f"{launch['description']}, from {launch['source']}; "
+        f"one process alone would need {format_bytes(launch['one_process_total'])}"
+    ]
+    if "rounding" in launch:
+        lines.append(
+            f"sharded: weights, gradients and optimizer states, {launch['rounding']}; "
+            "4-bit and 8-bit layers are not sharded"
+        )
+    return lines
+
+
+#: What the table says next to the terms a launch adds.
+LAUNCH_NOTES = {
+    "gathered_parameters": "  (the {units} FSDP units gathered whole, and the root and tail groups all step)",
+    "unsharded_gradients": "  (the largest unit's and the root and tail's, whole until reduce-scattered)",
+    "ddp_buckets": "  (DDP's gradient buckets: a second copy of the trainable gradients)",
+}
 
 
 def _term_note(est: Estimate, name: str) -> str:
@@ -61,6 +91,9 @@ def _term_note(est: Estimate, name: str) -> str:
         return "  (" + ", ".join(f"{k} {format_bytes(v)}" for k, v in by_size if v) + ")"
     if name == "activations":
         return f"  ({format_bytes(est.activations_per_block)} per block)"
+    if name in LAUNCH_NOTES and est.launch is not None:
+        units = est.launch.get("gathered_units")
+        return LAUNCH_NOTES[name].format(units="two largest" if units == 2 else units)
     return ""
 
 
@@ -89,7 +122,7 @@ def render(
 ) -> str:
     """The estimate as a readable table, with the device, the dominant term, the time and the suggestions."""
     lines = _header(est, auto)
-    width = max(len(t) for t in est.TERMS) + 2
+    width = max(len(t) for t in est.terms()) + 2
     for name, value in est.terms().items():
         lines.append(f"  {name.replace('_', ' '):<{width}}{format_bytes(value):>12}{_term_note(est, name)}")
     lines.append(
@@ -119,16 +152,19 @@ def estimate_report(
     device_memory: str | None = None,
     device: str | None = None,
     peak_tflops: float | None = None,
+    launch: Launch | None = None,
 ) -> tuple[Estimate, int, list[Suggestion], dict[str, Any]]:
     """What ``adaptkit estimate`` shows: the estimate against the device, and suggestions when it
     does not fit.
 
     ``device_memory`` is a size (``24GB``); without it, what the device has free now. A
     ``micro_batch_size: auto`` is resolved as training would, against that memory. Returns the
-    estimate, the budget in bytes, the suggestions and a JSON-ready report.
+    estimate, the budget in bytes, the suggestions and a JSON-ready report. With ``launch`` the
+    estimate is per process, and so is the budget: ``device_memory`` is one process's device,
+    and a CPU's free memory is shared by the processes.
     """
     budget = parse_memory(device_memory) if device_memory is not None else None
-    estimator = Estimator(host, device=device, peak_tflops=peak_tflops)
+    estimator = Estimator(host, device=device, peak_tflops=peak_tflops, launch=launch)
     if budget is None:
         import torch
 
@@ -136,6 +172,10 @@ def estimate_report(
             torch.device(estimator.device, 0) if estimator.device == "cuda" else torch.device("cpu")
         )
         label = f"free on this {estimator.device} now "
+        if estimator.launch is not None and estimator.device == "cpu":
+            n = estimator.launch.num_processes
+            budget //= n  # as training's pre-flight check shares a machine's memory
+            label = f"free on this cpu now / {n} processes "
     else:
         label = f"--device-memory {device_memory} "
     auto = not isinstance(recipe.train.micro_batch_size, int)

@@ -29,6 +29,11 @@ class Estimate:
     ``resident_with_reuse`` bounds what the process may hold when glibc keeps freed memory for
     reuse instead (``HEAP_SLACK`` times the total; see ``adaptkit.estimate.machine``); on a GPU
     it is the total.
+
+    For a run launched on several processes (``adaptkit.estimate.sharding``) every figure is one
+    process's, ``launch`` says which launch (None: one process, and the fields below are left out
+    of ``to_dict``), and the terms of ``DISTRIBUTED_TERMS`` join in: ``gathered_parameters`` and
+    ``unsharded_gradients`` (FSDP's working set), ``ddp_buckets`` (DDP's copy of the gradients).
     """
 
     device: str
@@ -63,6 +68,11 @@ class Estimate:
     flops_per_step: float = 0.0
     peak_tflops: float | None = None
     time_per_step_s: float | None = None
+    #: the launch these figures are per process of (``sharding.per_process``); None: one process
+    launch: dict[str, Any] | None = None
+    gathered_parameters: int = 0
+    unsharded_gradients: int = 0
+    ddp_buckets: int = 0
 
     TERMS = (
         "frozen_weights",
@@ -76,9 +86,15 @@ class Estimate:
         "overhead",
     )
 
+    DISTRIBUTED_TERMS = ("gathered_parameters", "unsharded_gradients", "ddp_buckets")
+
     def terms(self) -> dict[str, int]:
-        """Every byte term by name, in a fixed order."""
-        return {name: getattr(self, name) for name in self.TERMS}
+        """Every byte term by name, in a fixed order (with a launch, the terms it adds)."""
+        names = list(self.TERMS)
+        if self.launch is not None:
+            fsdp = self.launch["kind"].startswith("FSDP")
+            names += list(self.DISTRIBUTED_TERMS[:2] if fsdp else self.DISTRIBUTED_TERMS[2:])
+        return {name: getattr(self, name) for name in names}
 
     @property
     def dominant(self) -> str:
@@ -89,6 +105,9 @@ class Estimate:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping with every field and the dominant term."""
         out = asdict(self)
+        if self.launch is None:  # one process: the report as it was before launches were modelled
+            for name in ("launch", *self.DISTRIBUTED_TERMS):
+                del out[name]
         out["dominant"] = self.dominant
         return out
 

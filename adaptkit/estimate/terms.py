@@ -49,18 +49,18 @@ def optimizer_state_bytes(optimizer: str, numel: int) -> int:
     return per * numel
 
 
-def optimizer_temporaries(optimizer: str, trainable: list[Any], device: str) -> int:
-    """Scratch memory of one optimizer step over the trainable parameters.
+def optimizer_temporaries(optimizer: str, numels: list[int], device: str) -> int:
+    """Scratch memory of one optimizer step over trainable tensors of ``numels`` values each.
 
     Training runs torch's fused AdamW and bitsandbytes' optimizers, which update in place. torch's
     SGD on a CPU updates one tensor at a time and needs two temporaries the size of the largest;
     on CUDA its foreach implementation needs one the size of all of them.
     """
-    if optimizer != "sgd" or not trainable:
+    if optimizer != "sgd" or not numels:
         return 0
     if device == "cuda":
-        return 4 * sum(p.numel() for p in trainable)
-    return 2 * 4 * max(p.numel() for p in trainable)
+        return 4 * sum(numels)
+    return 2 * 4 * max(numels)
 
 
 def saved_in_blocks(prof: Profile) -> list[int]:

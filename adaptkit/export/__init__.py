@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from adaptkit.contract.model import POOLING_KEY
 from adaptkit.errors import AdaptkitError, ConfigError, NotMergeableError
 from adaptkit.export.card import model_card
 from adaptkit.export.loading import EXPORT_RECORD, how_to_load
@@ -41,6 +42,12 @@ def base_record(run: Any) -> dict[str, Any]:
     return {"source": source, "public_id": run.base_id, "registered": registered}
 
 
+def pooling_of(run: Any) -> str:
+    """How the run's classification head reads the tokens (``model.pooling`` as resolved), ``pooler`` by default."""
+    config = getattr(run.adapted.model, "config", None)
+    return getattr(config, POOLING_KEY, None) or "pooler"
+
+
 def _merged(run: Any, out: Path) -> Path:
     model = _merge(run)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -49,7 +56,7 @@ def _merged(run: Any, out: Path) -> Path:
     run.processor.save_pretrained(tmp)
     base = base_record(run)
     (tmp / "README.md").write_text(
-        model_card(run, base, "transformers", how_to_load("transformers", out, base))
+        model_card(run, base, "transformers", how_to_load("transformers", out, base, pooling=pooling_of(run)))
     )
     _replace_dir(tmp, out)
     return out
@@ -75,12 +82,15 @@ def _adapter(run: Any, out: Path) -> Path:
         "task": run.recipe.model.task,
         "auto_model": run.task.auto_model,
         "model_kwargs": run.task.model_kwargs(),
+        "pooling": pooling_of(run),
         "strategies": [{"name": s.name, **s.config.model_dump(mode="json")} for s in run.adapted.strategies],
     }
     (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
     run.processor.save_pretrained(tmp)  # the tokenizer travels with the adapter
     (tmp / "adaptkit_recipe.json").write_text(json.dumps(run.recipe.model_dump(mode="json"), indent=2))
-    (tmp / "README.md").write_text(model_card(run, base, "peft", how_to_load("peft", out, base, record)))
+    (tmp / "README.md").write_text(
+        model_card(run, base, "peft", how_to_load("peft", out, base, record, record["pooling"]))
+    )
     _replace_dir(tmp, out)
     return out
 

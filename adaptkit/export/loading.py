@@ -13,8 +13,10 @@ from adaptkit.errors import ConfigError
 EXPORT_RECORD = "adaptkit_export.json"
 
 
-def how_to_load(kind: str, out: Path, base: dict[str, Any], record: dict[str, Any] | None = None) -> str:
-    """The card's "How to load" section for an export of ``kind``."""
+def how_to_load(
+    kind: str, out: Path, base: dict[str, Any], record: dict[str, Any] | None = None, pooling: str = "pooler"
+) -> str:
+    """The card's "How to load" section for an export of ``kind`` whose head reads the tokens by ``pooling``."""
     name = base["public_id"] or base["source"]
     if kind == "gguf":
         return (
@@ -25,6 +27,13 @@ def how_to_load(kind: str, out: Path, base: dict[str, Any], record: dict[str, An
             f'tokenizer = AutoTokenizer.from_pretrained(".", gguf_file="{out.name}")\n```\n'
         )
     if kind == "transformers":
+        if pooling != "pooler":
+            return _pooled_snippet(
+                pooling,
+                f'model = transformers.AutoModelForSequenceClassification.from_pretrained("{out.name}").eval()',
+                f'tokenizer = transformers.AutoTokenizer.from_pretrained("{out.name}")',
+                "model",
+            )
         return (
             "## How to load\n\n```python\nimport transformers\n\n"
             f'model = transformers.AutoModel.from_pretrained("{out.name}")'
@@ -36,12 +45,47 @@ def how_to_load(kind: str, out: Path, base: dict[str, Any], record: dict[str, An
         "\nWith adaptkit, which fetches a registered base by name:\n\n```python\n"
         f'from adaptkit.export.loading import load_adapter\n\nmodel = load_adapter("{out.name}")\n```\n'
     )
+    load_base = f'base = transformers.{record["auto_model"]}.from_pretrained("{name}"' + (
+        f"{', ' + kwargs if kwargs else ''})"
+    )
+    load_adapter_line = f'model = peft.PeftModel.from_pretrained(base, "{out.name}").eval()'
+    if pooling != "pooler":
+        tokenizer = f'tokenizer = transformers.AutoTokenizer.from_pretrained("{out.name}")'
+        return (
+            _pooled_snippet(
+                pooling, f"{load_base}\n{load_adapter_line}", tokenizer, "model.get_base_model()", "peft, "
+            )
+            + via_adaptkit
+        )
     return (
         "## How to load\n\n```python\nimport peft, transformers\n\n"
-        f'base = transformers.{record["auto_model"]}.from_pretrained("{name}"'
-        f"{', ' + kwargs if kwargs else ''})\n"
-        f'model = peft.PeftModel.from_pretrained(base, "{out.name}")\n```\n' + via_adaptkit
+        f"{load_base}\n{load_adapter_line}\n```\n" + via_adaptkit
     )
+
+
+def _pooled_snippet(pooling: str, load: str, tokenizer: str, inner: str, imports: str = "") -> str:
+    """Loading code for a head that pools the tokens itself (``cls`` or ``mean``): transformers'
+    classification models read BERT's pooler instead, so the card computes the logits explicitly."""
+    if pooling == "cls":
+        pooled = "    pooled = hidden[:, 0]\n"
+    else:
+        pooled = (
+            '    mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)\n'
+            "    pooled = (hidden * mask).sum(1) / mask.sum(1)\n"
+        )
+    return (
+        f"## How to load\n\nThis model's head reads the {_POOLING_WORDS[pooling]} (adaptkit's "
+        f"`model.pooling: {pooling}`), not the pooler that transformers' classification models read, "
+        "so compute its logits like this:\n\n"
+        f"```python\nimport {imports}torch, transformers\n\n{load}\n{tokenizer}\n"
+        'inputs = tokenizer(["a sentence to classify"], padding=True, return_tensors="pt")\n'
+        f"inner = {inner}\nwith torch.no_grad():\n"
+        "    hidden = inner.base_model(**inputs).last_hidden_state\n"
+        f"{pooled}    logits = inner.classifier(pooled)\n```\n"
+    )
+
+
+_POOLING_WORDS = {"cls": "first token's hidden state", "mean": "mean of the encoder's token states"}
 
 
 def load_adapter(directory: str | Path, host: Any = None) -> Any:
@@ -73,4 +117,18 @@ def load_adapter(directory: str | Path, host: Any = None) -> Any:
     if "id2label" in kwargs:  # JSON turned the ids into strings
         kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
     model = auto.from_pretrained(where, use_safetensors=True, **kwargs)
+    _pool_as_trained(model, record, host)
     return peft.PeftModel.from_pretrained(model, directory).eval()
+
+
+def _pool_as_trained(model: Any, record: dict[str, Any], host: Any) -> None:
+    """Let the export's task prepare the base as in the run, pooling the tokens as it trained."""
+    from adaptkit.host.manager import default_host
+    from adaptkit.recipe.schema import ModelSpec
+
+    pooling = record.get("pooling", "pooler")
+    if pooling == "pooler":
+        return
+    task = (host or default_host()).lookup("tasks", record["task"]).obj(None)
+    task.model_spec = ModelSpec(source=str(model.config._name_or_path), task=record["task"], pooling=pooling)
+    task.prepare_model(model, None)

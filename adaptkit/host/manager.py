@@ -31,6 +31,7 @@ import pluggy
 
 from adaptkit.contract import hookspecs
 from adaptkit.errors import AdaptkitError, ConfigError, PluginError, StrategyError
+from adaptkit.host import specs
 from adaptkit.host.specs import Setting, StrategySpec, check_stack, option_problems, split_spec
 from adaptkit.version import __version__
 
@@ -53,6 +54,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("neftune", "adaptkit_plugins.strategies.neftune"),
     ("lisa", "adaptkit_plugins.strategies.lisa"),
     ("reasoning_gym", "adaptkit_plugins.data_sources.reasoning_gym"),
+    ("image_sets", "adaptkit_plugins.data_sources.image_sets"),
     ("baselines", "adaptkit_plugins.strategies.baselines"),
 )
 
@@ -319,11 +321,13 @@ class PluginHost:
                 problems.extend(exc.problems)
             except AdaptkitError as exc:
                 problems.append(("strategies", str(exc)))
-        if isinstance(raw.get("model"), dict) and isinstance(raw["model"].get("task"), str):
+        if isinstance(task, str):
             try:
-                self.lookup("tasks", raw["model"]["task"])
+                task_cls = self.lookup("tasks", task).obj
             except AdaptkitError as exc:
                 problems.append(("model.task", str(exc)))
+            else:
+                problems.extend(specs.packing_problems(raw, task, task_cls, self.registries["tasks"]))
         return problems
 
 

@@ -131,5 +131,22 @@ def check_capabilities(stack: list[Strategy], setting: Setting) -> None:
         if setting.launch is not None and setting.launch not in s.launches:
             raise StrategyError(
                 f"strategy '{s.name}' does not run under a {setting.launch} launch; it declares "
-                f"{sorted(s.launches)}"
+                f"{sorted(s.launches)}" + (f" ({s.launches_note})" if s.launches_note else "")
             )
+
+
+def packing_problems(raw: dict, task: str, task_cls: Any, tasks: dict[str, Any]) -> list[tuple[str, str]]:
+    """``data.packing`` asked of ``task``, which cannot pack its rows (``tasks``: the task registry),
+    or beside ``train.batching: by_length``; each problem is (dotted path, message)."""
+    data = raw.get("data")
+    if not (isinstance(data, dict) and data.get("packing") is True):
+        return []
+    train = raw.get("train")
+    if isinstance(train, dict) and train.get("batching") == "by_length":
+        return [
+            ("train.batching", "by_length needs data.packing: false (packed rows have no padding to save)")
+        ]
+    if getattr(task_cls, "packs", False):
+        return []
+    packing = sorted(name for name, entry in tasks.items() if getattr(entry.obj, "packs", False))
+    return [("data.packing", f"task '{task}' does not pack sequences; tasks that do: {', '.join(packing)}")]

@@ -11,14 +11,21 @@ prompt tokens (label -100) never go through the output layer at all.
 
 It applies where the logits are exactly the output layer applied to the last hidden state, which
 is checked per architecture (``MODEL_TYPES``); everything else keeps ``model(**batch).loss``.
+
+Packed batches (``data.packing``: rows of several sequences with ``position_ids`` restarting at
+0 for each) reach the model through ``packed_model_inputs``, and a run that packs first proves,
+with ``check_packing``, that its model keeps packed sequences apart.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from adaptkit.errors import ConfigError
 
 # Accelerate's distributed types where each process holds whole weights: a trial step on each
 # process needs no collective. FSDP and DeepSpeed shard
@@ -41,6 +48,13 @@ CHUNK_BYTES = {"cpu": 32 * 2**20}
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+
+# Attention implementations whose mask transformers builds from packed position ids row by row
+# (masking_utils.find_packed_sequence_indices); any other (flash attention's varlen path) gets
+# the batch flattened into one row, the only packed form it reads.
+ROW_PACKED_ATTENTION = frozenset({"sdpa", "eager", "adaptkit_sdpa"})
+# Models already shown to keep packed sequences apart (check_packing runs once per model).
+_PACKING_CHECKED: weakref.WeakSet = weakref.WeakSet()
 
 
 def model_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -85,6 +99,13 @@ def training_loss(model: Any, task: Any, distributed_type: str, autocast: Callab
     (its ``.value``), ``autocast`` Accelerate's ``autocast`` context (the output layer runs in the
     precision the model's forward runs in).
     """
+    if getattr(task, "packing", False):
+        check_packing(model, distributed_type)
+        return _packed(_loss_fn(model, task, distributed_type, autocast), _attention(model))
+    return _loss_fn(model, task, distributed_type, autocast)
+
+
+def _loss_fn(model: Any, task: Any, distributed_type: str, autocast: Callable[[], Any]) -> LossFn:
     head = chunked_output_layer(model, task.auto_model, distributed_type)
     if head is None:
         return model_loss
@@ -104,6 +125,97 @@ def training_loss(model: Any, task: Any, distributed_type: str, autocast: Callab
 
 def _hidden_states(hidden: torch.Tensor) -> torch.Tensor:
     return hidden
+
+
+def _attention(model: Any) -> str:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return str(getattr(base.config, "_attn_implementation", None))
+
+
+def _packed(loss_fn: LossFn, attention: str) -> LossFn:
+    def packed_loss(wrapped: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return loss_fn(wrapped, packed_model_inputs(batch, attention))
+
+    return packed_loss
+
+
+def packed_model_inputs(batch: dict, attention: str = "sdpa") -> dict:
+    """The model's inputs (and labels) for a batch; a packed one is made to keep its sequences apart.
+
+    A packed batch (one with ``position_ids``) loses its 2-D ``attention_mask``: transformers
+    builds the block-diagonal causal mask from the position ids only when no 2-D mask is given
+    and no cache is, so ``use_cache`` is off too (a model's config turns it on even in training,
+    and with a cache the position ids are silently ignored). Rows stay rows for the attention
+    implementations in ``ROW_PACKED_ATTENTION`` (the padding after a row's last sequence
+    restarts its positions: a sequence of its own, seen by no real token); for any other the
+    real tokens of all rows become one row, the form flash attention's varlen path reads.
+    Other batches are returned as they are.
+    """
+    if "position_ids" not in batch:
+        return batch
+    out = {k: v for k, v in batch.items() if k != "attention_mask"}
+    out["use_cache"] = False
+    mask = batch.get("attention_mask")
+    if attention not in ROW_PACKED_ATTENTION and mask is not None:
+        keep = mask.bool()
+        for key in ("input_ids", "labels", "position_ids"):
+            if key in out:
+                out[key] = out[key][keep].unsqueeze(0)
+    return out
+
+
+def check_packing(model: Any, distributed_type: str = "NO") -> None:
+    """Refuse (ConfigError naming ``data.packing``) a model that does not keep packed sequences apart.
+
+    A probe: two short sequences packed into one row (with padding after them) must give the
+    second the logits it gets alone. An attention implementation or architecture that ignores
+    packed position ids lets the second attend to the first, and training would silently learn
+    across sequences. Sharded weights (FSDP, DeepSpeed) cannot run a forward pass on one
+    process: there only the attention implementations known to honour packing are accepted.
+    """
+    if model in _PACKING_CHECKED:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attention = _attention(model)
+    name = f"{getattr(base.config, 'model_type', type(base).__name__)} with attention '{attention}'"
+    if distributed_type not in UNSHARDED:
+        if attention not in ROW_PACKED_ATTENTION:
+            raise ConfigError(
+                f"data.packing: not supported for {name} with sharded weights; set data.packing: false"
+            )
+        return
+    diff, scale = _probe_difference(model, attention)
+    exact = next(model.parameters()).dtype == torch.float32
+    if not diff <= (1e-4 if exact else 2e-2) * (1 + scale):
+        raise ConfigError(
+            f"data.packing: {name} lets packed sequences attend to each other (a packed probe's logits "
+            f"moved by {diff:.3g}); set data.packing: false, or model attention sdpa or eager"
+        )
+    _PACKING_CHECKED.add(model)
+
+
+def _probe_difference(model: Any, attention: str) -> tuple[float, float]:
+    """The largest change of a sequence's logits when packed after another, and their scale."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vocab = int(getattr(base.config, "vocab_size", None) or 32)
+    device = next(model.parameters()).device
+    first = [(7 * i + 3) % vocab for i in range(6)]
+    second = [(5 * i + 11) % vocab for i in range(5)]
+    ids = torch.tensor([first + second + [0, 0]], device=device)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.tensor([[1] * 11 + [0, 0]], device=device),
+        "position_ids": torch.tensor([[*range(6), *range(5), 0, 1]], device=device),
+    }
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(**packed_model_inputs(batch, attention)).logits[0, 6:11].float()
+            alone = model(input_ids=ids[:, 6:11], use_cache=False).logits[0].float()
+    finally:
+        model.train(was_training)
+    return float((packed - alone).abs().max()), float(alone.abs().max())
 
 
 def causal_lm_loss(

@@ -52,6 +52,11 @@ class ModelSpec(Section):
         None, description="hub revision; a 40-hex commit is required with trust_remote_code"
     )
     dropout: float | None = Field(None, ge=0, lt=1, description="override the model's dropout probabilities")
+    pooling: Literal["auto", "pooler", "cls", "mean"] = Field(
+        "auto",
+        description="how a text-classification head reads an encoder's tokens: its pooler, the first "
+        "token, their mean; auto follows the model's sentence-transformers pooling config",
+    )
 
     @model_validator(mode="after")
     def _pinned_remote_code(self) -> ModelSpec:
@@ -85,6 +90,11 @@ class DataSpec(Section):
         None, description="label names in id order (default: sorted values found)"
     )
     max_length: int = Field(128, ge=8, description="tokens per example after truncation")
+    packing: bool = Field(
+        False,
+        description="causal_lm and language_modeling: pack training sequences into rows of up to "
+        "max_length tokens, position ids restarting and attention kept within each sequence",
+    )
     validation_size: float = Field(
         0.1, gt=0, lt=1, description="fraction held out when the data has no validation split"
     )
@@ -135,6 +145,11 @@ class TrainSpec(Section):
         False,
         description="head-only training: run the frozen backbone once per example and train the head on its cached "
         "outputs (the backbone runs without dropout)",
+    )
+    batching: Literal["random", "by_length"] = Field(
+        "random",
+        description="how examples form micro-batches: random (a seeded shuffle), or by_length: examples of "
+        "similar token counts together (less padding), the batches in a seeded random order",
     )
     lr: float = Field(5e-5, gt=0, le=10, description="peak learning rate")
     scheduler: Literal["linear", "cosine", "constant", "range_test"] = Field(

@@ -11,6 +11,8 @@ from typing import Any
 from adaptkit.host.manager import PluginHost, get_plugin_host
 
 FAMILIES = ("bert", "gpt2", "llama", "vit")
+#: Families built on request but not in the conformance kit's default runs.
+MORE_FAMILIES = ("qwen2",)
 VOCAB = 128
 
 
@@ -42,6 +44,19 @@ def tiny_config(family: str, **overrides: Any):
             tie_word_embeddings=False,
             pad_token_id=0,
         )
+    elif family == "qwen2":  # grouped key/value heads, tied embeddings, biased projections
+        cfg = tf.Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+        )
     elif family == "vit":
         cfg = tf.ViTConfig(
             image_size=16,
@@ -53,7 +68,7 @@ def tiny_config(family: str, **overrides: Any):
             intermediate_size=64,
         )
     else:
-        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES + MORE_FAMILIES}")
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg

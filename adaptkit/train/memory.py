@@ -75,9 +75,15 @@ def _budget(spec: Any, device: Any) -> int | None:
 def _estimator(run: Any, device: Any, info: dict[str, Any]) -> Estimator | None:
     """An estimator for the run's device, without the process baseline (already resident) or a
     time estimate; None, recorded, when it cannot be made: an estimate never blocks training."""
+    from adaptkit.estimate.launch import launch_of
+
     try:
         return Estimator(
-            run.host, device="cuda" if device.type == "cuda" else "cpu", overhead_bytes=0, peak_tflops=0
+            run.host,
+            device="cuda" if device.type == "cuda" else "cpu",
+            overhead_bytes=0,
+            peak_tflops=0,
+            launch=launch_of(run.accelerator),
         )
     except Exception as exc:
         skipped(run, info, exc)
@@ -152,6 +158,8 @@ def _preflight(
         skipped(run, info, exc)
         return
     info["estimate_mb"] = est.total / MiB
+    if est.launch is not None:  # the figures are one process's of several
+        info["estimate_launch"] = est.launch
     if est.total > budget:
         raise DoesNotFitError(
             does_not_fit_message(est, budget, suggest(estimator, resolved, budget), device.type)

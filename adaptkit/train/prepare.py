@@ -17,7 +17,8 @@ from adaptkit.train.forgetting import general_texts, measure_run_texts
 from adaptkit.train.measure import reset_peak_memory
 from adaptkit.train.memory import confirm_micro_batch
 from adaptkit.train.optim import build_optimizer, build_scheduler
-from adaptkit.train.setup import EpochSampler, make_loaders, upcast_trainables
+from adaptkit.train.sampling import EpochSampler, make_sampler
+from adaptkit.train.setup import make_loaders, upcast_trainables
 
 
 @dataclass
@@ -71,7 +72,7 @@ def prepare(run: Run, spec: Any, memory: dict[str, Any], loaded_model: Any = Non
     cache = (
         FeatureCache(check_cacheable(model, adapted.pending_parameters())) if spec.cache_features else None
     )
-    sampler = EpochSampler(len(train_ds), spec.seed)
+    sampler = make_sampler(train_ds, spec, acc.num_processes)
     collate = run.task.collate(run.processor)
     groups = adapted.param_groups(spec.lr, spec.weight_decay)
     trainables = Trainables(adapted, [p for g in groups for p in g["params"]], ddp=acc.num_processes > 1)
@@ -91,6 +92,7 @@ def prepare(run: Run, spec: Any, memory: dict[str, Any], loaded_model: Any = Non
         )
         if chosen != spec:
             spec = chosen
+            sampler = make_sampler(train_ds, spec, acc.num_processes)  # by_length steps span micro-batches
             loaders = make_loaders(train_ds, eval_ds, sampler, collate, spec.micro_batch_size, spec.seed)
             train_dl, eval_dl = acc.prepare(*loaders)
         reset_peak_memory(acc.device)  # the run's peak is its training's, not the trials'

@@ -1,4 +1,4 @@
-"""Setting a run up: the Accelerator, quiet libraries, float32 trainables, the data order and loaders."""
+"""Setting a run up: the Accelerator, quiet libraries, float32 trainables and the loaders."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import os
 from typing import Any
 
 from adaptkit.errors import ConfigError, LaunchError
+
+# re-exported: the data order moved to adaptkit.train.sampling
+from adaptkit.train.sampling import EpochSampler as EpochSampler
 
 
 def make_accelerator(spec: Any, run_dir: Any, report_to: list[str]) -> Any:
@@ -82,29 +85,6 @@ def make_loaders(train_ds: Any, eval_ds: Any, sampler: Any, collate: Any, batch_
             generator=torch.Generator().manual_seed(seed),
         ),
     )
-
-
-class EpochSampler:
-    """A fresh permutation each epoch, drawn from ``seed + epoch`` alone.
-
-    The order therefore depends only on the epoch number, so a resumed run sees exactly the
-    batches an uninterrupted run would have seen.
-    """
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        import torch
-
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def trackers(spec: Any) -> list[str]:

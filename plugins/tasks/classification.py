@@ -66,6 +66,13 @@ class Classification(LabelledTask):
 
     auto_model = "AutoModelForSequenceClassification"
 
+    def prepare_model(self, model, processor):
+        """Pad tokens as the base task does, and pool the encoder as ``model.pooling`` says."""
+        from .pooling import apply_pooling
+
+        super().prepare_model(model, processor)
+        apply_pooling(model, self.model_spec.pooling if self.model_spec else "auto")
+
     def setup(self, splits, files):
         """Check the text, text-pair and label columns, and fix the label names."""
         cols = [self.data.text, self.data.label] + ([self.data.text_pair] if self.data.text_pair else [])
