@@ -15,9 +15,14 @@ from adaptkit import hookimpl
 STEPS: list[tuple[int, float, float, float]] = []
 #: The training loss of every optimizer step, as the loop logged it.
 LOSSES: list[float] = []
+#: A one-element list a benchmark may set and keep counting into (vs_trl.py: supervised tokens);
+#: its value after every optimizer step goes to ``COUNTS``.
+COUNTER: list[int] = [0]
+COUNTS: list[int] = []
 
 
 @hookimpl
 def adaptkit_on_step_end(step, logs):
     STEPS.append(stamp(step))
     LOSSES.append(logs["loss"])
+    COUNTS.append(COUNTER[0])

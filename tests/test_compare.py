@@ -285,7 +285,7 @@ def test_lr_sweep_keeps_the_best_rate_for_every_seed(workdir):
   variants:
     - {name: probe, strategies: [{name: freeze, trainable_top_blocks: 0}]}
 """,
-        train="epochs: 2, micro_batch_size: 16",
+        train="epochs: 1, micro_batch_size: 16",
     )
     proc = compare_cli("compare", str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]

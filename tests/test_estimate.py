@@ -771,3 +771,12 @@ def test_a_base_rewriting_lora_init_counts_the_copy_it_keeps(llama_dir, host, es
     pissa = estimator.estimate(make_recipe(llama_dir, [{"name": "lora", "r": 4, "init": "pissa"}], host))
     assert plain.trainable_parameters == pissa.trainable_parameters == 8192  # the adapters only
     assert pissa.trainable_weights == 2 * plain.trainable_weights == 2 * 4 * 8192
+
+
+def test_loftq_is_estimated_as_the_qlora_it_trains_as(llama_dir, host, estimator):
+    """LoftQ changes the 4-bit base's values and the adapter's, not their shapes, and keeps
+    nothing once fitted: the estimate (on the meta device, where nothing is fitted) is QLoRA's."""
+    qlora = {"name": "lora", "r": 4, "quantize": "4bit"}
+    plain = estimator.estimate(make_recipe(llama_dir, [qlora], host))
+    loftq = estimator.estimate(make_recipe(llama_dir, [qlora | {"init": "loftq"}], host))
+    assert loftq.total == plain.total and loftq.trainable_parameters == plain.trainable_parameters

