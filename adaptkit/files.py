@@ -112,6 +112,11 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=2, default=str).encode())
 
 
+def size_on_disk(path: Path) -> int:
+    """Bytes taken by the files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def cache_dir() -> Path:
     """Where fetched models live: ``$ADAPTKIT_HOME`` or ``$XDG_CACHE_HOME/adaptkit`` (default ~/.cache/adaptkit)."""
     if os.environ.get("ADAPTKIT_HOME"):

@@ -165,6 +165,19 @@ def test_the_launch_of_a_running_accelerator(host):
     assert launch_of(Accelerator(cpu=True)).single
 
 
+def test_a_deepspeed_launch_is_not_estimated_as_ddp():
+    """The estimate models one process, DDP and FSDP2; a ZeRO run must not be checked as a replica."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    ddp = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU)
+    assert launch_of(ddp).num_processes == 2 and launch_of(ddp).sharding == "none"
+    deepspeed = SimpleNamespace(num_processes=2, distributed_type=DistributedType.DEEPSPEED)
+    with pytest.raises(ConfigError, match="does not model DEEPSPEED launches"):
+        launch_of(deepspeed)
+
+
 # -- the accelerate config --------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 import adaptkit
 from adaptkit import StrategyError, TrainState
@@ -61,6 +62,36 @@ def test_another_layout_is_refused_not_loaded_crooked():
     swapped[first], swapped[second] = original[second], original[first]
     with pytest.raises(AdaptkitError, match="does not match"):
         mobilenet.map_keys(swapped, target)
+
+
+def test_mobilenets_load_with_a_batch_norm_momentum_in_pytorchs_sense(tmp_path, host):
+    """transformers builds them with TensorFlow's decay as momentum; every load path corrects it."""
+    import transformers
+
+    from adaptkit.recipe.schema import ModelSpec
+    from adaptkit_plugins.loaders.transformers import from_pretrained
+
+    task = host.lookup("tasks", "image_classification").obj(None)
+    task.names, task.ids = ["a", "b"], {"a": 0, "b": 1}
+    small = dict(image_size=32, depth_multiplier=0.35, num_labels=2)
+    momenta = {}
+    for name, cls, extra in (
+        ("v2", transformers.MobileNetV2ForImageClassification, {}),
+        ("v1", transformers.MobileNetV1ForImageClassification, {}),
+        (
+            "v2-recorded",
+            transformers.MobileNetV2ForImageClassification,
+            {"adaptkit_batch_norm_momentum": 0.1},
+        ),
+    ):
+        config = getattr(transformers, cls.__name__.replace("ForImageClassification", "Config"))(
+            **small, **extra
+        )
+        cls(config).save_pretrained(tmp_path / name)
+        mobilenet.image_processor().save_pretrained(tmp_path / name)
+        model = from_pretrained(str(tmp_path / name), ModelSpec(source=str(tmp_path / name)), task).model
+        momenta[name] = {round(m.momentum, 6) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert momenta == {"v2": {0.003}, "v1": {0.0003}, "v2-recorded": {0.1}}
 
 
 def test_balanced_draws_are_even_disjoint_and_seeded():

@@ -109,21 +109,21 @@ def test_each_micro_batch_is_one_length_bucket_and_the_batches_come_in_a_random_
     lengths = lengths_of(2000)
     order = epoch(LengthGroupedSampler(lengths, seed=0, micro_batch_size=8), 0)
     batches = [[lengths[i] for i in order[k : k + 8]] for k in range(0, len(order), 8)]
-    assert all(b == sorted(b) for b in batches)  # each a slice of one sorted mega-batch
+    # each a slice of one mega-batch sorted longest first; transformers swaps the longest example
+    # of all into the first mega-batch's first place, which leaves one batch with one stray
+    assert sum(b != sorted(b, reverse=True) for b in batches) <= 1
     firsts = [b[0] for b in batches]
-    # not one long sorted run: the batches' order is shuffled (a sorted list has no descents)
-    descents = sum(a > b for a, b in zip(firsts, firsts[1:]))
-    assert descents > len(batches) // 4, descents
+    # not one long sorted run: the batches' order is shuffled (a sorted list has no ascents)
+    ascents = sum(a < b for a, b in zip(firsts, firsts[1:]))
+    assert ascents > len(batches) // 4, ascents
 
 
 def test_the_default_random_order_is_the_seeded_permutation_adaptkit_always_drew(encoded):
-    from adaptkit.train import setup
-
     train_ds, _ = encoded
     spec = TrainSpec(seed=7)
     assert spec.batching == "random"
     sampler = make_sampler(train_ds, spec, processes=2)
-    assert type(sampler) is EpochSampler and setup.EpochSampler is EpochSampler
+    assert type(sampler) is EpochSampler
     for e in range(3):
         g = torch.Generator().manual_seed(7 + e)
         assert epoch(sampler, e) == torch.randperm(len(train_ds), generator=g).tolist()
@@ -179,9 +179,14 @@ def test_after_accelerates_split_each_ranks_micro_batch_is_one_length_bucket(pro
     ranks = rank_batches(LengthGroupedSampler(lengths, 0, micro, processes), micro, processes)
     steps = list(zip(*ranks))
     whole = n // (micro * processes)
-    for step in steps[:whole]:
-        step_lengths = [lengths[i] for batch in step for i in batch]
-        assert step_lengths == sorted(step_lengths)  # rank 0's all <= rank 1's ... each sorted
+    # rank 0's all >= rank 1's ... each sorted (but the one step holding transformers' swap)
+    unsorted = [
+        step
+        for step in steps[:whole]
+        if (step_lengths := [lengths[i] for batch in step for i in batch])
+        != sorted(step_lengths, reverse=True)
+    ]
+    assert len(unsorted) <= 1
     seen = [i for step in steps[:whole] for batch in step for i in batch]
     assert len(seen) == len(set(seen)) == whole * micro * processes
     # so the ranks pad far less than in random order

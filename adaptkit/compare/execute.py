@@ -27,7 +27,7 @@ def execute(p: Plan, plugins: list[str] = (), echo: bool = True) -> dict[str, An
     p.root.mkdir(parents=True, exist_ok=True)
     index = Index(p)
     with open_executor(p.spec, echo) as executor:
-        runner = Runner(p, plugins, executor=executor)
+        runner = Runner(p, executor, plugins)
         runner.total = count_runs(p)
         if executor.width == 1:
             for label, jobs in p.variants.items():

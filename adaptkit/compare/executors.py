@@ -30,7 +30,6 @@ class Executor:
     """Runs child commands; ``stop`` (set on an interrupt) ends the ones still running."""
 
     width = 1
-    echo = False
 
     def __init__(self) -> None:
         self.stop = threading.Event()

@@ -26,11 +26,7 @@ class Runner:
     counters behind the progress lines are kept under a lock.
     """
 
-    def __init__(self, plan: Plan, plugins: list[str] = (), echo: bool = True, executor: Any = None):
-        if executor is None:
-            from adaptkit.compare.executors import LocalExecutor
-
-            executor = LocalExecutor(plan.spec, echo)
+    def __init__(self, plan: Plan, executor: Any, plugins: list[str] = ()):
         self.plan, self.plugins, self.executor = plan, list(plugins), executor
         self.done, self.total, self.executed, self.spent = 0, 0, 0, 0.0
         self.lock = threading.Lock()

@@ -43,18 +43,14 @@ from adaptkit.estimate.result import Estimate
 from adaptkit.estimate.sharding import per_process
 from adaptkit.estimate.terms import (
     activation_terms,
-    backward_peak,
-    gradients_by_region,
     logits_term,
     optimizer_state_bytes,
-    optimizer_temporaries,
-    saved_in_blocks,
     step_flops,
+    transient_peak,
 )
 
 if TYPE_CHECKING:
     from adaptkit.estimate.launch import Launch
-    from adaptkit.estimate.profile import Profile
     from adaptkit.host.manager import PluginHost
     from adaptkit.recipe.schema import Recipe
 
@@ -112,7 +108,9 @@ class Estimator:
         checkpoint_pages = self._checkpoint_pages(prep, recipe)
         overhead = self.overhead_bytes(recipe)
         persistent = frozen + trainable_bytes + states + checkpoint_pages + overhead
-        transient, phase = self._transient_peak(prep, profile, recipe)
+        transient, phase = transient_peak(
+            prep, profile, recipe, [p.numel() for p in prep.trainable], self.device
+        )
 
         flops = step_flops(profile, checkpointing) * spec.gradient_accumulation
         peak = self.peak_tflops(recipe)
@@ -182,23 +180,6 @@ class Estimator:
         if self.device == "cpu" and checkpoint_dtype(prep.config) == recipe.model.dtype:
             return prep.replaced_float_bytes
         return 0
-
-    def _transient_peak(self, prep: Prepared, profile: Profile, recipe: Recipe) -> tuple[int, str]:
-        """The highest memory of a step beyond the persistent terms, and the phase it is reached in:
-        forward and backward, or the optimizer step."""
-        spec = recipe.train
-        if prep.trainable:
-            grads = gradients_by_region(prep.trainable, prep.param_region, len(prep.blocks))
-            fb_peak, phase = backward_peak(
-                profile, saved_in_blocks(profile), grads, recipe.model.gradient_checkpointing
-            )
-        else:  # nothing trains: the run only evaluates, without a graph
-            fb_peak, phase = profile.held, "evaluation only (nothing trains)"
-        # the step runs while the output (its logits) is still referenced by the training loop
-        grads_total = 4 * sum(p.numel() for p in prep.trainable)
-        temporaries = optimizer_temporaries(spec.optimizer, [p.numel() for p in prep.trainable], self.device)
-        step_peak = grads_total + profile.held + temporaries
-        return (fb_peak, phase) if fb_peak >= step_peak else (step_peak, "optimizer step")
 
 
 def _compute_dtype(recipe: Recipe) -> str:

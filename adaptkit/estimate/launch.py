@@ -181,10 +181,15 @@ def launch_of(accelerator: Any) -> Launch:
 
     Under FSDP the plugin's settings are read as the config file's would be; a setting the
     estimate does not model gives the nearest modelled launch (full shard, by block), since an
-    estimate never blocks training on its own account.
+    estimate never blocks training on its own account. Any other launch (DeepSpeed) is a
+    ConfigError: training then records the estimate as skipped rather than checking a wrong one.
     """
     n = int(accelerator.num_processes)
     kind = accelerator.distributed_type.value
+    if kind not in ("NO", "FSDP", *REPLICATED):
+        raise ConfigError(
+            f"the memory estimate does not model {kind} launches (one process, DDP and FSDP2 only)"
+        )
     if kind != "FSDP":
         return Launch(num_processes=n, source=f"{kind} launch")
     plugin = accelerator.state.fsdp_plugin

@@ -168,7 +168,7 @@ def _cast_float_weights(model: Any, half: Any) -> list[tuple[Any, Any]]:
 
 
 def _count_logits(
-    prof: Profile, out: Any, vocab: int, prep: Prepared, device: str, distributed_type: str = "NO"
+    prof: Profile, out: Any, vocab: int, prep: Prepared, device: str, distributed_type: str
 ) -> None:
     """Record the logits the model returned, and what the loss training computes keeps of them
     (under ``distributed_type`` FSDP, the model's own loss: see ``chunked_output_layer``)."""
@@ -192,7 +192,7 @@ def _count_logits(
 
 
 def run_profile(
-    prep: Prepared, mixed_precision: str, micro: int, seq: int, device: str, distributed_type: str = "NO"
+    prep: Prepared, mixed_precision: str, micro: int, seq: int, device: str, distributed_type: str
 ) -> Profile:
     """Run one forward pass of ``prep``'s model on meta tensors (``micro`` sequences of ``seq``
     tokens) and sort every tensor autograd saves by where it was made. ``distributed_type`` is

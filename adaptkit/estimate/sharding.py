@@ -42,11 +42,9 @@ from typing import TYPE_CHECKING, Any
 from adaptkit.estimate.machine import HEAP_SLACK
 from adaptkit.estimate.terms import (
     QUANTIZED_KINDS,
-    backward_peak,
     optimizer_state_bytes,
-    optimizer_temporaries,
-    saved_in_blocks,
     stored_bytes,
+    transient_peak,
 )
 
 if TYPE_CHECKING:
@@ -183,17 +181,7 @@ def _fsdp(est: Estimate, prep: Prepared, profile: Profile, recipe: Recipe, launc
     states = sum(optimizer_state_bytes(spec.optimizer, shard_numel(p, n)) for p in prep.stateful)
     gathered, whole_grads = _working_set(prep, recipe, launch)
 
-    grads = [0] * (len(prep.blocks) + 2)
-    for p, numel in zip(prep.trainable, shards):
-        grads[prep.param_region.get(id(p), len(prep.blocks)) + 1] += 4 * numel
-    if prep.trainable:
-        checkpointing = recipe.model.gradient_checkpointing
-        fb_peak, phase = backward_peak(profile, saved_in_blocks(profile), grads, checkpointing)
-    else:
-        fb_peak, phase = profile.held, est.peak_phase
-    fb_peak += gathered + whole_grads
-    step_peak = gradients + profile.held + optimizer_temporaries(spec.optimizer, shards, est.device)
-    transient, phase = (fb_peak, phase) if fb_peak >= step_peak else (step_peak, "optimizer step")
+    transient, phase = transient_peak(prep, profile, recipe, shards, est.device, held=gathered + whole_grads)
     frozen = sum(frozen_by_dtype.values())
     persistent = frozen + trainable + states + est.checkpoint_pages + est.overhead
     return _finish(

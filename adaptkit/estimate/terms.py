@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from adaptkit.estimate.profile import Profile
+    from adaptkit.recipe.schema import Recipe
 
 #: Optimizer state bytes per trainable value. bitsandbytes keeps 8-bit states only for tensors
 #: of at least ``BNB_MIN_8BIT_SIZE`` values; smaller ones get 32-bit states.
@@ -114,12 +115,36 @@ def param_regions(model: Any, block_path: str, nblocks: int) -> dict[int, int]:
     return region
 
 
-def gradients_by_region(trainable: list[Any], param_region: dict[int, int], nblocks: int) -> list[int]:
-    """float32 gradient bytes by region: index 0 below the blocks, 1..n the blocks, n+1 above."""
+def gradients_by_region(
+    trainable: list[Any], numels: list[int], param_region: dict[int, int], nblocks: int
+) -> list[int]:
+    """float32 gradient bytes by region (``numels``: the values of each trainable parameter this
+    process holds): index 0 below the blocks, 1..n the blocks, n+1 above."""
     grads = [0] * (nblocks + 2)
-    for p in trainable:
-        grads[param_region.get(id(p), nblocks) + 1] += 4 * p.numel()
+    for p, numel in zip(trainable, numels):
+        grads[param_region.get(id(p), nblocks) + 1] += 4 * numel
     return grads
+
+
+def transient_peak(
+    prep: Any, profile: Profile, recipe: Recipe, numels: list[int], device: str, held: int = 0
+) -> tuple[int, str]:
+    """The highest memory of a step beyond the persistent terms, and the phase it is reached in:
+    forward and backward (with ``held`` bytes kept throughout, as FSDP's gathered parameters), or
+    the optimizer step. ``numels``: the values of each trainable parameter this process holds
+    gradients and states for (all of them, or its FSDP shards). ``prep``: the estimate's
+    ``Prepared`` model (not imported here: it is built from these terms)."""
+    if prep.trainable:
+        grads = gradients_by_region(prep.trainable, numels, prep.param_region, len(prep.blocks))
+        fb_peak, phase = backward_peak(
+            profile, saved_in_blocks(profile), grads, recipe.model.gradient_checkpointing
+        )
+    else:  # nothing trains: the run only evaluates, without a graph
+        fb_peak, phase = profile.held, "evaluation only (nothing trains)"
+    fb_peak += held
+    # the step runs while the output (its logits) is still referenced by the training loop
+    step_peak = 4 * sum(numels) + profile.held + optimizer_temporaries(recipe.train.optimizer, numels, device)
+    return (fb_peak, phase) if fb_peak >= step_peak else (step_peak, "optimizer step")
 
 
 def backward_peak(

@@ -17,9 +17,8 @@ def recipe_id(recipe: Recipe) -> str:
 
     key = recipe.model_dump(mode="json", include={"model", "data", "strategies"})
     key["seed"] = recipe.train.seed
-    if (
-        recipe.train.batching != "random"
-    ):  # another order of the same data: not the same run (old ids unchanged)
+    # another order of the same data is not the same run; the default adds no key, so old ids hold
+    if recipe.train.batching != "random":
         key["batching"] = recipe.train.batching
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -12,15 +12,6 @@ from typing import Any
 
 from adaptkit.errors import ConfigError
 
-#: Micro-batches per rank that one length-sorted mega-batch spans (``by_length``). Sorting a
-#: larger window groups lengths more tightly (less padding), a smaller one keeps more of the
-#: permutation's randomness in which examples share a batch; 50 is the window Hugging Face's
-#: LengthGroupedSampler (``megabatch_mult``) uses, a setting with a long record in practice.
-MEGA_BATCH_FACTOR = 50
-#: A data set is cut into at least this many mega-batches where it is large enough, so that a
-#: small one is not sorted whole (its batches would then hold the same neighbours every epoch).
-MIN_MEGA_BATCHES = 4
-
 
 class EpochSampler:
     """A fresh permutation each epoch, drawn from ``seed + epoch`` alone.
@@ -48,9 +39,10 @@ class EpochSampler:
 class LengthGroupedSampler(EpochSampler):
     """Micro-batches of similar lengths, in a random order, drawn from ``seed + epoch`` alone.
 
-    Each epoch: the seeded permutation, cut into mega-batches of ``MEGA_BATCH_FACTOR`` steps'
-    examples, each sorted by length, cut into steps of ``micro_batch_size x processes`` examples,
-    and the steps shuffled with the same generator. Every example comes exactly once an epoch.
+    Each epoch: transformers' length grouping (``get_length_grouped_indices``: the seeded
+    permutation cut into mega-batches of up to 50 steps' examples, each sorted by length), cut
+    into steps of ``micro_batch_size x processes`` examples, and the steps shuffled with the same
+    generator. Every example comes exactly once an epoch.
 
     The data loader cuts this stream into micro-batches by position, and Accelerate hands them to
     the ranks in turn (rank r gets micro-batches r, r + processes, ...), so a step's slice of the
@@ -58,33 +50,21 @@ class LengthGroupedSampler(EpochSampler):
     """
 
     def __init__(self, lengths: Sequence[int], seed: int, micro_batch_size: int, processes: int = 1):
-        import torch
-
         super().__init__(len(lengths), seed)
-        self.lengths = torch.as_tensor(list(lengths), dtype=torch.int64)
+        self.lengths = list(lengths)
         # One step's micro-batches across the ranks move as one: the ranks of a step then get
         # similar lengths, and none waits at the gradient all-reduce for a rank with longer rows.
         self.step_size = micro_batch_size * processes
-        self.mega_size = self.step_size * mega_batch_factor(self.n, self.step_size)
 
     def __iter__(self) -> Iterator[int]:
         import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
 
+        if not self.lengths:  # transformers' grouping looks for the longest of none
+            return iter([])
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g)
-        ordered = torch.cat([self.sorted_by_length(chunk) for chunk in perm.split(self.mega_size)])
+        ordered = torch.tensor(get_length_grouped_indices(self.lengths, self.step_size, generator=g))
         return iter(shuffle_steps(ordered, self.step_size, g).tolist())
-
-    def sorted_by_length(self, indices: Any) -> Any:
-        """``indices`` shortest first; a stable sort, so ties keep the permutation's order."""
-        import torch
-
-        return indices[torch.sort(self.lengths[indices], stable=True).indices]
-
-
-def mega_batch_factor(n: int, step_size: int) -> int:
-    """Steps per mega-batch: ``MEGA_BATCH_FACTOR``, fewer where the data would fill too few."""
-    return max(1, min(MEGA_BATCH_FACTOR, n // (step_size * MIN_MEGA_BATCHES)))
 
 
 def shuffle_steps(ordered: Any, step_size: int, generator: Any) -> Any:

@@ -7,9 +7,6 @@ from typing import Any
 
 from adaptkit.errors import ConfigError, LaunchError
 
-# re-exported: the data order moved to adaptkit.train.sampling
-from adaptkit.train.sampling import EpochSampler as EpochSampler
-
 
 def make_accelerator(spec: Any, run_dir: Any, report_to: list[str]) -> Any:
     """The Accelerator for the recipe's precision and accumulation; fp16 is refused on the CPU."""

