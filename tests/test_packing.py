@@ -37,7 +37,9 @@ MODELS = {
 
 
 def task(packing: bool = True, **data) -> CausalLM:
-    return CausalLM(DataSpec(source="x", packing=packing, **data))
+    out = CausalLM(DataSpec(source="x", packing=packing, **data))
+    out.packing = packing  # what the host decides for a run (adaptkit.adapt.packing)
+    return out
 
 
 def sequences(seed: int = 0, n: int = 7) -> list[tuple[list[int], list[int]]]:
@@ -310,7 +312,7 @@ def test_a_packed_recipe_trains_end_to_end_on_the_same_supervised_tokens(tmp_pat
 
     recipe = load_recipe(tmp_path / "pTrue.yaml", host=host)
     base = load_base(recipe, host)
-    train_rows, validation_rows = encode_for_training(base, recipe, host)
+    train_rows, validation_rows = encode_for_training(base, recipe, host, pack=True)
     assert len(validation_rows) == len(base.splits["validation"]) > 0
     assert len(train_rows) < len(base.splits["train"])
 
@@ -378,14 +380,14 @@ def test_packing_asked_of_a_task_that_cannot_pack_is_refused_naming_the_field(tm
     from adaptkit.cli import main
     from adaptkit.testing import save_tiny_pretrained, write_sentiment
 
-    save_tiny_pretrained(tmp_path / "bert", "bert")
+    save_tiny_pretrained(tmp_path / "vit", "vit")
     write_sentiment(tmp_path / "train.jsonl", 16, seed=0)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"model: {{source: {tmp_path / 'bert'}}}\n"  # the default task, classification
+        f"model: {{source: {tmp_path / 'vit'}, task: image_classification}}\n"
         f"data: {{source: {tmp_path / 'train.jsonl'}, packing: true}}\nstrategies: [full]\n"
     )
     assert main(["validate", str(recipe)]) == 2
     err = capsys.readouterr().err
-    assert "data.packing" in err and "task 'classification' does not pack sequences" in err
-    assert "causal_lm" in err and "language_modeling" in err
+    assert "data.packing" in err and "task 'image_classification' does not pack sequences" in err
+    assert "causal_lm" in err and "language_modeling" in err and "classification," in err

@@ -47,6 +47,24 @@ def test_auto_reads_the_sentence_transformers_config_and_falls_back_to_the_poole
     assert resolve("auto", model) == "mean"
 
 
+def test_auto_reads_the_pooling_of_a_hub_model_from_the_hub_cache(tmp_path, monkeypatch):
+    """A model loaded by hub id: its sentence-transformers files come from the same cache."""
+    import huggingface_hub.constants
+
+    from adaptkit_plugins.tasks.pooling import sentence_transformers_pooling
+
+    snapshot = tmp_path / "models--acme--minilm" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--acme--minilm" / "refs").mkdir()
+    (tmp_path / "models--acme--minilm" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert sentence_transformers_pooling("acme/minilm") is None
+    as_sentence_transformer(snapshot, "mean")
+    assert sentence_transformers_pooling("acme/minilm") == "mean"
+    assert sentence_transformers_pooling("acme/other") is None
+
+
 def test_mean_pooling_ignores_padding_and_replaces_the_pooler():
     import torch
 

@@ -11,18 +11,16 @@ be had; nothing is mocked.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from adaptkit.errors import AdaptkitError
+from adaptkit.errors import AdaptkitError, DataError
+from adaptkit_plugins.data_sources import _espeak
 from adaptkit_plugins.loaders import packaged, whisper_ct2
 
 SPEC = packaged.PACKAGED["whisper-tiny-en"]
@@ -37,7 +35,6 @@ SENTENCES = [
     "Thank you very much for coming to the meeting today.",
 ]
 ALLOWED_WORD_ERRORS = 1
-ESPEAK_DEBS = ["espeak-ng", "espeak-ng-data", "libespeak-ng1", "libpcaudio0", "libsonic0"]
 
 
 # -- the reader, on files written as CTranslate2 writes them ---------------------------------------
@@ -246,48 +243,6 @@ def test_both_whisper_heads_load_the_directory(converted: Path) -> None:
 # -- a transcription of synthesized speech ---------------------------------------------------------
 
 
-def _espeak(root: Path) -> tuple[list[str], dict[str, str]] | str:
-    """espeak-ng's command and environment: the installed one, or the Debian packages unpacked.
-
-    A string says why espeak-ng cannot be had (the test is skipped with it).
-    """
-    if shutil.which("espeak-ng"):
-        return ["espeak-ng"], dict(os.environ)
-    if not (shutil.which("apt-get") and shutil.which("dpkg")):
-        return "espeak-ng is not on PATH and apt-get/dpkg are not there to unpack its Debian package"
-    debs = root / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(["apt-get", "download", *ESPEAK_DEBS], cwd=debs, capture_output=True, text=True)
-    if res.returncode != 0:
-        return f"apt-get download {' '.join(ESPEAK_DEBS)} failed: {res.stderr.strip().splitlines()[-1:]}"
-    for deb in debs.glob("*.deb"):
-        subprocess.run(["dpkg", "-x", str(deb), str(root / "root")], check=True, capture_output=True)
-    libs = next((root / "root" / "usr" / "lib").glob("*/libespeak-ng.so.1"), None)
-    if libs is None:
-        return "the espeak-ng Debian packages hold no libespeak-ng.so.1"
-    env = dict(os.environ)
-    # no root, so nothing is in the loader's or espeak-ng's default paths: point both at the unpacked tree
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs.parent), env.get("LD_LIBRARY_PATH")]))
-    env["ESPEAK_DATA_PATH"] = str(libs.parent / "espeak-ng-data")
-    return [str(root / "root" / "usr" / "bin" / "espeak-ng")], env
-
-
-def say(espeak: tuple[list[str], dict[str, str]], text: str, wav: Path) -> np.ndarray:
-    """``text`` spoken by espeak-ng's default voice, as float32 samples at Whisper's 16 kHz."""
-    import wave
-
-    from scipy.signal import resample_poly  # scipy comes with the dev extra's scikit-image
-
-    command, env = espeak
-    subprocess.run([*command, "-w", str(wav), text], env=env, check=True, capture_output=True)
-    with wave.open(str(wav)) as f:
-        rate = f.getframerate()
-        assert f.getsampwidth() == 2 and f.getnchannels() == 1
-        samples = np.frombuffer(f.readframes(f.getnframes()), dtype="<i2").astype(np.float32) / 32768
-    gcd = np.gcd(rate, whisper_ct2.SAMPLING_RATE)  # espeak-ng speaks at 22,050 Hz
-    return resample_poly(samples, whisper_ct2.SAMPLING_RATE // gcd, rate // gcd).astype(np.float32)
-
-
 def words(text: str) -> list[str]:
     """Lower-case words without punctuation, to compare a transcript with its sentence."""
     return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
@@ -310,14 +265,15 @@ def test_the_converted_model_transcribes_synthesized_speech(
     import torch
     import transformers
 
-    espeak = _espeak(tmp_path_factory.mktemp("espeak-ng"))
-    if isinstance(espeak, str):
-        pytest.skip(espeak)
+    try:  # the installed espeak-ng, or its Debian packages unpacked (the spoken_keywords source's own way)
+        espeak = _espeak.find_espeak(tmp_path_factory.mktemp("espeak-ng"))
+    except DataError as exc:
+        pytest.skip(f"espeak-ng cannot be had: {exc}")
     model = transformers.WhisperForConditionalGeneration.from_pretrained(converted).eval()
     processor = transformers.WhisperProcessor.from_pretrained(converted)
     wav_dir = tmp_path_factory.mktemp("speech")
     for i, sentence in enumerate(SENTENCES):
-        audio = say(espeak, sentence, wav_dir / f"{i}.wav")
+        audio = _espeak.say(espeak, sentence, wav_dir / f"{i}.wav")
         features = processor(audio, sampling_rate=whisper_ct2.SAMPLING_RATE, return_tensors="pt")
         with torch.no_grad():  # greedy: the transformers default for Whisper without num_beams
             ids = model.generate(features.input_features, num_beams=1, do_sample=False)

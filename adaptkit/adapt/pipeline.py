@@ -48,11 +48,11 @@ def load_base(recipe: Recipe, host: PluginHost, loaded: LoadedModel | None = Non
     return Base(task, splits, files, loaded)
 
 
-def encode_for_training(base: Base, recipe: Recipe, host: PluginHost) -> tuple[Any, Any]:
-    """The encoded training split (after the recipe's transforms) and validation split."""
+def encode_for_training(base: Base, recipe: Recipe, host: PluginHost, pack: bool = False) -> tuple[Any, Any]:
+    """The encoded training split (after the recipe's transforms; packed when ``pack``) and validation split."""
     task, processor = base.task, base.loaded.processor
     train = apply_transforms(base.splits["train"], recipe.data, host)
     encoded = task.encode(train, processor, base.files["train"])
-    if recipe.data.packing:  # training rows only: evaluation means the same either way
+    if pack:  # training rows only: evaluation means the same either way
         encoded = task.pack(encoded)
     return encoded, task.encode(base.splits["validation"], processor, base.files["validation"])

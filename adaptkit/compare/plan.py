@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from adaptkit.adapt.packing import unpacking_strategies
 from adaptkit.compare.spec import CompareSpec, Job, Plan, Variant
 from adaptkit.errors import ConfigError
 from adaptkit.recipe.schema import _describe, apply_overrides, read_raw, validate
@@ -81,7 +82,36 @@ def plan(path: str | Path, overrides: list[str] = (), host: Any = None) -> Plan:
             result.variants[label] = jobs
     if problems:
         raise ConfigError(problems, source=str(path))
+    _settle_packing(result)
     return result
+
+
+def _settle_packing(p: Plan) -> None:
+    """Pack the training rows of every variant left to ``data.packing: auto``, or of none.
+
+    A packed step holds more sequences than a padded one, so a budget in steps means the same for
+    every variant only if all pack alike: where one stack cannot train on packed rows (prompt
+    tuning), the others do not pack either. Packing a variant sets itself is the variant's choice.
+    """
+    if p.host is None:
+        return
+    auto = [
+        j
+        for jobs in p.variants.values()
+        for j in jobs
+        if j.raw.get("data", {}).get("packing", "auto") == "auto"
+    ]
+    blocked = {
+        j.variant: names
+        for j in auto
+        if (names := unpacking_strategies(p.host.build_strategies(j.raw["strategies"])))
+    }
+    if not blocked:
+        return
+    for job in auto:
+        job.raw.setdefault("data", {})["packing"] = False
+    which = "; ".join(f"{variant}: {names}" for variant, names in blocked.items())
+    p.notes.append(f"no variant packs its training rows, because some strategies cannot ({which})")
 
 
 def _job(

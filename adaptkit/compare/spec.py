@@ -222,3 +222,5 @@ class Plan:
     base: dict[str, Any]
     host: Any = None
     variants: dict[str, list[Job]] = field(default_factory=dict)
+    #: What planning changed for fairness, said before the runs start.
+    notes: list[str] = field(default_factory=list)

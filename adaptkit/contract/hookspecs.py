@@ -66,7 +66,10 @@ def adaptkit_register_data_sources(register: Callable[..., None]) -> None:
     Call ``register(name, load)`` where ``load(options: dict, seed: int)`` returns a
     ``datasets.DatasetDict`` with a ``train`` split and optionally ``validation``/``test``.
     Local files and directories are handled by the host; register sources that generate or
-    fetch data (``reasoning_gym``, a database, ...).
+    fetch data (``reasoning_gym``, a database, ...). A source whose data ships in a package may
+    be an object with an ``info()`` method returning ``package``, ``license``, ``description``,
+    ``cached``, ``path`` and ``size_bytes``: ``adaptkit models`` then lists it with the
+    packaged models.
 
     Evaluation by generation (``causal_lm``): give the validation rows a ``scorer`` column naming
     a metric registered through ``adaptkit_register_metrics`` (the same name on every row), a

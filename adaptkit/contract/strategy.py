@@ -98,6 +98,10 @@ class Strategy:
     launches: ClassVar[frozenset[str]] = frozenset({"single", "ddp", "sharded"})
     #: Why a launch is left out of ``launches``, said when such a launch is refused (optional).
     launches_note: str = ""
+    #: False when the strategy cannot train on packed rows (it adds tokens to every sequence, as
+    #: prompt tuning does): ``data.packing: true`` is refused and ``auto`` does not pack. A
+    #: strategy for which it depends on the config sets it on the instance in ``__init__``.
+    packs: bool = True
     #: Registered task names the strategy supports, or None for every task.
     tasks: ClassVar[tuple[str, ...] | None] = None
     #: What happens to the optimizer state (AdamW's moments) of a parameter this strategy freezes
@@ -125,6 +129,7 @@ class Strategy:
             "combines": "only with training-only strategies" if cls.exclusive else "with others",
             "quantized_base": cls.quantized_base,
             "launches": sorted(cls.launches),
+            "packs": cls.packs,
             "tasks": list(cls.tasks) if cls.tasks is not None else "all",
             "learning_rates": list(cls.lr_range) if cls.lr_range else None,
         }

@@ -53,6 +53,9 @@ class Task:
 
     #: The recipe's ``model`` section, set by the host before the model loads (None outside a run).
     model_spec: ModelSpec | None = None
+    #: Whether this run's training rows are packed, set by the host once the strategies are
+    #: applied (``data.packing``; ``adaptkit.adapt.packing``); the training loss reads it.
+    packing: bool = False
 
     def __init__(self, data: DataSpec):
         self.data = data
@@ -88,6 +91,13 @@ class Task:
         so evaluation means the same with packing on or off.
         """
         raise NotImplementedError
+
+    def packing_refusal(self, model: Any) -> list[tuple[str, str]]:
+        """Why ``model`` (loaded, prepared and adapted) cannot train on this task's packed rows, as
+        (recipe field, message) pairs; [] where it can. No forward pass: whether the attention keeps
+        packed sequences apart is the host's probe's to say. A task whose head reads a row as one
+        sequence (a classifier's pooler) says so here."""
+        return []
 
     def collate(self, processor: Any) -> Callable[[list[dict]], dict]:
         """The function that pads a list of encoded rows into a batch of tensors."""

@@ -117,18 +117,21 @@ def load_adapter(directory: str | Path, host: Any = None) -> Any:
     if "id2label" in kwargs:  # JSON turned the ids into strings
         kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
     model = auto.from_pretrained(where, use_safetensors=True, **kwargs)
-    _pool_as_trained(model, record, host)
+    _prepare_as_trained(model, directory, record, host)
     return peft.PeftModel.from_pretrained(model, directory).eval()
 
 
-def _pool_as_trained(model: Any, record: dict[str, Any], host: Any) -> None:
-    """Let the export's task prepare the base as in the run, pooling the tokens as it trained."""
+def _prepare_as_trained(model: Any, directory: Path, record: dict[str, Any], host: Any) -> None:
+    """Let the export's task prepare the base as the run's did (with the run's data section and the
+    exported processor): pooling the tokens as it trained, a Whisper encoder cut to its length."""
+    from adaptkit.contract.model import POOLING_KEY
     from adaptkit.host.manager import default_host
-    from adaptkit.recipe.schema import ModelSpec
+    from adaptkit.recipe.schema import DataSpec
 
     pooling = record.get("pooling", "pooler")
-    if pooling == "pooler":
-        return
-    task = (host or default_host()).lookup("tasks", record["task"]).obj(None)
-    task.model_spec = ModelSpec(source=str(model.config._name_or_path), task=record["task"], pooling=pooling)
-    task.prepare_model(model, None)
+    if pooling != "pooler":
+        model.config.update({POOLING_KEY: pooling})  # what model.pooling: auto reads, as from a merged export
+    recipe_file = directory / "adaptkit_recipe.json"
+    data = DataSpec(**json.loads(recipe_file.read_text())["data"]) if recipe_file.is_file() else None
+    task = (host or default_host()).lookup("tasks", record["task"]).obj(data)
+    task.prepare_model(model, task.load_processor(str(directory), {}))

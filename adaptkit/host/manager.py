@@ -55,6 +55,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("lisa", "adaptkit_plugins.strategies.lisa"),
     ("reasoning_gym", "adaptkit_plugins.data_sources.reasoning_gym"),
     ("image_sets", "adaptkit_plugins.data_sources.image_sets"),
+    ("spoken_keywords", "adaptkit_plugins.data_sources.spoken_keywords"),
     ("baselines", "adaptkit_plugins.strategies.baselines"),
 )
 
@@ -310,13 +311,14 @@ class PluginHost:
         """What a raw recipe asks that the installed plugins cannot do: unknown or misconfigured
         strategies, an impossible stack, an unknown task. Each problem is (dotted path, message)."""
         problems: list[tuple[str, str]] = []
+        stack: list[Any] = []
         task = (
             raw.get("model", {}).get("task", "classification") if isinstance(raw.get("model"), dict) else None
         )
         if isinstance(raw.get("strategies"), list) and raw["strategies"]:  # [] is the schema's problem
             try:
                 setting = Setting.from_environment(task if isinstance(task, str) else None)
-                self.build_strategies(raw["strategies"], setting=setting)
+                stack = self.build_strategies(raw["strategies"], setting=setting)
             except ConfigError as exc:
                 problems.extend(exc.problems)
             except AdaptkitError as exc:
@@ -327,7 +329,7 @@ class PluginHost:
             except AdaptkitError as exc:
                 problems.append(("model.task", str(exc)))
             else:
-                problems.extend(specs.packing_problems(raw, task, task_cls, self.registries["tasks"]))
+                problems.extend(specs.packing_problems(raw, task, task_cls, self.registries["tasks"], stack))
         return problems
 
 

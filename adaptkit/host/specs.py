@@ -135,9 +135,12 @@ def check_capabilities(stack: list[Strategy], setting: Setting) -> None:
             )
 
 
-def packing_problems(raw: dict, task: str, task_cls: Any, tasks: dict[str, Any]) -> list[tuple[str, str]]:
-    """``data.packing`` asked of ``task``, which cannot pack its rows (``tasks``: the task registry),
-    or beside ``train.batching: by_length``; each problem is (dotted path, message)."""
+def packing_problems(
+    raw: dict, task: str, task_cls: Any, tasks: dict[str, Any], stack: list[Strategy] | None = None
+) -> list[tuple[str, str]]:
+    """``data.packing: true`` asked of ``task``, which cannot pack its rows (``tasks``: the task
+    registry), of a strategy in ``stack`` that cannot train on packed rows, or beside
+    ``train.batching: by_length``; each problem is (dotted path, message)."""
     data = raw.get("data")
     if not (isinstance(data, dict) and data.get("packing") is True):
         return []
@@ -145,6 +148,17 @@ def packing_problems(raw: dict, task: str, task_cls: Any, tasks: dict[str, Any])
     if isinstance(train, dict) and train.get("batching") == "by_length":
         return [
             ("train.batching", "by_length needs data.packing: false (packed rows have no padding to save)")
+        ]
+    if isinstance(train, dict) and train.get("cache_features") is True:
+        return [("train.cache_features", "keeps one feature row per example; it needs data.packing: false")]
+    blockers = [s.name for s in stack or [] if not s.packs]
+    if blockers:
+        return [
+            (
+                "data.packing",
+                f"strategies {blockers} cannot train on packed rows (they add tokens to every "
+                "sequence); set data.packing: false or auto",
+            )
         ]
     if getattr(task_cls, "packs", False):
         return []

@@ -14,7 +14,8 @@ is checked per architecture (``MODEL_TYPES``); everything else keeps ``model(**b
 
 Packed batches (``data.packing``: rows of several sequences with ``position_ids`` restarting at
 0 for each) reach the model through ``packed_model_inputs``, and a run that packs first proves,
-with ``check_packing``, that its model keeps packed sequences apart.
+with ``check_packing``, that its model keeps packed sequences apart (a causal LM, or a sequence
+classifier whose pooling gives one output per packed sequence).
 """
 
 from __future__ import annotations
@@ -142,13 +143,17 @@ def _packed(loss_fn: LossFn, attention: str) -> LossFn:
 def packed_model_inputs(batch: dict, attention: str = "sdpa") -> dict:
     """The model's inputs (and labels) for a batch; a packed one is made to keep its sequences apart.
 
-    A packed batch (one with ``position_ids``) loses its 2-D ``attention_mask``: transformers
-    builds the block-diagonal causal mask from the position ids only when no 2-D mask is given
-    and no cache is, so ``use_cache`` is off too (a model's config turns it on even in training,
-    and with a cache the position ids are silently ignored). Rows stay rows for the attention
-    implementations in ``ROW_PACKED_ATTENTION`` (the padding after a row's last sequence
-    restarts its positions: a sequence of its own, seen by no real token); for any other the
-    real tokens of all rows become one row, the form flash attention's varlen path reads.
+    A packed batch (one with ``position_ids``: each sequence a run 0, 1, 2, ... of them, the
+    padding after a row's last sequence never at 0; ``adaptkit_plugins.tasks.packing``) loses
+    its 2-D ``attention_mask``: transformers builds the block-diagonal mask (causal, or
+    bidirectional for an encoder) from the position ids only when no 2-D mask is given and no
+    cache is, so ``use_cache`` is off too (a model's config turns it on even in training, and
+    with a cache the position ids are silently ignored). Rows stay rows for the attention
+    implementations in ``ROW_PACKED_ATTENTION`` (each padding token, its position id neither 0
+    nor the next one, is a sequence of its own, seen by no real token); for any other the real
+    tokens of all rows become one row, the form flash attention's varlen path reads: every
+    per-token tensor (the mask's shape: ids, position and token type ids, per-token labels) is
+    flattened, and per-sequence ones (a classifier's labels) stay as they are.
     Other batches are returned as they are.
     """
     if "position_ids" not in batch:
@@ -158,20 +163,24 @@ def packed_model_inputs(batch: dict, attention: str = "sdpa") -> dict:
     mask = batch.get("attention_mask")
     if attention not in ROW_PACKED_ATTENTION and mask is not None:
         keep = mask.bool()
-        for key in ("input_ids", "labels", "position_ids"):
-            if key in out:
-                out[key] = out[key][keep].unsqueeze(0)
+        for key, value in out.items():
+            if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                out[key] = value[keep].unsqueeze(0)
     return out
 
 
 def check_packing(model: Any, distributed_type: str = "NO") -> None:
     """Refuse (ConfigError naming ``data.packing``) a model that does not keep packed sequences apart.
 
-    A probe: two short sequences packed into one row (with padding after them) must give the
-    second the logits it gets alone. An attention implementation or architecture that ignores
-    packed position ids lets the second attend to the first, and training would silently learn
-    across sequences. Sharded weights (FSDP, DeepSpeed) cannot run a forward pass on one
-    process: there only the attention implementations known to honour packing are accepted.
+    A probe: two short sequences packed into one row (with padding after them) must each get the
+    outputs they get alone. A model with per-token outputs (a causal LM) is compared token by
+    token; one with an output per sequence (a sequence classifier) must give one per packed
+    sequence, not one per row (a head that reads a row's first or last token, or a pooler over
+    it, cannot pack), each equal to the sequence's output alone. An attention implementation
+    or architecture that ignores packed position ids lets the second attend to the first, and
+    training would silently learn across sequences. Sharded weights (FSDP, DeepSpeed) cannot
+    run a forward pass on one process: there only the attention implementations known to
+    honour packing are accepted.
     """
     if model in _PACKING_CHECKED:
         return
@@ -184,18 +193,34 @@ def check_packing(model: Any, distributed_type: str = "NO") -> None:
                 f"data.packing: not supported for {name} with sharded weights; set data.packing: false"
             )
         return
-    diff, scale = _probe_difference(model, attention)
+    try:
+        diff, scale = _probe_difference(model, attention)
+    except _Unpackable as exc:
+        raise ConfigError(f"data.packing: {type(base).__name__} {exc}; set data.packing: false") from None
+    # a forward that takes no position ids, or a head that breaks on a packed row
+    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise ConfigError(
+            f"data.packing: {name} cannot take a packed row ({type(exc).__name__}: {exc}); "
+            "set data.packing: false"
+        ) from None
     exact = next(model.parameters()).dtype == torch.float32
     if not diff <= (1e-4 if exact else 2e-2) * (1 + scale):
         raise ConfigError(
-            f"data.packing: {name} lets packed sequences attend to each other (a packed probe's logits "
+            f"data.packing: {name} lets packed sequences attend to each other (a packed probe's outputs "
             f"moved by {diff:.3g}); set data.packing: false, or model attention sdpa or eager"
         )
     _PACKING_CHECKED.add(model)
 
 
+class _Unpackable(Exception):
+    """The probe's outputs do not line up with the packed sequences (the message says how)."""
+
+
 def _probe_difference(model: Any, attention: str) -> tuple[float, float]:
-    """The largest change of a sequence's logits when packed after another, and their scale."""
+    """The largest change of a sequence's outputs when packed with another, and their scale.
+
+    Raises ``_Unpackable`` where the outputs do not line up with the packed tokens or sequences.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     vocab = int(getattr(base.config, "vocab_size", None) or 32)
     device = next(model.parameters()).device
@@ -205,17 +230,38 @@ def _probe_difference(model: Any, attention: str) -> tuple[float, float]:
     batch = {
         "input_ids": ids,
         "attention_mask": torch.tensor([[1] * 11 + [0, 0]], device=device),
-        "position_ids": torch.tensor([[*range(6), *range(5), 0, 1]], device=device),
+        # the packed form: each sequence a run from 0; the padding after them one position, not 0
+        "position_ids": torch.tensor([[*range(6), *range(5), 1, 1]], device=device),
     }
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            packed = model(**packed_model_inputs(batch, attention)).logits[0, 6:11].float()
-            alone = model(input_ids=ids[:, 6:11], use_cache=False).logits[0].float()
+            packed = model(**packed_model_inputs(batch, attention)).logits.float()
+            alone = [
+                model(input_ids=ids[:, a:b], use_cache=False).logits.float() for a, b in ((0, 6), (6, 11))
+            ]
     finally:
         model.train(was_training)
-    return float((packed - alone).abs().max()), float(alone.abs().max())
+    tokens = 11 if attention not in ROW_PACKED_ATTENTION else 13  # flattened to its real tokens, or not
+    if packed.dim() == 3 and packed.shape[:2] == (1, tokens):  # one output per token
+        pairs = [(packed[0, :6], alone[0][0]), (packed[0, 6:11], alone[1][0])]
+    elif packed.dim() == 3:
+        raise _Unpackable(
+            f"gives {packed.shape[1]} outputs for a packed row of {tokens} tokens: it adds or drops "
+            "positions (as prompt tuning's virtual tokens do), so packed sequences would not stay apart"
+        )
+    elif packed.shape[0] == 2:  # one output per sequence
+        pairs = [(packed[0], alone[0][0]), (packed[1], alone[1][0])]
+    else:
+        raise _Unpackable(
+            f"gives {packed.shape[0]} output(s) for a row of two packed sequences, not one per sequence: "
+            "its head reads the row as a whole (its first or last token, or a pooler over it), so packed "
+            "sequences would share a prediction (a sequence classifier packs where model.pooling cls or "
+            "mean pools each sequence, on BERT-style encoders)"
+        )
+    diff = max(float((a - b).abs().max()) for a, b in pairs)
+    return diff, max(float(b.abs().max()) for _, b in pairs)
 
 
 def causal_lm_loss(

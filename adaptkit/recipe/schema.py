@@ -81,6 +81,18 @@ class DataSpec(Section):
     text_pair: str | None = Field(None, description="column with the second text of a pair")
     label: str = Field("label", description="column with the label (name or id)")
     image: str = Field("image", description="column with the image (image classification)")
+    audio: str = Field(
+        "audio",
+        description="column with the audio (audio classification): a wav or flac file path, the file's "
+        "bytes, {array, sampling_rate}, or samples at the feature extractor's rate",
+    )
+    max_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="audio classification: cut longer clips to this many seconds and pad shorter ones to it "
+        "(default: no cut, padded to the longest of the batch); Whisper's encoder is shortened to it, "
+        "in whole seconds (default: its 30 s)",
+    )
     prompt: str = Field("prompt", description="column with the prompt (causal-LM fine-tuning)")
     response: str = Field("response", description="column with the response (causal-LM fine-tuning)")
     messages: str | None = Field(
@@ -90,10 +102,11 @@ class DataSpec(Section):
         None, description="label names in id order (default: sorted values found)"
     )
     max_length: int = Field(128, ge=8, description="tokens per example after truncation")
-    packing: bool = Field(
-        False,
-        description="causal_lm and language_modeling: pack training sequences into rows of up to "
-        "max_length tokens, position ids restarting and attention kept within each sequence",
+    packing: bool | Literal["auto"] = Field(
+        "auto",
+        description="pack training sequences into rows of up to max_length tokens, position ids "
+        "restarting and attention kept within each sequence; auto: wherever the task, strategies "
+        "and model allow it; true: pack or refuse",
     )
     validation_size: float = Field(
         0.1, gt=0, lt=1, description="fraction held out when the data has no validation split"

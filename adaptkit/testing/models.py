@@ -11,8 +11,11 @@ from typing import Any
 from adaptkit.host.manager import PluginHost, get_plugin_host
 
 FAMILIES = ("bert", "gpt2", "llama", "vit")
+#: Speech encoders for audio classification: raw 16 kHz waveforms (wav2vec2 with group norm,
+#: hubert with layer norm and attention masks) or Whisper's log-mel features.
+AUDIO_FAMILIES = ("wav2vec2", "hubert", "whisper")
 #: Families built on request but not in the conformance kit's default runs.
-MORE_FAMILIES = ("qwen2",)
+MORE_FAMILIES = ("qwen2", *AUDIO_FAMILIES)
 VOCAB = 128
 
 
@@ -57,6 +60,10 @@ def tiny_config(family: str, **overrides: Any):
             tie_word_embeddings=True,
             pad_token_id=0,
         )
+    elif family in ("wav2vec2", "hubert"):
+        cfg = _tiny_speech_config(family)
+    elif family == "whisper":
+        cfg = _tiny_whisper_config()
     elif family == "vit":
         cfg = tf.ViTConfig(
             image_size=16,
@@ -74,13 +81,84 @@ def tiny_config(family: str, **overrides: Any):
     return cfg
 
 
+def _tiny_whisper_config():
+    """Whisper with the real encoder's length (1500 positions, 30 s of 80 log-mel bins)."""
+    import transformers as tf
+
+    # init_std 0.2, not 0.02: the convolutions' features must not drown under the sinusoidal
+    # positions (magnitude 1), or the random encoder's output hardly depends on the audio
+    return tf.WhisperConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_mel_bins=80,
+        max_source_positions=1500,
+        max_target_positions=64,
+        classifier_proj_size=16,
+        init_std=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+        decoder_start_token_id=2,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
+
+
+def _tiny_speech_config(family: str):
+    """wav2vec2 (group-normed convolutions, no attention mask) or HuBERT (layer-normed, masked).
+
+    Three convolutions of 16 channels with wav2vec2's total stride of 320 samples: one frame per
+    20 ms of 16 kHz audio, as in the real models.
+    """
+    import transformers as tf
+
+    layer_norm = family == "hubert"
+    config = tf.HubertConfig if layer_norm else tf.Wav2Vec2Config
+    return config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16, 16),
+        conv_stride=(10, 8, 4),
+        conv_kernel=(10, 8, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        classifier_proj_size=16,
+        feat_extract_norm="layer" if layer_norm else "group",
+        do_stable_layer_norm=layer_norm,
+    )
+
+
+def tiny_feature_extractor(family: str, config: Any = None):
+    """The feature extractor of an audio family: 16 kHz waveforms, normalised (wav2vec2, HuBERT), or
+    Whisper's 80 log-mel bins over 30 s. Layer-normed models get attention masks, as the real ones do."""
+    import transformers as tf
+
+    if family == "whisper":
+        return tf.WhisperFeatureExtractor(feature_size=getattr(config, "num_mel_bins", 80))
+    if family in ("wav2vec2", "hubert"):
+        masks = getattr(config, "feat_extract_norm", "group") == "layer"
+        return tf.Wav2Vec2FeatureExtractor(
+            feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=masks
+        )
+    raise ValueError(f"{family!r} is not an audio family; choose from {AUDIO_FAMILIES}")
+
+
 def tiny_model(
     family: str, task: str = "classification", seed: int = 0, num_labels: int = 3, **overrides: Any
 ):
     """A randomly initialised tiny model, in eval mode, float32.
 
-    ``task`` is ``classification`` (sequence or image classification), ``causal_lm`` (gpt2,
-    llama) or ``base`` (the bare backbone).
+    ``task`` is ``classification`` (sequence, image or audio classification), ``causal_lm``
+    (gpt2, llama) or ``base`` (the bare backbone).
     """
     import torch
     import transformers as tf
@@ -88,9 +166,12 @@ def tiny_model(
     cfg = tiny_config(family, **overrides)
     if task == "classification":
         cfg.num_labels = num_labels
-        auto = (
-            tf.AutoModelForImageClassification if family == "vit" else tf.AutoModelForSequenceClassification
-        )
+        if family in AUDIO_FAMILIES:
+            auto = tf.AutoModelForAudioClassification
+        elif family == "vit":
+            auto = tf.AutoModelForImageClassification
+        else:
+            auto = tf.AutoModelForSequenceClassification
     elif task == "causal_lm":
         auto = tf.AutoModelForCausalLM
     elif task == "base":
@@ -113,6 +194,13 @@ def tiny_inputs(model, batch_size: int = 4, seq_len: int = 8, seed: int = 0) -> 
                 batch_size, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g
             )
         }
+    elif getattr(cfg, "model_type", "") == "whisper":  # the encoder takes exactly its length of features
+        frames = 2 * cfg.max_source_positions
+        x = {"input_features": torch.randn(batch_size, cfg.num_mel_bins, frames, generator=g)}
+    elif getattr(cfg, "model_type", "") in ("wav2vec2", "hubert"):
+        # seq_len frames of 20 ms at 16 kHz, but enough of them for SpecAugment's masks in training
+        frames = max(seq_len, 2 * cfg.mask_time_length)
+        x = {"input_values": torch.randn(batch_size, frames * 320, generator=g)}
     else:
         ids = torch.randint(1, cfg.vocab_size, (batch_size, seq_len), generator=g)
         mask = torch.ones_like(ids)
@@ -183,8 +271,14 @@ def save_tiny_pretrained(
 ):
     """Save a tiny model and its tokenizer as a transformers directory a recipe can name as ``model.source``.
 
-    ``vit`` gets an image processor (resize to the model's image size, normalise) instead of a tokenizer.
+    ``vit`` gets an image processor (resize to the model's image size, normalise) instead of a tokenizer;
+    the audio families (``AUDIO_FAMILIES``) get their feature extractor.
     """
+    if family in AUDIO_FAMILIES:
+        model = tiny_model(family, "base" if task == "classification" else task, seed=seed, **overrides)
+        model.save_pretrained(path)
+        tiny_feature_extractor(family, model.config).save_pretrained(path)
+        return path
     if family == "vit":
         import transformers
 

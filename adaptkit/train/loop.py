@@ -444,6 +444,7 @@ class Loop(Prepared):
             mixed_precision=spec.mixed_precision,
             micro_batch_size=spec.micro_batch_size,
             gradient_accumulation=spec.gradient_accumulation,
+            packed=bool(getattr(run.task, "packing", False)),
             param_digest=digest,
             ranks_in_sync=len(set(digests)) == 1,
             run_id=recipe_id(run.recipe),

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from adaptkit.adapt.packing import decide_packing
 from adaptkit.adapt.pipeline import encode_for_training, load_base
 from adaptkit.adapt.stack import Adapted, apply
 from adaptkit.adapt.trainable import Trainables
@@ -52,7 +53,12 @@ def prepare_model_and_data(run: Run, loaded_model: Any = None) -> tuple[Adapted,
         run.forgetting_texts = general_texts(recipe.forgetting.source, recipe.forgetting.max_texts)
         run.forgetting_base = measure_run_texts(run, model, processor, base.task)
     adapted = apply(model, recipe.strategies, host=host)
-    train_ds, eval_ds = encode_for_training(base, recipe, host)
+    base.task.packing, why_not = decide_packing(
+        recipe, base.task, adapted, run.accelerator.distributed_type.value
+    )
+    if why_not and recipe.data.packing == "auto":
+        run.log(f"adaptkit: training rows are not packed: {why_not}")
+    train_ds, eval_ds = encode_for_training(base, recipe, host, pack=base.task.packing)
     run.task, run.processor, run.adapted = base.task, processor, adapted
     run.eval_rows = base.splits["validation"]
     return adapted, train_ds, eval_ds

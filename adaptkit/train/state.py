@@ -78,6 +78,7 @@ class RunSummary:
     mixed_precision: str
     micro_batch_size: int
     gradient_accumulation: int
+    packed: bool = False  # training rows packed several sequences to a row (data.packing)
     param_digest: str
     ranks_in_sync: bool
     run_id: str

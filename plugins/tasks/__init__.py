@@ -5,8 +5,8 @@ and how to score predictions. Plugins add tasks through ``adaptkit_register_task
 
 The tasks live in modules of their own: ``classification`` (text classification and the
 labelled-task base), ``causal_lm`` (supervised fine-tuning and language modelling), ``image``
-(image classification) and ``generation`` (greedy generation for evaluation). This module is the
-plugin: it registers them and re-exports them.
+(image classification), ``audio`` (audio classification) and ``generation`` (greedy generation
+for evaluation). This module is the plugin: it registers them and re-exports them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from adaptkit.contract.hookspecs import hookimpl
 from adaptkit.contract.task import IGNORE, Task, require_columns
 
+from .audio import AudioClassification
 from .causal_lm import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_NEW_TOKENS_COLUMN,
@@ -32,6 +33,7 @@ __all__ = [
     "MAX_NEW_TOKENS_COLUMN",
     "REFERENCE_COLUMN",
     "SCORER_COLUMN",
+    "AudioClassification",
     "CausalLM",
     "Classification",
     "ImageClassification",
@@ -47,8 +49,10 @@ __all__ = [
 
 @hookimpl
 def adaptkit_register_tasks(register):
-    """Register the built-in tasks: classification, causal_lm, language_modeling, image_classification."""
+    """Register the built-in tasks: classification, causal_lm, language_modeling, image_classification,
+    audio_classification."""
     register("classification", Classification)
     register("causal_lm", CausalLM)
     register("language_modeling", LanguageModeling)
     register("image_classification", ImageClassification)
+    register("audio_classification", AudioClassification)

@@ -38,11 +38,6 @@ class CausalLM(Task):
     auto_model = "AutoModelForCausalLM"
     packs = True
 
-    @property
-    def packing(self) -> bool:
-        """Whether training rows are packed (``data.packing``); the training loss reads it."""
-        return bool(getattr(self.data, "packing", False))
-
     def pack(self, encoded):
         """The encoded training rows packed into rows of at most ``max_length`` tokens (``packing.pack_dataset``)."""
         return pack_dataset(encoded, self.data.max_length)

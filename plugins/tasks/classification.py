@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from adaptkit.contract.task import MeanScore, Task, require_columns
 from adaptkit.errors import DataError
 
+from .packing import collate_packed_sequences, pack_sequence_dataset, packed_or_padded
 from .padding import pad
 
 
@@ -61,10 +63,42 @@ class LabelledTask(Task):
         return {"accuracy": MeanScore(accuracy(p, r), correct), "macro_f1": macro_f1(p, r)}
 
 
+class LabelledFiles(LabelledTask):
+    """Base of the image and audio tasks: a column of media (file paths relative to the data
+    file, their bytes, or decoded values) and a label; a checkpoint's head for other classes is
+    replaced by one sized to the labels."""
+
+    #: The recipe's ``data`` field that names the media column (``image``, ``audio``).
+    column_field: str = ""
+
+    def setup(self, splits, files):
+        """Check the media and label columns, fix the label names and the folders relative paths start from."""
+        column = getattr(self.data, self.column_field)
+        for name, split in splits.items():
+            require_columns(split, [column, self.data.label], files[name])
+        self.setup_labels(splits["train"])
+        # a held-out validation split or a registered source has no file of its own: use the train file's folder
+        train = Path(files["train"])
+        fallback = train.parent if train.is_file() else Path.cwd()
+        self.folders = {f: Path(f).parent if Path(f).is_file() else fallback for f in files.values()}
+
+    def model_kwargs(self):
+        """The labelled head, replacing a checkpoint's head of another size (ImageNet's 1000 classes)."""
+        return {**super().model_kwargs(), "ignore_mismatched_sizes": True}
+
+
 class Classification(LabelledTask):
-    """Text or text-pair classification; labels by name or by id; a new head sized to the labels."""
+    """Text or text-pair classification; labels by name or by id; a new head sized to the labels.
+
+    Training rows pack (``data.packing``) where the head pools each packed sequence on its own: a
+    BERT-style encoder with ``model.pooling`` ``cls`` or ``mean`` (``pooling.packing_refusal``);
+    ``data.packing: true`` on any other head is refused once the model is loaded, naming
+    ``data.packing`` (and ``model.pooling`` where choosing it would help); ``auto`` leaves it unpacked. A packed batch holds
+    one label per sequence.
+    """
 
     auto_model = "AutoModelForSequenceClassification"
+    packs = True
 
     def prepare_model(self, model, processor):
         """Pad tokens as the base task does, and pool the encoder as ``model.pooling`` says."""
@@ -72,6 +106,16 @@ class Classification(LabelledTask):
 
         super().prepare_model(model, processor)
         apply_pooling(model, self.model_spec.pooling if self.model_spec else "auto")
+
+    def packing_refusal(self, model) -> list[tuple[str, str]]:
+        """Why the head cannot pool each packed sequence on its own (``pooling.packing_refusal``)."""
+        from .pooling import packing_refusal
+
+        return packing_refusal(model)
+
+    def pack(self, encoded):
+        """The encoded training rows packed into rows of up to ``max_length`` tokens, a label per sequence."""
+        return pack_sequence_dataset(encoded, self.data.max_length)
 
     def setup(self, splits, files):
         """Check the text, text-pair and label columns, and fix the label names."""
@@ -96,7 +140,10 @@ class Classification(LabelledTask):
         return split.map(tokenize, batched=True, remove_columns=split.column_names)
 
     def collate(self, processor):
-        """A collate function padding token ids, attention masks (and token type ids) to the longest row."""
+        """A collate function padding token ids, attention masks (and token type ids) to the longest row.
+
+        Packed rows (``data.packing``) go through ``packing.collate_packed_sequences``.
+        """
         pad_id = processor.pad_token_id or 0
 
         def collate(rows):
@@ -111,4 +158,4 @@ class Classification(LabelledTask):
                 batch["token_type_ids"] = pad([r["token_type_ids"] for r in rows], 0)
             return batch
 
-        return collate
+        return packed_or_padded(collate, pad_id, collate_packed_sequences)

@@ -5,16 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adaptkit.contract.task import require_columns
 from adaptkit.errors import DataError
 
-from .classification import LabelledTask
+from .classification import LabelledFiles
 
 #: The column that carries each row's position, for error messages raised while training reads it.
 _ROW = "__adaptkit_row__"
 
 
-class ImageClassification(LabelledTask):
+class ImageClassification(LabelledFiles):
     """Image classification: an image column (a file path, image bytes or an image) and a label.
 
     Relative paths are resolved against the data file's folder. The image processor comes with the
@@ -23,22 +22,12 @@ class ImageClassification(LabelledTask):
     """
 
     auto_model = "AutoModelForImageClassification"
+    column_field = "image"
 
     def setup(self, splits, files):
-        """Check the image and label columns, fix the label names and the folders relative paths start from."""
-        for name, split in splits.items():
-            require_columns(split, [self.data.image, self.data.label], files[name])
-        self.setup_labels(splits["train"])
-        # a held-out validation split or a registered source has no file of its own: use the train file's folder
-        train = Path(files["train"])
-        fallback = train.parent if train.is_file() else Path.cwd()
-        self.folders = {f: Path(f).parent if Path(f).is_file() else fallback for f in files.values()}
+        """Check the columns (``LabelledFiles.setup``); images read in RGB until the model says otherwise."""
+        super().setup(splits, files)
         self.mode = "RGB"
-
-    def model_kwargs(self):
-        """The labelled head, replacing a checkpoint's head of another size."""
-        # a checkpoint with a head for other classes (ImageNet's 1000) gets a new one sized to the labels
-        return {**super().model_kwargs(), "ignore_mismatched_sizes": True}
 
     def load_processor(self, path, common):
         """The model's image processor (the PIL-based one when torchvision is missing)."""

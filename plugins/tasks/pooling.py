@@ -10,6 +10,14 @@ trained with in the pooler's place, so every strategy, checkpoint and export see
 ``auto`` reads, in order: a pooling recorded in the model's config by an earlier export
 (``adaptkit_pooling``), the sentence-transformers pooling config beside the weights, else the
 model's own head (``pooler``).
+
+Packed rows (``data.packing``, ``packing.py``): ``cls`` and ``mean`` pool each packed sequence on
+its own, so a row of several sequences gives one vector per sequence (rows first, in order), and
+the head's loss reads one label per sequence. A packed forward is one with ``position_ids`` and
+no attention mask (how ``adaptkit.kernels.lm_loss.packed_model_inputs`` calls the model); a
+sequence is a run of position ids 0, 1, 2, ..., and the padding after a row's last sequence,
+whose position ids never start at 0, belongs to none. The model's own ``pooler`` reads a row's
+first token only, so it cannot pack (``packing_refusal``).
 """
 
 from __future__ import annotations
@@ -24,22 +32,43 @@ from adaptkit.contract.model import POOLING_KEY
 from adaptkit.errors import ConfigError
 
 MODES = ("auto", "pooler", "cls", "mean")
+#: The poolings that read each packed sequence on its own.
+PACKING_MODES = ("cls", "mean")
 
 
-def sentence_transformers_pooling(directory: str | Path) -> str | None:
-    """``"mean"`` or ``"cls"`` from a sentence-transformers model directory's pooling config, else None."""
-    directory = Path(directory)
+def sentence_transformers_pooling(source: str | Path) -> str | None:
+    """``"mean"`` or ``"cls"`` from the pooling config of a sentence-transformers model (a directory,
+    or a hub id, read through transformers' hub cache as the weights were), else None."""
     try:
-        modules = json.loads((directory / "modules.json").read_text())
+        modules = json.loads(_model_file(source, "modules.json").read_text())
         path = next(m["path"] for m in modules if m.get("type", "").endswith("models.Pooling"))
-        config = json.loads((directory / path / "config.json").read_text())
-    except (OSError, ValueError, StopIteration, KeyError, TypeError):
+        config = json.loads(_model_file(source, f"{path}/config.json").read_text())
+    except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
         return None
     if config.get("pooling_mode_mean_tokens"):
         return "mean"
     if config.get("pooling_mode_cls_token"):
         return "cls"
     return None  # max or weighted pooling: no replacement offered, the model's own head stays
+
+
+def _model_file(source: str | Path, name: str) -> Path | None:
+    """A file of a model directory, or of a hub model (None where it has none)."""
+    if not str(source):
+        return None
+    if Path(source).is_dir():
+        return Path(source) / name
+    from transformers.utils import cached_file
+
+    folder, _, filename = name.rpartition("/")
+    found = cached_file(
+        str(source),
+        filename,
+        subfolder=folder,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    return Path(found) if found else None
 
 
 def resolve(requested: str, model: Any) -> str:
@@ -82,17 +111,51 @@ def apply_pooling(model: Any, requested: str) -> str:
             ]
         )
     backbone.pooler = token_pooling_class()(mode)
-    if mode == "mean":
-        backbone.register_forward_pre_hook(_remember_mask, with_kwargs=True)
+    backbone.register_forward_pre_hook(_remember_inputs, with_kwargs=True)
     model.config.update({POOLING_KEY: mode})
     return mode
 
 
-def _remember_mask(backbone: Any, args: tuple, kwargs: dict) -> None:
+def packing_refusal(model: Any) -> list[tuple[str, str]]:
+    """Why ``model``'s head cannot pool packed rows (``data.packing``): (field, message) pairs; [] if it can.
+
+    Static (no forward pass): the pooling in force must be one of ``PACKING_MODES``, in the
+    backbone's pooler's place; ``model.pooling`` is named where choosing it would help. Whether
+    the attention keeps packed sequences apart is the probe's to say
+    (``adaptkit.kernels.lm_loss.check_packing``).
+    """
+    pooler = getattr(backbone_of(model), "pooler", None)
+    token_pooling = token_pooling_class()
+    if isinstance(pooler, token_pooling) and pooler.mode in PACKING_MODES:
+        return []
+    if pooler is None:
+        return [
+            (
+                "data.packing",
+                f"classification packs only a BERT-style encoder with model.pooling cls or mean; "
+                f"{type(model).__name__}'s head reads each row as a whole (its own head, or its last token)",
+            )
+        ]
+    mode = pooler.mode if isinstance(pooler, token_pooling) else "pooler"
+    return [
+        (
+            "data.packing",
+            "classification packs only with model.pooling cls or mean: the model's own pooler reads a "
+            "row's first token only, so packed sequences would share one prediction",
+        ),
+        ("model.pooling", f"'{mode}' cannot pool packed sequences; set cls or mean (or data.packing: false)"),
+    ]
+
+
+def _remember_inputs(backbone: Any, args: tuple, kwargs: dict) -> None:
     # The backbone calls its pooler with the hidden states alone; mean pooling also needs to know
-    # which positions are padding, so the mask is handed over here, for this forward pass only.
-    mask = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[1] if len(args) > 1 else None)
-    backbone.pooler.mask = mask
+    # which positions are padding, and a packed forward where each sequence starts, so the mask
+    # and the position ids are handed over here, for this forward pass only.
+    def given(name: str, index: int) -> Any:
+        return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
+
+    # BERT's forward: input_ids, attention_mask, token_type_ids, position_ids, ...
+    backbone.pooler.mask, backbone.pooler.positions = given("attention_mask", 1), given("position_ids", 3)
 
 
 @functools.cache
@@ -101,14 +164,20 @@ def token_pooling_class() -> type:
     from torch import nn
 
     class TokenPooling(nn.Module):
-        """The first token's hidden state (``cls``) or the mean over the non-padding tokens (``mean``)."""
+        """The first token's hidden state (``cls``) or the mean over the non-padding tokens (``mean``).
+
+        In a packed forward (position ids and no mask) one vector per packed sequence (``packed``).
+        """
 
         def __init__(self, mode: str):
             super().__init__()
-            self.mode, self.mask = mode, None
+            self.mode, self.mask, self.positions = mode, None, None
 
         def forward(self, hidden_states):
             mask, self.mask = self.mask, None
+            positions, self.positions = self.positions, None
+            if mask is None and positions is not None:
+                return packed(hidden_states, positions, self.mode)
             if self.mode == "cls":
                 return hidden_states[:, 0]
             if mask is None or mask.dim() != 2:
@@ -120,3 +189,34 @@ def token_pooling_class() -> type:
             return f"mode={self.mode!r}"
 
     return TokenPooling
+
+
+def packed(hidden: Any, positions: Any, mode: str) -> Any:
+    """One vector per packed sequence (rows first, in order): its first token's or its tokens' mean.
+
+    ``hidden`` is (rows, tokens, features), ``positions`` the position ids (rows, tokens); a
+    sequence is a run 0, 1, 2, ... of them (module docstring). The mean is a batched matrix
+    product with each sequence's 0/1 weights (deterministic on every device, unlike a scatter).
+    """
+    import torch
+
+    rows, width = hidden.shape[:2]
+    positions = positions.to(hidden.device).expand(rows, width)
+    first = positions == 0
+    if mode == "cls":
+        return hidden[first]
+    # a token starts a segment where its position is not the previous one plus 1 (as transformers
+    # splits packed rows); it belongs to a sequence where its segment starts at position 0
+    starts = torch.ones_like(first)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    at = torch.arange(width, device=hidden.device).expand(rows, width)
+    segment_start = torch.where(starts, at, torch.zeros_like(at)).cummax(dim=1).values
+    real = positions.gather(1, segment_start) == 0
+    index = first.cumsum(dim=1) - 1  # each token's sequence within its row
+    count = int(first.sum(dim=1).max())
+    weights = torch.nn.functional.one_hot(index.clamp(min=0), count) * real.unsqueeze(-1)
+    weights = weights.to(hidden.dtype).transpose(1, 2)  # (rows, sequences, tokens)
+    sums = torch.bmm(weights, hidden)
+    means = sums / weights.sum(dim=2, keepdim=True).clamp(min=1.0)
+    exists = torch.arange(count, device=hidden.device) < first.sum(dim=1, keepdim=True)
+    return means[exists]

@@ -5,6 +5,7 @@ data:
   transforms:
     - {name: lowercase, column: text}
     - {name: word_dropout, p: 0.1, column: text, seed: 0}
+    - {name: image_augment, crop: 0.8, rotate: 10, shift: 0.1, flip: false, light: 0.2}
 ```
 
 Transforms change the training split only, once, before it is encoded. Their randomness comes
@@ -20,6 +21,8 @@ from typing import Any
 
 from adaptkit.contract.hookspecs import hookimpl
 from adaptkit.errors import DataError
+
+from .images import image_augment
 
 
 def _text(example: dict[str, Any], column: str) -> str | None:
@@ -66,6 +69,7 @@ def lowercase(column: str = "text") -> Callable[[dict[str, Any]], dict[str, Any]
 
 @hookimpl
 def adaptkit_register_transforms(register):
-    """Register the ``word_dropout`` and ``lowercase`` transforms."""
+    """Register the ``word_dropout``, ``lowercase`` and ``image_augment`` transforms."""
     register("word_dropout", word_dropout)
     register("lowercase", lowercase)
+    register("image_augment", image_augment)
