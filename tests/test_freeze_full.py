@@ -4,6 +4,8 @@ embeddings, saving and loading, and the combinations that are refused."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -133,6 +135,34 @@ def test_frozen_weights_stay_bitwise_equal_and_trainable_ones_move(host, family,
     assert all(torch.equal(dict(adapted.model.named_parameters())[n], before[n]) for n in frozen)
     assert sorted(moved) == sorted(n for n, p in adapted.model.named_parameters() if p.requires_grad)
     assert bool(frozen) == (strategy == "freeze")
+
+
+def test_frozen_batch_norms_keep_their_running_statistics_in_training(host):
+    """A probe on a CNN: the frozen batch norms normalise as in evaluation and their buffers stay
+    bitwise; with ``train_norms`` they train and follow the batches as usual."""
+    import transformers
+
+    config = transformers.MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=3)
+    torch.manual_seed(0)
+    base = transformers.MobileNetV2ForImageClassification(config)
+    pixels, labels = torch.randn(4, 3, 32, 32) * 3 + 1, torch.tensor([0, 1, 2, 0])
+
+    def stats(model) -> dict:
+        return {n: b.clone() for n, b in model.named_buffers() if "running" in n or "num_batches" in n}
+
+    for options, follows in (({}, False), ({"train_norms": True}, True)):
+        adapted = adaptkit.apply(copy.deepcopy(base), "freeze", host=host, **options)
+        model, before = adapted.model.train(), stats(adapted.model)
+        model(pixel_values=pixels, labels=labels).loss.backward()
+        changed = [n for n, b in stats(model).items() if not torch.equal(b, before[n])]
+        assert bool(changed) == follows, changed
+        assert model.classifier.weight.grad is not None  # the head still learns
+        assert model.training  # the model as a whole stays in training mode
+    # applied twice (a resume), each layer is kept once
+    twice = adaptkit.apply(
+        adaptkit.apply(copy.deepcopy(base), "freeze", host=host).model, "freeze", host=host
+    )
+    assert all(len(m._forward_pre_hooks) <= 1 for m in twice.model.modules())
 
 
 def test_a_parameter_frozen_after_it_had_a_grad_is_not_decayed(host):

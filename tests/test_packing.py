@@ -391,3 +391,58 @@ def test_packing_asked_of_a_task_that_cannot_pack_is_refused_naming_the_field(tm
     err = capsys.readouterr().err
     assert "data.packing" in err and "task 'image_classification' does not pack sequences" in err
     assert "causal_lm" in err and "language_modeling" in err and "classification," in err
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_under_ddp_a_packed_step_updates_the_weights_as_the_same_sequences_padded(tmp_path, host):
+    """Two processes, one SGD step over every training sequence: packed rows and one sequence a row
+    give the same weights (the loss weighs each micro-batch by its supervised tokens, across ranks)."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from adaptkit.adapt.pipeline import encode_for_training, load_base
+    from adaptkit.recipe.schema import validate
+    from adaptkit.testing.kit import adaptkit_command
+
+    save_tiny_pretrained(tmp_path / "llama", "llama", "causal_lm")
+
+    def raw(packing: bool, accumulation: int) -> dict:
+        return {
+            "model": {"source": str(tmp_path / "llama"), "task": "causal_lm"},
+            "data": {"source": str(tmp_path / "rows.jsonl"), "max_length": 32, "packing": packing},
+            "strategies": ["full"],
+            "train": {
+                "max_steps": 1, "micro_batch_size": 1, "gradient_accumulation": accumulation,
+                "optimizer": "sgd", "lr": 1.0, "weight_decay": 0.0, "preflight": False,
+            },
+            "output": str(tmp_path / "runs" / ("packed" if packing else "padded")),
+        }  # fmt: skip
+
+    # every rank must get whole micro-batches: an even number of rows, packed and not
+    for n in range(16, 64, 2):
+        write_rows(tmp_path / "rows.jsonl", n)
+        recipe = validate(raw(True, 1), host=host)
+        base = load_base(recipe, host)
+        rows = {p: len(encode_for_training(base, recipe, host, pack=p)[0]) for p in (True, False)}
+        if rows[True] % 2 == 0 and rows[True] < rows[False]:
+            break
+    env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
+    weights = {}
+    for packing in (True, False):
+        path = tmp_path / f"{packing}.yaml"
+        path.write_text(json.dumps(raw(packing, rows[packing] // 2)))
+        done = subprocess.run(
+            adaptkit_command(["train", str(path)], 2), capture_output=True, text=True, timeout=600, env=env
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = tmp_path / "runs" / ("packed" if packing else "padded")
+        assert json.loads((out / "summary.json").read_text())["packed"] is packing
+        weights[packing] = load_file(out / "final" / "full" / "weights.safetensors")
+    start = load_file(tmp_path / "llama" / "model.safetensors")
+    common = [k for k in weights[False] if k in start]
+    assert len(common) > 10 and max(float((weights[False][k] - start[k]).abs().max()) for k in common) > 1e-3
+    for key, value in weights[False].items():
+        torch.testing.assert_close(weights[True][key], value, rtol=1e-5, atol=1e-6)
