@@ -77,7 +77,11 @@ def recipe(
 def capped_train(d: Path, path: Path, headroom_mb: int) -> subprocess.CompletedProcess:
     """``adaptkit train path`` in a child whose address space may grow by ``headroom_mb`` after a warm-up run."""
     warm = recipe(d, "warm", "[full]", "micro_batch_size: 1, max_steps: 1")
-    env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    # glibc returns freed blocks at once: the cap is hidden from the estimate, which would choose to
+    # keep freed memory for reuse, and the heap that failed trials grew would then stay mapped under
+    # the cap (adaptkit leaves a user's own glibc settings as they are)
+    release = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", **release}
     return subprocess.run(
         [sys.executable, "-c", CHILD, str(warm), str(path), str(headroom_mb)],
         capture_output=True,

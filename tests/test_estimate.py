@@ -412,6 +412,19 @@ def test_cli_table_and_suggestions(tmp_path, llama_dir, capsys):
     assert "model.gradient_checkpointing=true" in out and "strategies.0.quantize=4bit" in out
 
 
+def test_a_model_with_a_pad_token_is_estimated_not_a_traceback(tmp_path, capsys):
+    """Fed no attention mask, transformers looks for the pad token in the ids, which a meta tensor
+    cannot answer; the estimate's batches carry a mask, as training's do."""
+    from adaptkit.testing import save_tiny_pretrained
+
+    save_tiny_pretrained(tmp_path / "gpt2", "gpt2", "causal_lm")  # pad_token_id 0
+    for task in ("causal_lm", "classification"):
+        recipe = write_recipe(tmp_path / f"{task}.yaml", tmp_path / "gpt2", "[full]").read_text()
+        (tmp_path / f"{task}.yaml").write_text(recipe.replace("task: causal_lm", f"task: {task}"))
+        assert main(["estimate", str(tmp_path / f"{task}.yaml")]) == 0, capsys.readouterr().err
+        assert "dominant term" in capsys.readouterr().out
+
+
 def test_cli_json_matches_the_estimator(tmp_path, llama_dir, host, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", llama_dir, "[full]")
     assert (

@@ -102,7 +102,7 @@ def test_accumulation_gives_the_update_of_one_big_batch(lm, host, tmp_path, micr
             tmp_path,
             name,
             model,
-            f"source: {data}, max_length: 48",
+            f"source: {data}, max_length: 48, packing: false",
             f"{common}, micro_batch_size: {mb}, gradient_accumulation: {ga}",
         )
         summaries[name] = train(load_recipe(path, host=host), host, fresh=True)
@@ -133,14 +133,18 @@ def test_two_processes_give_the_update_of_one_big_batch(lm, host, tmp_path, micr
     common = "epochs: 1, optimizer: sgd, lr: 0.5, max_grad_norm: null, scheduler: constant, seed: 0"
     model = f"source: {lm / 'gpt2'}, task: causal_lm, dropout: 0.0"
     big = write_recipe(
-        tmp_path, "big", model, f"source: {data}, max_length: 48", f"{common}, micro_batch_size: 4"
+        tmp_path,
+        "big",
+        model,
+        f"source: {data}, max_length: 48, packing: false",
+        f"{common}, micro_batch_size: 4",
     )
     assert train(load_recipe(big, host=host), host, fresh=True)["steps"] == 2
     ddp = write_recipe(
         tmp_path,
         "ddp",
         model,
-        f"source: {data}, max_length: 48",
+        f"source: {data}, max_length: 48, packing: false",
         f"{common}, micro_batch_size: {micro}, gradient_accumulation: {accumulation}",
     )
     cmd = [
@@ -289,7 +293,7 @@ def test_lowercase_and_bad_transform_options(clf, host):
         run({"name": "word_dropout", "p": 1.5})
     with pytest.raises(
         ConfigError,
-        match=r"^data.transforms\[0\]: unknown transform 'shuffle'; available: lowercase, word_dropout",
+        match=r"^data.transforms\[0\]: unknown transform 'shuffle'; available: image_augment, lowercase, word_dropout",
     ):
         run({"name": "shuffle"})
     with pytest.raises(ConfigError, match=r"^data.transforms\[0\]: give the transform a name$"):

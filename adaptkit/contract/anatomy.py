@@ -66,21 +66,9 @@ def backbone_of(model: nn.Module) -> nn.Module | None:
     it) and for models that do not say.
     """
     _, inner = unwrap(model)
-    attr = _backbone_attribute(inner)
+    attr = getattr(inner, "base_model_prefix", None)
     backbone = getattr(inner, attr, None) if attr else None
     return None if backbone is inner else backbone
-
-
-def _backbone_attribute(inner: nn.Module) -> str | None:
-    """The attribute holding the backbone: ``base_model_prefix``, or ``encoder`` where a head keeps
-    an encoder under another name than the prefix it inherits (``WhisperForAudioClassification``
-    inherits Whisper's ``model`` but holds ``encoder``)."""
-    from torch import nn
-
-    attr = getattr(inner, "base_model_prefix", None)
-    if attr and getattr(inner, attr, None) is None and isinstance(getattr(inner, "encoder", None), nn.Module):
-        return "encoder"
-    return attr
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:
@@ -95,7 +83,7 @@ def head_parameter_names(model: nn.Module) -> list[str]:
         if getattr(inner, "base_model_prefix", None) is None:
             raise StrategyError(f"cannot tell the head from the backbone of {type(inner).__name__}")
         return []
-    backbone_prefix = prefix + _backbone_attribute(inner) + "."
+    backbone_prefix = prefix + inner.base_model_prefix + "."
     names = model.named_parameters(remove_duplicate=False)  # a tied head is listed under its own name too
     return [n for n, _ in names if n.startswith(prefix) and not n.startswith(backbone_prefix)]
 

@@ -9,14 +9,23 @@ def _causal_inputs(config: Any, micro: int, seq: int) -> dict[str, Any]:
     import torch
 
     ids = torch.zeros(micro, seq, dtype=torch.long, device="meta")
-    return {"input_ids": ids, "labels": ids}
+    return {"input_ids": ids, "labels": ids, "attention_mask": _mask(micro, seq)}
+
+
+def _mask(micro: int, seq: int) -> Any:
+    """An attention mask, as training batches carry: without one, transformers looks for padding in
+    the token ids (a model with a pad token), which a meta tensor cannot answer."""
+    import torch
+
+    return torch.ones(micro, seq, dtype=torch.long, device="meta")
 
 
 def _classification_inputs(config: Any, micro: int, seq: int) -> dict[str, Any]:
     import torch
 
     ids = torch.zeros(micro, seq, dtype=torch.long, device="meta")
-    return {"input_ids": ids, "labels": torch.zeros(micro, dtype=torch.long, device="meta")}
+    labels = torch.zeros(micro, dtype=torch.long, device="meta")
+    return {"input_ids": ids, "labels": labels, "attention_mask": _mask(micro, seq)}
 
 
 def _image_inputs(config: Any, micro: int, seq: int) -> dict[str, Any]:

@@ -53,9 +53,8 @@ def prepare_model_and_data(run: Run, loaded_model: Any = None) -> tuple[Adapted,
         run.forgetting_texts = general_texts(recipe.forgetting.source, recipe.forgetting.max_texts)
         run.forgetting_base = measure_run_texts(run, model, processor, base.task)
     adapted = apply(model, recipe.strategies, host=host)
-    base.task.packing, why_not = decide_packing(
-        recipe, base.task, adapted, run.accelerator.distributed_type.value
-    )
+    distributed = run.accelerator.distributed_type.value if run.accelerator else "NO"
+    base.task.packing, why_not = decide_packing(recipe, base.task, adapted, distributed)
     if why_not and recipe.data.packing == "auto":
         run.log(f"adaptkit: training rows are not packed: {why_not}")
     train_ds, eval_ds = encode_for_training(base, recipe, host, pack=base.task.packing)

@@ -45,7 +45,8 @@ class AudioClassification(LabelledFiles):
         return AutoFeatureExtractor.from_pretrained(path, **common)
 
     def prepare_model(self, model, processor):
-        """Fit Whisper's encoder to ``data.max_seconds``."""
+        """Let adaptkit's strategies find the backbone, and fit Whisper's encoder to ``data.max_seconds``."""
+        name_the_encoder(model)
         if is_whisper(model):
             # a task made without a data section (an export's loader) keeps the encoder's own length
             fit_whisper(model, processor, getattr(self.data, "max_seconds", None))
@@ -152,6 +153,19 @@ def is_whisper(model: Any) -> bool:
     return getattr(model.config, "model_type", None) == "whisper" and hasattr(encoder, "embed_positions")
 
 
+def name_the_encoder(model: Any) -> None:
+    """Point ``base_model_prefix`` at the encoder where the inherited one names no submodule.
+
+    ``WhisperForAudioClassification`` inherits Whisper's prefix ``model`` but holds its backbone as
+    ``encoder``: without this, adaptkit (``contract.anatomy``) finds no head, so ``freeze`` would
+    train nothing and ``lora`` would not save the new head. (A bare backbone such as ``BertModel``
+    also has an ``encoder`` and no prefix attribute, so the host cannot tell the two apart.)
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and getattr(model, prefix, None) is None and getattr(model, "encoder", None) is not None:
+        model.base_model_prefix = "encoder"
+
+
 def fit_whisper(model: Any, processor: Any, max_seconds: float | None) -> int:
     """Shorten Whisper's encoder to ``max_seconds`` rounded up to whole seconds; the seconds it reads.
 
@@ -166,8 +180,9 @@ def fit_whisper(model: Any, processor: Any, max_seconds: float | None) -> int:
     Whole seconds, because the extractor derives its length from an integer ``chunk_length``
     (``n_samples = chunk_length x sampling_rate``, a float breaks it): a saved extractor then
     reloads to the same length. The shortened model saves as such (``config.max_source_positions``),
-    so a merged export reloads as it trained; adaptkit re-applies this to the base on every load
-    (but an adapter export's base, rebuilt by peft alone, stays at 30 s: see docs/speech.md).
+    so a merged export reloads as it trained; adaptkit re-applies this to the base on every load,
+    an adapter export's too (``load_adapter`` lets the task prepare the base; plain
+    ``PeftModel.from_pretrained`` does not: see docs/speech.md).
     Without ``max_seconds`` the encoder keeps its length and the extractor is matched to it.
     """
     encoder = model.encoder
