@@ -272,6 +272,13 @@ def _self_attention(out: dict[str, Any], used: set[str], ct2: Any, src: str, dst
     _linear(out, used, ct2, f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
 
 
+def _feed_forward(out: dict[str, Any], used: set[str], ct2: CT2Model, src: str, dst: str) -> None:
+    """A layer's feed-forward block (``ffn``: its layer norm and two linears), encoder or decoder alike."""
+    _layer_norm(out, used, ct2, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
+    _linear(out, used, ct2, f"{src}/ffn/linear_0", f"{dst}.fc1")
+    _linear(out, used, ct2, f"{src}/ffn/linear_1", f"{dst}.fc2")
+
+
 def _linear(out: dict[str, Any], used: set[str], ct2: CT2Model, src: str, dst: str) -> None:
     """Copy one linear layer's weight and bias."""
     for suffix in ("weight", "bias"):
@@ -324,9 +331,7 @@ def map_variables(ct2: CT2Model, config: Any) -> dict[str, Any]:
         for i in range(config.encoder_layers):
             src, dst = f"encoder/layer_{i}", f"{enc}.layers.{i}"
             _self_attention(out, used, ct2, src, dst)
-            _layer_norm(out, used, ct2, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
-            _linear(out, used, ct2, f"{src}/ffn/linear_0", f"{dst}.fc1")
-            _linear(out, used, ct2, f"{src}/ffn/linear_1", f"{dst}.fc2")
+            _feed_forward(out, used, ct2, src, dst)
         out[f"{dec}.embed_tokens.weight"] = ct2.variables["decoder/embeddings/weight"]
         out[f"{dec}.embed_positions.weight"] = ct2.variables["decoder/position_encodings/encodings"]
         used |= {"decoder/embeddings/weight", "decoder/position_encodings/encodings"}
@@ -340,9 +345,7 @@ def map_variables(ct2: CT2Model, config: Any) -> dict[str, Any]:
                 out, used, ct2, f"{src}/attention/linear_1", f"{dst}.encoder_attn", ("k_proj", "v_proj")
             )
             _linear(out, used, ct2, f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj")
-            _layer_norm(out, used, ct2, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
-            _linear(out, used, ct2, f"{src}/ffn/linear_0", f"{dst}.fc1")
-            _linear(out, used, ct2, f"{src}/ffn/linear_1", f"{dst}.fc2")
+            _feed_forward(out, used, ct2, src, dst)
         if "decoder/projection/weight" in ct2.variables:  # an untied output projection
             out["proj_out.weight"] = ct2.variables["decoder/projection/weight"]
             used.add("decoder/projection/weight")
