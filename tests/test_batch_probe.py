@@ -79,8 +79,14 @@ def capped_train(d: Path, path: Path, headroom_mb: int) -> subprocess.CompletedP
     warm = recipe(d, "warm", "[full]", "micro_batch_size: 1, max_steps: 1")
     # glibc returns freed blocks at once: the cap is hidden from the estimate, which would choose to
     # keep freed memory for reuse, and the heap that failed trials grew would then stay mapped under
-    # the cap (adaptkit leaves a user's own glibc settings as they are)
-    release = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    # the cap (adaptkit leaves a user's own glibc settings as they are). One malloc arena: the cap
+    # counts address space, and each further arena a thread happens to open reserves 64 MiB of it
+    # at a moment no trial step can foresee, so a size a trial passed could fail a step later
+    release = {
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+        "MALLOC_TRIM_THRESHOLD_": "131072",
+        "MALLOC_ARENA_MAX": "1",
+    }
     env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", **release}
     return subprocess.run(
         [sys.executable, "-c", CHILD, str(warm), str(path), str(headroom_mb)],
