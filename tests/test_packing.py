@@ -393,56 +393,141 @@ def test_packing_asked_of_a_task_that_cannot_pack_is_refused_naming_the_field(tm
     assert "causal_lm" in err and "language_modeling" in err and "classification," in err
 
 
+#: ``accelerate launch`` of this script trains each recipe given, in one pair of processes: each run
+#: ends its process group, which is started again for the next (a launch costs more than a tiny run)
+TRAIN_EACH = r"""
+import os, sys
+from accelerate.state import AcceleratorState
+from adaptkit.cli import main
+
+for i, path in enumerate(sys.argv[1:]):
+    if main(["train", path]) != 0:
+        sys.exit(f"adaptkit train {path} failed")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    # the next group gets a store of its own: the launcher's holds the ended group's keys
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+    os.environ["MASTER_PORT"] = str(int(os.environ["MASTER_PORT"]) + 1 + i)
+"""
+
+#: family, task, strategy, rows writer and model keys of each DDP case: the decoder families as
+#: language models, a BERT encoder as a classifier pooled per sequence (dropout off: the same
+#: sequences must meet the same computation, packed or not)
+DDP_CASES = {
+    "llama-full": ("llama", "causal_lm", "full", "prompts", {}),
+    "qwen2-lora": ("qwen2", "causal_lm", "lora", "prompts", {}),
+    "bert-classification-full": ("bert", "classification", "full", "labelled", {"pooling": "mean"}),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_under_ddp_a_packed_step_updates_the_weights_as_the_same_sequences_padded(tmp_path, host):
     """Two processes, one SGD step over every training sequence: packed rows and one sequence a row
-    give the same weights (the loss weighs each micro-batch by its supervised tokens, across ranks)."""
+    give the same weights (the loss weighs each micro-batch by its supervised tokens or labels,
+    across ranks), for Llama and Qwen2 language models and a BERT classifier, full and LoRA."""
     import os
     import subprocess
 
-    from safetensors.torch import load_file
-
-    from adaptkit.adapt.pipeline import encode_for_training, load_base
-    from adaptkit.recipe.schema import validate
     from adaptkit.testing.kit import adaptkit_command
 
-    save_tiny_pretrained(tmp_path / "llama", "llama", "causal_lm")
-
-    def raw(packing: bool, accumulation: int) -> dict:
-        return {
-            "model": {"source": str(tmp_path / "llama"), "task": "causal_lm"},
-            "data": {"source": str(tmp_path / "rows.jsonl"), "max_length": 32, "packing": packing},
-            "strategies": ["full"],
-            "train": {
-                "max_steps": 1, "micro_batch_size": 1, "gradient_accumulation": accumulation,
-                "optimizer": "sgd", "lr": 1.0, "weight_decay": 0.0, "preflight": False,
-            },
-            "output": str(tmp_path / "runs" / ("packed" if packing else "padded")),
-        }  # fmt: skip
-
-    # every rank must get whole micro-batches: an even number of rows, packed and not
-    for n in range(16, 64, 2):
-        write_rows(tmp_path / "rows.jsonl", n)
-        recipe = validate(raw(True, 1), host=host)
-        base = load_base(recipe, host)
-        rows = {p: len(encode_for_training(base, recipe, host, pack=p)[0]) for p in (True, False)}
-        if rows[True] % 2 == 0 and rows[True] < rows[False]:
-            break
-    env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
-    weights = {}
-    for packing in (True, False):
-        path = tmp_path / f"{packing}.yaml"
-        path.write_text(json.dumps(raw(packing, rows[packing] // 2)))
-        done = subprocess.run(
-            adaptkit_command(["train", str(path)], 2), capture_output=True, text=True, timeout=600, env=env
+    paths, starts = [], {}
+    for case, (family, task_name, strategy, rows, keys) in DDP_CASES.items():
+        base = tmp_path / family
+        no_dropout = (
+            {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if family == "bert" else {}
         )
-        assert done.returncode == 0, done.stderr[-3000:]
-        out = tmp_path / "runs" / ("packed" if packing else "padded")
-        assert json.loads((out / "summary.json").read_text())["packed"] is packing
-        weights[packing] = load_file(out / "final" / "full" / "weights.safetensors")
-    start = load_file(tmp_path / "llama" / "model.safetensors")
-    common = [k for k in weights[False] if k in start]
-    assert len(common) > 10 and max(float((weights[False][k] - start[k]).abs().max()) for k in common) > 1e-3
-    for key, value in weights[False].items():
-        torch.testing.assert_close(weights[True][key], value, rtol=1e-5, atol=1e-6)
+        save_tiny_pretrained(base, family, task_name, **no_dropout)
+        starts[case] = load_file(base / "model.safetensors")
+        model = {"source": str(base), "task": task_name, **keys}
+        data, accumulations = even_rows(tmp_path / case, model, rows, host)
+        for packing, accumulation in accumulations.items():
+            path = tmp_path / f"{case}-{packing}.yaml"
+            out = tmp_path / "runs" / path.stem
+            path.write_text(json.dumps(one_sgd_step(model, data, strategy, packing, accumulation, out)))
+            paths.append(str(path))
+    (tmp_path / "train_each.py").write_text(TRAIN_EACH)
+    launch = [
+        *adaptkit_command([], 2)[:-2],
+        str(tmp_path / "train_each.py"),
+        *paths,
+    ]  # the script, not -m adaptkit
+    env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for case, (_, _, strategy, _, _) in DDP_CASES.items():
+        weights = {}
+        for packing in (True, False):
+            out = tmp_path / "runs" / f"{case}-{packing}"
+            assert json.loads((out / "summary.json").read_text())["packed"] is packing, case
+            weights[packing] = saved_weights(out / "final")
+        assert trained(weights[False], starts[case], strategy), case
+        assert weights[True].keys() == weights[False].keys()
+        for key, value in weights[False].items():
+            torch.testing.assert_close(weights[True][key], value, rtol=1e-5, atol=1e-6, msg=f"{case} {key}")
+
+
+def load_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file as load
+
+    return load(path)
+
+
+def saved_weights(final: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a run saved under ``final``, keyed by file and name."""
+    return {
+        f"{f.relative_to(final)}:{k}": v
+        for f in sorted(final.rglob("*.safetensors"))
+        for k, v in load_file(f).items()
+    }
+
+
+def trained(weights: dict[str, torch.Tensor], start: dict[str, torch.Tensor], strategy: str) -> bool:
+    """The step was not a no-op: full moved the base's weights; LoRA moved every B off its zeros."""
+    if strategy == "lora":
+        b = [v for k, v in weights.items() if "lora_B" in k]
+        return len(b) > 4 and all(bool(v.abs().max() > 0) for v in b)
+    names = {k: k.split(":", 1)[1] for k in weights}
+    names |= {k: n.split(".", 1)[1] for k, n in names.items() if n not in start}  # a base under its head
+    common = [(v, start[names[k]]) for k, v in weights.items() if names[k] in start]
+    return len(common) > 10 and max(float((v - s).abs().max()) for v, s in common) > 1e-3
+
+
+def one_sgd_step(model: dict, data: Path, strategy: str, packing: bool, accumulation: int, out: Path) -> dict:
+    """A recipe of one SGD step (lr 1) over every row, one row a micro-batch on each of two ranks."""
+    return {
+        "model": model,
+        "data": {"source": str(data), "max_length": 32, "packing": packing},
+        "strategies": [strategy],
+        "train": {
+            "max_steps": 1, "micro_batch_size": 1, "gradient_accumulation": accumulation,
+            "optimizer": "sgd", "lr": 1.0, "weight_decay": 0.0, "preflight": False, "scheduler": "constant",
+        },
+        "output": str(out),
+    }  # fmt: skip
+
+
+def even_rows(stem: Path, model: dict, rows: str, host) -> tuple[Path, dict[bool, int]]:
+    """Rows (a file per count tried: datasets caches a file by name) until both ranks get whole
+    micro-batches packed and not, and packing saves rows; the file and each's gradient
+    accumulation (half the rows: one step takes them all)."""
+    from adaptkit.adapt.pipeline import encode_for_training, load_base
+    from adaptkit.recipe.schema import validate
+
+    for n in range(16, 64, 2):
+        data = stem.with_name(f"{stem.name}-{n}.jsonl")
+        (write_rows if rows == "prompts" else write_labelled_rows)(data, n)
+        recipe = validate(one_sgd_step(model, data, "full", True, 1, stem.parent / "unused"), host=host)
+        base = load_base(recipe, host)
+        counts = {p: len(encode_for_training(base, recipe, host, pack=p)[0]) for p in (True, False)}
+        if counts[True] % 2 == 0 and counts[True] < counts[False]:
+            return data, {p: c // 2 for p, c in counts.items()}
+    raise AssertionError(f"no row count in 16..62 packs into an even number of rows for {model}")
+
+
+def write_labelled_rows(path: Path, n: int) -> None:
+    rng = random.Random(0)
+    words = "the a movie film story plot actor scene good bad".split()
+    with open(path, "w") as f:
+        for _ in range(n):
+            text = " ".join(rng.choices(words, k=rng.randint(1, 12)))
+            f.write(json.dumps({"text": text, "label": rng.choice(["pos", "neg"])}) + "\n")
