@@ -431,16 +431,18 @@ def measure(script: Path, loop: str, case: str | Case, allocator: str | None = N
     env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
     if loop == "baseline" and allocator in POLICY_SETTINGS:
         env |= {key: str(value) for key, value in POLICY_SETTINGS[allocator].items()}
-    proc = subprocess.run(
-        [sys.executable, str(script), "--worker", loop, arg, *([allocator] if allocator else [])],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    cmd = [sys.executable, str(script), "--worker", loop, arg, *([allocator] if allocator else [])]
+    return Result(**child_result(cmd, env, f"{loop} {case}"))
+
+
+def child_result(cmd: list[str], env: dict[str, str], what: str) -> dict:
+    """Run a worker ``cmd`` and return the JSON of its last ``RESULT`` line; stop, with its error
+    output, where it failed or printed none."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{loop} {case} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return Result(**json.loads(lines[-1][len("RESULT ") :]))
+        raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def median(values: list[float]) -> float:

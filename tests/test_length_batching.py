@@ -231,7 +231,7 @@ def test_by_length_with_packing_is_refused_when_the_recipe_is_validated(tmp_path
     path = lm_recipe(tmp_path, "packed", data=", packing: true", train="batching: by_length")
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "train.batching: by_length needs data.packing: false" in err, err[-2000:]
+    assert "train.batching: by_length needs unpacked rows" in err, err[-2000:]
     assert "(got" not in err
 
 

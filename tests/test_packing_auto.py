@@ -64,7 +64,7 @@ def test_auto_packs_a_causal_lm_run_and_unpacks_where_a_strategy_or_the_batching
         "by_length": (
             llama_recipe("by_length", train=", batching: by_length"),
             False,
-            "train.batching is by_length",
+            "train.batching: by_length needs unpacked rows",
         ),
         "off": (llama_recipe("off", data=", packing: false"), False, None),
     }
@@ -156,9 +156,11 @@ def test_cached_features_are_never_packed(llama_recipe, host, capsys):
     )
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "train.cache_features" in err and "needs data.packing: false" in err
+    assert "train.cache_features" in err and "set data.packing: false" in err
     recipe = load_recipe(
         llama_recipe("cached-auto", "[{name: freeze}]", train=", cache_features: true"), host=host
     )
     task = host.lookup("tasks", "causal_lm").obj(recipe.data)
-    assert static_reason(recipe, task, []) == "train.cache_features keeps one feature row per example"
+    assert static_reason(recipe, task, []) == (
+        "train.cache_features: keeps one feature row per example, so it needs unpacked rows"
+    )

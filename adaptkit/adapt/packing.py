@@ -22,25 +22,14 @@ if TYPE_CHECKING:
     from adaptkit.recipe.schema import Recipe
 
 
-def unpacking_strategies(strategies: list[Any]) -> list[str]:
-    """Names of the strategies in a stack that cannot train on packed rows (``packs`` is False)."""
-    return [s.name for s in strategies if not getattr(s, "packs", True)]
-
-
 def static_reason(recipe: Recipe, task: Task, strategies: list[Any]) -> str | None:
     """Why ``auto`` cannot pack, known before any weight loads; None when only the probe can tell."""
+    from adaptkit.host.specs import packing_rules
+
     if recipe.data.packing is False:
         return "data.packing is false"
-    if not task.packs:
-        return f"the task '{recipe.model.task}' does not pack sequences"
-    if recipe.train.batching == "by_length":
-        return "train.batching is by_length"
-    if recipe.train.cache_features:
-        return "train.cache_features keeps one feature row per example"
-    blockers = unpacking_strategies(strategies)
-    if blockers:
-        return f"strategies {blockers} cannot train on packed rows"
-    return None
+    broken = packing_rules(recipe.model.task, task.packs, recipe.train.model_dump(), strategies)
+    return "; ".join(why if field == "data.packing" else f"{field}: {why}" for field, why in broken) or None
 
 
 def decide_packing(recipe: Recipe, task: Task, adapted: Adapted, distributed_type: str) -> tuple[bool, str]:

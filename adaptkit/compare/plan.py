@@ -30,9 +30,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from adaptkit.adapt.packing import unpacking_strategies
 from adaptkit.compare.spec import CompareSpec, Job, Plan, Variant
 from adaptkit.errors import ConfigError
+from adaptkit.host.specs import unpacking_strategies
 from adaptkit.recipe.schema import _describe, apply_overrides, read_raw, validate
 
 

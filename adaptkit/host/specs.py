@@ -135,32 +135,45 @@ def check_capabilities(stack: list[Strategy], setting: Setting) -> None:
             )
 
 
+def unpacking_strategies(strategies: list[Any]) -> list[str]:
+    """Names of the strategies in a stack that cannot train on packed rows (``packs`` is False)."""
+    return [s.name for s in strategies if not getattr(s, "packs", True)]
+
+
+def packing_rules(task: str, task_packs: bool, train: dict, stack: list[Any]) -> list[tuple[str, str]]:
+    """The rules known before any weight loads that keep a run's rows unpacked, each broken one as
+    (field, why): the one table that refuses ``data.packing: true`` and that ``auto`` decides by."""
+    broken = []
+    if not task_packs:
+        broken.append(("data.packing", f"task '{task}' does not pack sequences"))
+    if train.get("batching") == "by_length":
+        broken.append(
+            ("train.batching", "by_length needs unpacked rows (packed rows have no padding to save)")
+        )
+    if train.get("cache_features") is True:
+        broken.append(
+            ("train.cache_features", "keeps one feature row per example, so it needs unpacked rows")
+        )
+    if blockers := unpacking_strategies(stack):
+        why = f"strategies {blockers} cannot train on packed rows (they add tokens to every sequence)"
+        broken.append(("data.packing", why))
+    return broken
+
+
 def packing_problems(
     raw: dict, task: str, task_cls: Any, tasks: dict[str, Any], stack: list[Strategy] | None = None
 ) -> list[tuple[str, str]]:
-    """``data.packing: true`` asked of ``task``, which cannot pack its rows (``tasks``: the task
-    registry), of a strategy in ``stack`` that cannot train on packed rows, or beside
-    ``train.batching: by_length``; each problem is (dotted path, message)."""
-    data = raw.get("data")
+    """``data.packing: true`` where a rule of ``packing_rules`` keeps the rows unpacked (``tasks``:
+    the task registry, named where the task does not pack); each problem is (dotted path, message)."""
+    data, train = raw.get("data"), raw.get("train")
     if not (isinstance(data, dict) and data.get("packing") is True):
         return []
-    train = raw.get("train")
-    if isinstance(train, dict) and train.get("batching") == "by_length":
-        return [
-            ("train.batching", "by_length needs data.packing: false (packed rows have no padding to save)")
-        ]
-    if isinstance(train, dict) and train.get("cache_features") is True:
-        return [("train.cache_features", "keeps one feature row per example; it needs data.packing: false")]
-    blockers = [s.name for s in stack or [] if not s.packs]
-    if blockers:
-        return [
-            (
-                "data.packing",
-                f"strategies {blockers} cannot train on packed rows (they add tokens to every "
-                "sequence); set data.packing: false or auto",
-            )
-        ]
-    if getattr(task_cls, "packs", False):
-        return []
-    packing = sorted(name for name, entry in tasks.items() if getattr(entry.obj, "packs", False))
-    return [("data.packing", f"task '{task}' does not pack sequences; tasks that do: {', '.join(packing)}")]
+    packs = bool(getattr(task_cls, "packs", False))
+    broken = packing_rules(task, packs, train if isinstance(train, dict) else {}, stack or [])
+    problems = [(field, f"{why}; set data.packing: false or auto") for field, why in broken]
+    if not packs:  # the task's rule comes first; it names the tasks that do pack instead
+        packing = ", ".join(
+            sorted(name for name, entry in tasks.items() if getattr(entry.obj, "packs", False))
+        )
+        problems[0] = ("data.packing", f"{broken[0][1]}; tasks that do: {packing}")
+    return problems
