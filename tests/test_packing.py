@@ -393,22 +393,6 @@ def test_packing_asked_of_a_task_that_cannot_pack_is_refused_naming_the_field(tm
     assert "causal_lm" in err and "language_modeling" in err and "classification," in err
 
 
-#: ``accelerate launch`` of this script trains each recipe given, in one pair of processes: each run
-#: ends its process group, which is started again for the next (a launch costs more than a tiny run)
-TRAIN_EACH = r"""
-import os, sys
-from accelerate.state import AcceleratorState
-from adaptkit.cli import main
-
-for i, path in enumerate(sys.argv[1:]):
-    if main(["train", path]) != 0:
-        sys.exit(f"adaptkit train {path} failed")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    # the next group gets a store of its own: the launcher's holds the ended group's keys
-    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
-    os.environ["MASTER_PORT"] = str(int(os.environ["MASTER_PORT"]) + 1 + i)
-"""
-
 #: family, task, strategy, rows writer and model keys of each DDP case: the decoder families as
 #: language models, a BERT encoder as a classifier pooled per sequence (dropout off: the same
 #: sequences must meet the same computation, packed or not)
@@ -422,45 +406,42 @@ DDP_CASES = {
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_under_ddp_a_packed_step_updates_the_weights_as_the_same_sequences_padded(tmp_path, host):
-    """Two processes, one SGD step over every training sequence: packed rows and one sequence a row
-    give the same weights (the loss weighs each micro-batch by its supervised tokens or labels,
-    across ranks), for Llama and Qwen2 language models and a BERT classifier, full and LoRA."""
+    """One SGD step over every training sequence: packed rows on two processes give the weights of
+    the same sequences padded one a row in one process (the loss weighs each micro-batch by its
+    supervised tokens or labels, across ranks), for Llama and Qwen2 language models and a BERT
+    classifier, full and LoRA."""
     import os
     import subprocess
 
+    from adaptkit.recipe.schema import validate
     from adaptkit.testing.kit import adaptkit_command
+    from adaptkit.train.loop import train
 
-    paths, starts = [], {}
+    env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
     for case, (family, task_name, strategy, rows, keys) in DDP_CASES.items():
         base = tmp_path / family
         no_dropout = (
             {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if family == "bert" else {}
         )
         save_tiny_pretrained(base, family, task_name, **no_dropout)
-        starts[case] = load_file(base / "model.safetensors")
         model = {"source": str(base), "task": task_name, **keys}
-        data, accumulations = even_rows(tmp_path / case, model, rows, host)
-        for packing, accumulation in accumulations.items():
-            path = tmp_path / f"{case}-{packing}.yaml"
-            out = tmp_path / "runs" / path.stem
-            path.write_text(json.dumps(one_sgd_step(model, data, strategy, packing, accumulation, out)))
-            paths.append(str(path))
-    (tmp_path / "train_each.py").write_text(TRAIN_EACH)
-    launch = [
-        *adaptkit_command([], 2)[:-2],
-        str(tmp_path / "train_each.py"),
-        *paths,
-    ]  # the script, not -m adaptkit
-    env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for case, (_, _, strategy, _, _) in DDP_CASES.items():
+        data, counts = even_rows(tmp_path / case, model, rows, host)
+        out = {p: tmp_path / "runs" / f"{case}-{p}" for p in (True, False)}
+        packed = tmp_path / f"{case}.yaml"
+        packed.write_text(json.dumps(one_sgd_step(model, data, strategy, True, counts[True] // 2, out[True])))
+        # a launch a run: a process group torn down and started again in one process can hang
+        done = subprocess.run(
+            adaptkit_command(["train", str(packed)], 2), capture_output=True, text=True, timeout=600, env=env
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        train(
+            validate(one_sgd_step(model, data, strategy, False, counts[False], out[False]), host=host), host
+        )
         weights = {}
         for packing in (True, False):
-            out = tmp_path / "runs" / f"{case}-{packing}"
-            assert json.loads((out / "summary.json").read_text())["packed"] is packing, case
-            weights[packing] = saved_weights(out / "final")
-        assert trained(weights[False], starts[case], strategy), case
+            assert json.loads((out[packing] / "summary.json").read_text())["packed"] is packing, case
+            weights[packing] = saved_weights(out[packing] / "final")
+        assert trained(weights[False], load_file(base / "model.safetensors"), strategy), case
         assert weights[True].keys() == weights[False].keys()
         for key, value in weights[False].items():
             torch.testing.assert_close(weights[True][key], value, rtol=1e-5, atol=1e-6, msg=f"{case} {key}")
@@ -493,7 +474,7 @@ def trained(weights: dict[str, torch.Tensor], start: dict[str, torch.Tensor], st
 
 
 def one_sgd_step(model: dict, data: Path, strategy: str, packing: bool, accumulation: int, out: Path) -> dict:
-    """A recipe of one SGD step (lr 1) over every row, one row a micro-batch on each of two ranks."""
+    """A recipe of one SGD step (lr 1) over every row, one row a micro-batch."""
     return {
         "model": model,
         "data": {"source": str(data), "max_length": 32, "packing": packing},
@@ -507,9 +488,8 @@ def one_sgd_step(model: dict, data: Path, strategy: str, packing: bool, accumula
 
 
 def even_rows(stem: Path, model: dict, rows: str, host) -> tuple[Path, dict[bool, int]]:
-    """Rows (a file per count tried: datasets caches a file by name) until both ranks get whole
-    micro-batches packed and not, and packing saves rows; the file and each's gradient
-    accumulation (half the rows: one step takes them all)."""
+    """Rows (a file per count tried: datasets caches a file by name) until two ranks get whole
+    micro-batches of packed rows and packing saves rows; the file and its row counts, packed and not."""
     from adaptkit.adapt.pipeline import encode_for_training, load_base
     from adaptkit.recipe.schema import validate
 
@@ -520,7 +500,7 @@ def even_rows(stem: Path, model: dict, rows: str, host) -> tuple[Path, dict[bool
         base = load_base(recipe, host)
         counts = {p: len(encode_for_training(base, recipe, host, pack=p)[0]) for p in (True, False)}
         if counts[True] % 2 == 0 and counts[True] < counts[False]:
-            return data, {p: c // 2 for p, c in counts.items()}
+            return data, counts
     raise AssertionError(f"no row count in 16..62 packs into an even number of rows for {model}")
 
 
