@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from test_packing_classification import write_rows as write_labelled_rows
 
 import adaptkit
 from adaptkit.errors import ConfigError
@@ -393,13 +395,13 @@ def test_packing_asked_of_a_task_that_cannot_pack_is_refused_naming_the_field(tm
     assert "causal_lm" in err and "language_modeling" in err and "classification," in err
 
 
-#: family, task, strategy, rows writer and model keys of each DDP case: the decoder families as
+#: family, task, strategy, the writer of its rows and model keys of each DDP case: the decoder families as
 #: language models, a BERT encoder as a classifier pooled per sequence (dropout off: the same
 #: sequences must meet the same computation, packed or not)
 DDP_CASES = {
-    "llama-full": ("llama", "causal_lm", "full", "prompts", {}),
-    "qwen2-lora": ("qwen2", "causal_lm", "lora", "prompts", {}),
-    "bert-classification-full": ("bert", "classification", "full", "labelled", {"pooling": "mean"}),
+    "llama-full": ("llama", "causal_lm", "full", write_rows, {}),
+    "qwen2-lora": ("qwen2", "causal_lm", "lora", write_rows, {}),
+    "bert-classification-full": ("bert", "classification", "full", write_labelled_rows, {"pooling": "mean"}),
 }
 
 
@@ -418,14 +420,14 @@ def test_under_ddp_a_packed_step_updates_the_weights_as_the_same_sequences_padde
     from adaptkit.train.loop import train
 
     env = {**os.environ, "ADAPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
-    for case, (family, task_name, strategy, rows, keys) in DDP_CASES.items():
+    for case, (family, task_name, strategy, write, keys) in DDP_CASES.items():
         base = tmp_path / family
         no_dropout = (
             {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if family == "bert" else {}
         )
         save_tiny_pretrained(base, family, task_name, **no_dropout)
         model = {"source": str(base), "task": task_name, **keys}
-        data, counts = even_rows(tmp_path / case, model, rows, host)
+        data, counts = even_rows(tmp_path / case, model, write, host)
         out = {p: tmp_path / "runs" / f"{case}-{p}" for p in (True, False)}
         packed = tmp_path / f"{case}.yaml"
         packed.write_text(json.dumps(one_sgd_step(model, data, strategy, True, counts[True] // 2, out[True])))
@@ -445,12 +447,6 @@ def test_under_ddp_a_packed_step_updates_the_weights_as_the_same_sequences_padde
         assert weights[True].keys() == weights[False].keys()
         for key, value in weights[False].items():
             torch.testing.assert_close(weights[True][key], value, rtol=1e-5, atol=1e-6, msg=f"{case} {key}")
-
-
-def load_file(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file as load
-
-    return load(path)
 
 
 def saved_weights(final: Path) -> dict[str, torch.Tensor]:
@@ -487,7 +483,7 @@ def one_sgd_step(model: dict, data: Path, strategy: str, packing: bool, accumula
     }  # fmt: skip
 
 
-def even_rows(stem: Path, model: dict, rows: str, host) -> tuple[Path, dict[bool, int]]:
+def even_rows(stem: Path, model: dict, write, host) -> tuple[Path, dict[bool, int]]:
     """Rows (a file per count tried: datasets caches a file by name) until two ranks get whole
     micro-batches of packed rows and packing saves rows; the file and its row counts, packed and not."""
     from adaptkit.adapt.pipeline import encode_for_training, load_base
@@ -495,19 +491,10 @@ def even_rows(stem: Path, model: dict, rows: str, host) -> tuple[Path, dict[bool
 
     for n in range(16, 64, 2):
         data = stem.with_name(f"{stem.name}-{n}.jsonl")
-        (write_rows if rows == "prompts" else write_labelled_rows)(data, n)
+        write(data, n)
         recipe = validate(one_sgd_step(model, data, "full", True, 1, stem.parent / "unused"), host=host)
         base = load_base(recipe, host)
         counts = {p: len(encode_for_training(base, recipe, host, pack=p)[0]) for p in (True, False)}
         if counts[True] % 2 == 0 and counts[True] < counts[False]:
             return data, counts
     raise AssertionError(f"no row count in 16..62 packs into an even number of rows for {model}")
-
-
-def write_labelled_rows(path: Path, n: int) -> None:
-    rng = random.Random(0)
-    words = "the a movie film story plot actor scene good bad".split()
-    with open(path, "w") as f:
-        for _ in range(n):
-            text = " ".join(rng.choices(words, k=rng.randint(1, 12)))
-            f.write(json.dumps({"text": text, "label": rng.choice(["pos", "neg"])}) + "\n")
