@@ -289,10 +289,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=cmd_eval)
 
 
-@command("predict", "classify texts with a finished classification run")
+@command("predict", "classify texts, images or audio files with a finished classification run")
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory written by adaptkit train")
-    p.add_argument("texts", nargs="+", help="texts to classify")
+    p.add_argument(
+        "inputs", nargs="+", help="texts to classify, or image or audio files (as the run's task reads)"
+    )
     p.set_defaults(run=cmd_predict)
 
 
@@ -336,10 +338,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Print one JSON line per text: label and probability."""
+    """Print one JSON line per input: label and probability."""
     from adaptkit.runs import open_run, predict
 
-    for row in predict(open_run(args.run_dir, _host(args)), args.texts):
+    for row in predict(open_run(args.run_dir, _host(args)), args.inputs):
         print(json.dumps(row))
     return 0
 

@@ -80,18 +80,35 @@ def evaluate_run(run: OpenRun, split: str = "validation") -> dict[str, float]:
     return evaluate(ctx, model, loader)
 
 
-def predict(run: OpenRun, texts: list[str]) -> list[dict[str, Any]]:
-    """Classify texts: the predicted label and its probability for each."""
+def predict(run: OpenRun, inputs: list[str]) -> list[dict[str, Any]]:
+    """Classify ``inputs`` (texts, or image or audio file paths for those tasks): the predicted
+    label and its probability for each.
+
+    Each input goes through the task's own reading, cutting and feature extraction, as validation
+    rows do; a file that cannot be read is a DataError naming it.
+    """
+    import datasets
     import torch
 
-    enc = run.processor(
-        texts, truncation=True, max_length=run.recipe.data.max_length, padding=True, return_tensors="pt"
-    )
+    task, data = run.task, run.recipe.data
+    names = getattr(task, "names", None)
+    if not names:
+        raise AdaptkitError(
+            f"predict classifies; this run's task is '{run.recipe.model.task}' (use generate)"
+        )
+    if getattr(data, "text_pair", None):
+        raise AdaptkitError("predict reads one text per input; this run classifies pairs (data.text_pair)")
+    column = getattr(data, getattr(task, "column_field", "") or "text")
+    # the label column the task's reading expects; the predictions never look at it
+    rows = datasets.Dataset.from_dict({column: list(inputs), data.label: [names[0]] * len(inputs)})
+    encoded = task.encode(rows, run.processor, "the command line")
+    batch = task.collate(run.processor)([encoded[i] for i in range(len(encoded))])
+    batch.pop("labels")
     with torch.no_grad():
-        probs = run.adapted.model(**enc).logits.softmax(-1)
-    names = run.task.names
+        probs = run.adapted.model(**batch).logits.softmax(-1)
     return [
-        {"text": t, "label": names[int(p.argmax())], "score": float(p.max())} for t, p in zip(texts, probs)
+        {"input": value, "label": names[int(p.argmax())], "score": float(p.max())}
+        for value, p in zip(inputs, probs)
     ]
 
 

@@ -382,6 +382,19 @@ def test_freeze_probe_learns_tones_and_the_backbone_stays(audiodir, host, family
     assert changed == head, sorted(changed ^ head)
     # the saved final state on a freshly loaded (and for Whisper, shortened) base reproduces the run
     assert evaluate_run(opened)["accuracy"] == pytest.approx(after["accuracy"])
+    assert accuracy_of_predict(opened, audiodir / "data", "audio") == pytest.approx(after["accuracy"])
+
+
+def accuracy_of_predict(opened, data: Path, column: str) -> float:
+    """``predict`` on the validation files by path: its labels score what evaluation scored."""
+    from adaptkit.runs import predict
+
+    with open(data / "validation.csv") as f:
+        rows = list(csv.DictReader(f))
+    got = predict(opened, [str(data / r[column]) for r in rows])
+    assert [g["input"] for g in got] == [str(data / r[column]) for r in rows]
+    assert all(0.5 <= g["score"] <= 1 for g in got)
+    return sum(g["label"] == r["label"] for g, r in zip(got, rows)) / len(rows)
 
 
 def test_lora_on_hubert_through_the_cli(audiodir, capsys):

@@ -793,3 +793,75 @@ def test_loftq_is_estimated_as_the_qlora_it_trains_as(llama_dir, host, estimator
     plain = estimator.estimate(make_recipe(llama_dir, [qlora], host))
     loftq = estimator.estimate(make_recipe(llama_dir, [qlora | {"init": "loftq"}], host))
     assert loftq.total == plain.total and loftq.trainable_parameters == plain.trainable_parameters
+
+
+# -- audio classifiers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, seconds", [("whisper", 1.0), ("wav2vec2", 0.5), ("hubert", 0.5)])
+def test_meta_pass_saves_what_a_real_cpu_pass_saves_for_audio_classifiers(
+    tmp_path, host, estimator, family, seconds
+):
+    """An audio classifier trained in full on ``data.max_seconds`` clips (Whisper's encoder cut to
+    them, as the task prepares it): the estimate keeps what a real forward keeps. Wav2Vec2 and
+    HuBERT skip layers at random in training (LayerDrop); the estimate is of a step that skips none,
+    whatever the random state."""
+    import torch
+
+    import adaptkit
+    from adaptkit.kernels.attention import use_cpu_dropout_attention
+    from adaptkit.recipe.schema import DataSpec
+    from adaptkit.testing import tiny_config, tiny_model
+
+    config = tiny_config(family)
+    config.num_labels = 2
+    config.save_pretrained(tmp_path / "m")
+    raw = {
+        "model": {"source": str(tmp_path / "m"), "task": "audio_classification"},
+        "data": {"source": "unused.jsonl", "max_seconds": seconds},
+        "strategies": ["full"],
+        "train": {"micro_batch_size": B},
+    }
+    torch.manual_seed(47)  # a random state in which LayerDrop's draws would skip both layers
+    est = estimator.estimate(validate(raw, host=host))
+    assert est.inputs == f"{seconds:g} s of audio"
+
+    model = tiny_model(family, num_labels=2)
+    model.config.layerdrop = 0.0  # the step the estimate is of: one that skips no layer
+    use_cpu_dropout_attention(model)  # as the loader does: wav2vec2 and HuBERT drop attention out
+    host.lookup("tasks", "audio_classification").obj(DataSpec(source="x", max_seconds=seconds)).prepare_model(
+        model, None
+    )
+    model = adaptkit.apply(model, ["full"], host=host).model.train()
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    if family == "whisper":
+        assert model.config.max_source_positions == 50  # one second: 50 encoder positions
+        inputs = {"input_features": torch.randn(B, config.num_mel_bins, 100)}
+    else:
+        inputs = {"input_values": torch.randn(B, round(seconds * 16000))}
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs, labels=torch.zeros(B, dtype=torch.long))
+    assert sum(saved.values()) == est.activations
+
+
+def test_a_waveform_model_without_max_seconds_is_not_estimated_saying_why(tmp_path, capsys):
+    from adaptkit.cli import main
+    from adaptkit.testing import tiny_config
+
+    tiny_config("wav2vec2").save_pretrained(tmp_path / "m")
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"model: {{source: {tmp_path / 'm'}, task: audio_classification}}\n"
+        "data: {source: unused.jsonl}\nstrategies: [full]\n"
+    )
+    assert main(["estimate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.max_seconds" in err and "Traceback" not in err, err

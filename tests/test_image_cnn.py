@@ -285,16 +285,19 @@ def test_lora_on_the_pointwise_convolutions(real_home, host):
     import torch
 
     batch = digits(real_home)
-    model = load(10).model.train()
     with pytest.raises(StrategyError):  # its default targets are linear layers in blocks: a CNN has none
         adaptkit.apply(load(10).model, "lora", host=host)
+    torch.manual_seed(0)  # the new head and LoRA's A matrices
+    model = load(10).model.train()
     adapted = adaptkit.apply(model, {"name": "lora", "r": 4, "target_modules": POINTWISE}, host=host)
     wrapped = [
         n for n, m in adapted.model.named_modules() if type(m).__name__ == "Conv2d" and hasattr(m, "lora_A")
     ]
     # 16 inverted residuals with an expansion and a projection each, and the stem's projection
     assert len(wrapped) == 33, wrapped[:3]
-    losses = train_steps(adapted, batch, 6, 5e-3)
+    # the frozen batch norms keep the pretrained statistics while LoRA moves the convolutions
+    # before them: a gentler rate than the comparison's, whose batch norms train with LoRA
+    losses = train_steps(adapted, batch, 6, 1e-3)
     assert losses[-1] < losses[0], losses
     trained = {n for n, p in adapted.model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n or ".classifier." in n for n in trained), sorted(trained)[:5]

@@ -114,6 +114,23 @@ def test_freeze_probe_learns_stripes_and_frozen_weights_stay(imagedir, host):
     assert changed == top, sorted(changed ^ top)
     # the saved final state reproduces the run's metrics
     assert evaluate_run(opened)["accuracy"] == pytest.approx(after)
+    # predict reads image files as validation does: its labels score the same
+    from test_audio_task import accuracy_of_predict
+
+    assert accuracy_of_predict(opened, imagedir / "data", "image") == pytest.approx(after)
+
+
+def test_predict_names_an_unreadable_image_and_exits_2(imagedir, host, capsys, tmp_path):
+    from adaptkit.cli import main
+    from adaptkit.train.loop import train
+
+    train(load_recipe(recipe(imagedir, "one-step", "max_steps: 1, micro_batch_size: 16"), host=host), host)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    good = str(imagedir / "data" / "img" / "validation-0.png")
+    code = main(["predict", str(imagedir / "runs" / "one-step"), good, str(tmp_path / "broken.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "the command line: row 2, column 'image'" in err and "broken.png" in err, err
 
 
 def test_paths_bytes_and_image_columns_give_the_same_pixels(imagedir, host):
@@ -245,3 +262,25 @@ def test_auto_micro_batch_trial_steps_on_images(imagedir, host):
         fresh=True,
     )
     assert fixed["param_digest"] == auto["param_digest"]
+
+
+def test_validation_rows_of_images_are_keyed_by_their_pixels(imagedir):
+    """Each run digests its validation rows so a report can pair variants on the same examples:
+    decoded images (and arrays) are keyed by content, the same in every load, never by address."""
+    from PIL import Image
+
+    from adaptkit.train.evaluate import example_keys
+
+    with open(imagedir / "data" / "validation.csv") as f:
+        listed = list(csv.DictReader(f))
+
+    def rows(as_array: bool) -> list[dict]:
+        images = [Image.open(imagedir / "data" / r["image"]).convert("RGB") for r in listed]
+        return [
+            {"image": np.asarray(im) if as_array else im, "label": r["label"]}
+            for im, r in zip(images, listed)
+        ]
+
+    for as_array in (False, True):
+        first, second = example_keys(rows(as_array)), example_keys(rows(as_array))
+        assert first == second and len(set(first)) == len(listed)

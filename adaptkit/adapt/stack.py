@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adaptkit.adapt.statistics import hold_frozen_statistics, load_statistics, save_statistics
 from adaptkit.contract.strategy import Event, Strategy, TrainState
 from adaptkit.errors import (
     CheckpointError,
@@ -131,7 +132,8 @@ class Adapted:
 
         ``directory/adaptkit.json`` names the stack and the base model's fingerprint; each
         strategy writes into ``directory/<strategy name>/`` (LoRA in peft's own format), except a
-        training-only one, which has nothing to save.
+        training-only one, which has nothing to save; the running statistics of the batch norms
+        that trained go beside them (``adaptkit.adapt.statistics``).
         """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +143,7 @@ class Adapted:
                 (tmp / s.name).mkdir()
                 with strategy_code(s, "save"):
                     s.save(self.model, tmp / s.name)
+            save_statistics(self.model, tmp)
             manifest = {
                 "format": FORMAT_VERSION,
                 "strategies": [
@@ -192,6 +195,7 @@ class Adapted:
         for s in self.saving:
             with strategy_code(s, "load"):
                 self.model = s.load(self.model, Path(directory) / s.name)
+        load_statistics(self.model, Path(directory))
 
     @property
     def saving(self) -> list[Strategy]:
@@ -265,6 +269,7 @@ def apply(
             model = s.apply(model)
     # peft creates its dropout modules in training mode even on a model in eval mode.
     model.train(was_training)
+    hold_frozen_statistics(model)
     adapted = Adapted(model, stack, fingerprint)
     adapted.check_ownership()
     return adapted

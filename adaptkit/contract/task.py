@@ -74,7 +74,11 @@ class Task:
         return AutoTokenizer.from_pretrained(path, **common)
 
     def prepare_model(self, model: Any, processor: Any) -> None:
-        """Make model and processor agree (a pad token for models that have none)."""
+        """Make model and processor agree (a pad token for models that have none).
+
+        The memory estimate calls it too, on a weightless model (meta device) and with ``processor``
+        None: shape the model as training will, and leave the processor alone when it is None.
+        """
         if getattr(processor, "pad_token", "x") is None:
             processor.pad_token = processor.eos_token
         if getattr(processor, "pad_token_id", None) is not None and model.config.pad_token_id is None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from adaptkit.errors import ConfigError
 from adaptkit.estimate.config import checkpoint_dtype, source_path
+from adaptkit.estimate.inputs import describe_inputs
 from adaptkit.estimate.machine import (
     CUDA_CONTEXT_BYTES,
     HEAP_SLACK,
@@ -96,7 +97,7 @@ class Estimator:
         checkpointing = recipe.model.gradient_checkpointing
         prep = self._prepare(recipe)
         distributed = self.launch.distributed_type if self.launch else "NO"
-        profile = run_profile(prep, spec.mixed_precision, micro, seq, self.device, distributed)
+        profile = run_profile(prep, spec.mixed_precision, micro, recipe.data, self.device, distributed)
 
         trainable_numel = sum(p.numel() for p in prep.trainable)
         trainable_bytes = 4 * trainable_numel  # training keeps trainable weights in float32
@@ -121,6 +122,7 @@ class Estimator:
             micro_batch_size=micro,
             gradient_accumulation=spec.gradient_accumulation,
             seq_len=seq,
+            inputs=describe_inputs(prep.auto_model, prep.model.config, recipe.data),
             optimizer=spec.optimizer,
             gradient_checkpointing=checkpointing,
             mixed_precision=spec.mixed_precision,

@@ -67,8 +67,13 @@ def fused_attention_function():
         @staticmethod
         def forward(ctx, q, k, v):
             b, h, s, _ = q.shape
-            # laid out (batch, seq, heads, dim), as the fused kernels return it
-            out = q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
+            # laid out as the query is, as the fused kernels return it: (batch, seq, heads, dim) for
+            # a query viewed from its projection (Llama), (batch, heads, seq, dim) for one made
+            # contiguous first (Whisper), whose output the model then copies back
+            if v.shape[-1] == q.shape[-1]:
+                out = torch.empty_like(q)
+            else:
+                out = q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
             lse = q.new_empty(b, h, s, dtype=torch.float32)
             ctx.save_for_backward(q, k, v, out, lse)
             return out

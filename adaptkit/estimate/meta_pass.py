@@ -192,11 +192,12 @@ def _count_logits(
 
 
 def run_profile(
-    prep: Prepared, mixed_precision: str, micro: int, seq: int, device: str, distributed_type: str
+    prep: Prepared, mixed_precision: str, micro: int, data: Any, device: str, distributed_type: str
 ) -> Profile:
-    """Run one forward pass of ``prep``'s model on meta tensors (``micro`` sequences of ``seq``
-    tokens) and sort every tensor autograd saves by where it was made. ``distributed_type`` is
-    Accelerate's (``NO``, ``MULTI_GPU``, ``FSDP``): the loss training computes depends on it."""
+    """Run one forward pass of ``prep``'s model on meta tensors (``micro`` examples as ``data``, the
+    recipe's data section, sizes them) and sort every tensor autograd saves by where it was made.
+    ``distributed_type`` is Accelerate's (``NO``, ``MULTI_GPU``, ``FSDP``): the loss training
+    computes depends on it."""
     import torch
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
@@ -205,7 +206,7 @@ def run_profile(
     casted = _cast_float_weights(prep.model, half)
     ACTIVE_PROFILES.append(recorder.prof)
     try:
-        inputs = INPUTS[prep.auto_model](prep.config, micro, seq)
+        inputs = INPUTS[prep.auto_model](prep.model.config, micro, data)  # as the task shaped it
         with torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
             out = prep.model(**inputs)
     finally:

@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from adaptkit.errors import AdaptkitError
+from adaptkit.errors import AdaptkitError, ConfigError
 from adaptkit.estimate.config import checkpoint_dtype, load_config
-from adaptkit.estimate.inputs import INPUTS
+from adaptkit.estimate.inputs import INPUTS, missing_input_length
 from adaptkit.estimate.meta_kernels import FUSED_ATTENTION_NAME, no_save_linear, register_fused_attention
 from adaptkit.estimate.terms import QUANTIZED_KINDS, param_regions, stored_bytes
 
@@ -86,6 +86,10 @@ def stateful_parameters(adapted: Any) -> list[Any]:
     return list(chosen.values())
 
 
+#: Config fields of the probability that training skips a layer (LayerDrop).
+LAYERDROP_KEYS = ("layerdrop", "encoder_layerdrop", "decoder_layerdrop")
+
+
 def _meta_model(spec: Any, task: Any, config: Any) -> Any:
     """The task's model class built from ``config`` on the meta device, with the attention stand-in."""
     import torch
@@ -100,8 +104,14 @@ def _meta_model(spec: Any, task: Any, config: Any) -> Any:
             f"supported: {', '.join(sorted(INPUTS))}"
         )
     register_fused_attention()
+    config = copy.deepcopy(config)
+    for key in LAYERDROP_KEYS:
+        if getattr(config, key, 0):
+            # training skips each layer at random (Wav2Vec2, HuBERT): a skipped layer keeps nothing,
+            # and the estimate is of the step that skips none
+            setattr(config, key, 0.0)
     with torch.device("meta"):
-        model = auto.from_config(copy.deepcopy(config), dtype=torch_dtype(spec.dtype))
+        model = auto.from_config(config, dtype=torch_dtype(spec.dtype))
     if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(FUSED_ATTENTION_NAME)
     return model
@@ -166,7 +176,13 @@ def build_prepared(recipe: Recipe, host: PluginHost) -> Prepared:
     spec = recipe.model
     task = host.lookup("tasks", spec.task).obj(recipe.data)
     config = load_config(spec, task, host)
+    missing = missing_input_length(task.auto_model, config, recipe.data)
+    if missing:
+        raise ConfigError(f"estimate: {missing}")
     model = _meta_model(spec, task, config)
+    # as training does before the strategies (Whisper's encoder cut to data.max_seconds), without
+    # the processor, which a weightless model's preparation has no use for
+    task.prepare_model(model, None)
     stack = host.build_strategies(recipe.strategies)
     model = _apply_strategies(model, stack)
     adapted = Adapted(model, stack, "")

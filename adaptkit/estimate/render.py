@@ -50,7 +50,7 @@ def _header(est: Estimate, auto: bool) -> list[str]:
     return [
         f"{est.model_type}, strategies {'+'.join(est.strategies)}: {est.total_parameters:,} parameters, "
         f"{est.trainable_parameters:,} trainable ({share:.2f}%)",
-        f"micro-batch {est.micro_batch_size}{chosen} x {est.seq_len} tokens, "
+        f"micro-batch {est.micro_batch_size}{chosen} x {est.inputs}, "
         f"accumulation {est.gradient_accumulation}, "
         f"optimizer {est.optimizer}, mixed precision {est.mixed_precision}, "
         f"gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}, device {est.device}",

@@ -42,6 +42,7 @@ class Estimate:
     micro_batch_size: int
     gradient_accumulation: int
     seq_len: int
+    inputs: str  # one example of the batch, in words ("512 tokens", "224x224 pixels", "2 s of audio")
     optimizer: str
     gradient_checkpointing: bool
     mixed_precision: str

@@ -84,8 +84,20 @@ def example_keys(rows: Any) -> list[str] | None:
     if rows is None:
         return None
     return [
-        hashlib.sha1(json.dumps(row, sort_keys=True, default=repr).encode()).hexdigest()[:12] for row in rows
+        hashlib.sha1(json.dumps(row, sort_keys=True, default=_content).encode()).hexdigest()[:12]
+        for row in rows
     ]
+
+
+def _content(value: Any) -> str:
+    """What a row's value that JSON cannot write is, by content: a decoded image's or an array's
+    pixels (their ``repr`` names a memory address, or elides the middle), bytes as themselves."""
+    if isinstance(value, (bytes, bytearray)):
+        return hashlib.sha1(value).hexdigest()
+    if hasattr(value, "tobytes"):  # numpy arrays, PIL images
+        shape = getattr(value, "shape", None) or (getattr(value, "mode", ""), getattr(value, "size", ""))
+        return f"{type(value).__name__}{shape}:{hashlib.sha1(value.tobytes()).hexdigest()}"
+    return repr(value)
 
 
 def write_examples(

@@ -97,32 +97,7 @@ class Freeze(Strategy):
             if all(param is not q for q in owned.values()):
                 owned[name] = param
         self.owned = owned
-        keep_frozen_statistics(model)
         return model
-
-
-def keep_frozen_statistics(model) -> None:
-    """Make each batch norm whose parameters are all frozen normalise with its running statistics,
-    and leave them as they are, in training too.
-
-    Running statistics are buffers, not parameters: freezing the parameters alone leaves them
-    following the training batches, so a probe's head learns on features that evaluation, which
-    normalises with the running statistics, never produces (and augmented batches move them
-    further). The training loop's ``model.train()`` sets every module back to training mode, so a
-    forward pre-hook puts the layer in evaluation mode before each call.
-    """
-    from torch import nn
-
-    for module in model.modules():
-        frozen = not any(p.requires_grad for p in module.parameters(recurse=False))
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen and module.track_running_stats:
-            if not getattr(module, "adaptkit_frozen_statistics", False):  # once, even if applied again
-                module.register_forward_pre_hook(_normalise_as_in_evaluation)
-                module.adaptkit_frozen_statistics = True
-
-
-def _normalise_as_in_evaluation(module, args) -> None:
-    module.train(False)
 
 
 @hookimpl
