@@ -90,7 +90,16 @@ class Estimator:
 
     def estimate(self, recipe: Recipe) -> Estimate:
         """The estimate for ``recipe`` (an ``auto`` micro-batch counts as 8: resolve it with
-        ``largest_fitting_micro_batch``)."""
+        ``largest_fitting_micro_batch``). The random state is as it was before."""
+        import torch
+
+        # a weightless forward in training mode still draws from the CPU's generator (Whisper's and
+        # Wav2Vec2's LayerDrop toss a coin per layer): what a run draws later, its new head's
+        # initialisation included, must not depend on whether it was estimated first
+        with torch.random.fork_rng(devices=[]):
+            return self._estimate(recipe)
+
+    def _estimate(self, recipe: Recipe) -> Estimate:
         spec = recipe.train
         micro = spec.micro_batch_size if isinstance(spec.micro_batch_size, int) else 8
         seq = recipe.data.max_length
