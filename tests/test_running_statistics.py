@@ -121,12 +121,13 @@ def test_under_gradual_unfreezing_a_batch_norm_follows_the_batches_from_its_thaw
     assert not any(m.training for m in norms)
 
 
-def test_a_call_that_raises_leaves_the_model_in_its_mode(host):
+def test_a_frozen_batch_norm_whose_call_raises_is_left_in_the_models_mode(host):
     adapted = adaptkit.apply(tiny_mobilenet(), "freeze", host=host)
     model = adapted.model.train()
+    norm = model.mobilenet_v2.conv_stem.first_conv.normalization  # frozen: held while it runs
     with pytest.raises(RuntimeError):
-        model(pixel_values=torch.randn(2, 5, 32, 32))  # five channels: the stem's convolution refuses
-    assert all(m.training for m in model.modules())
+        norm(torch.randn(2, norm.num_features + 1, 4, 4))  # a channel too many: batch norm refuses
+    assert norm.training and all(m.training for m in model.modules())
 
 
 def test_statistics_that_match_no_batch_norm_are_refused(host, tmp_path):
