@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from adaptkit.errors import CheckpointError
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 STATISTICS_FILE = "running_statistics.safetensors"
@@ -61,22 +60,17 @@ def _after_call(module: nn.Module, args: tuple, output: object) -> None:
         module.adaptkit_held = False
 
 
-def moved_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The running statistics of every batch norm that has followed training batches (or had its
-    statistics loaded), by buffer name in ``model``."""
-    return {
+def save_statistics(model: nn.Module, directory: Path) -> None:
+    """Write the running statistics of every batch norm that has followed training batches (or had
+    them loaded) to ``directory``, by buffer name in ``model``; nothing when none has."""
+    from adaptkit.files import save_tensors
+
+    moved = {
         f"{name}.{buffer_name}": buffer.detach()
         for name, module in model.named_modules()
         if getattr(module, "adaptkit_statistics_moved", False)
         for buffer_name, buffer in module.named_buffers(recurse=False)
     }
-
-
-def save_statistics(model: nn.Module, directory: Path) -> None:
-    """Write ``moved_statistics`` to ``directory`` (nothing when no batch norm has moved)."""
-    from adaptkit.files import save_tensors
-
-    moved = moved_statistics(model)
     if moved:
         save_tensors(moved, directory / STATISTICS_FILE)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from adaptkit.errors import ConfigError
+
 
 def _causal_inputs(config: Any, micro: int, data: Any) -> dict[str, Any]:
     import torch
@@ -38,34 +40,35 @@ def _image_inputs(config: Any, micro: int, data: Any) -> dict[str, Any]:
     return {"pixel_values": pixels, "labels": torch.zeros(micro, dtype=torch.long, device="meta")}
 
 
+#: The sampling rate of the waveform models transformers ships (Wav2Vec2, HuBERT, WavLM).
+WAVEFORM_RATE = 16000
+
+
+def _reads_mel_features(config: Any) -> bool:
+    """Whisper: a fixed window of log-mel features (as long as its encoder's positions), not a waveform."""
+    return getattr(config, "model_type", None) == "whisper"
+
+
 def _audio_inputs(config: Any, micro: int, data: Any) -> dict[str, Any]:
     """Whisper: log-mel features of its encoder's length (which ``data.max_seconds`` shortened when
-    the task prepared the model); a waveform model: ``data.max_seconds`` of samples at 16 kHz."""
+    the task prepared the model); a waveform model: ``data.max_seconds`` of samples at 16 kHz,
+    refused without it (each batch is then padded to its longest clip, which no estimate knows)."""
     import torch
 
     labels = torch.zeros(micro, dtype=torch.long, device="meta")
-    if getattr(config, "model_type", None) == "whisper":
+    if _reads_mel_features(config):
         frames = 2 * config.max_source_positions  # two mel frames per encoder position
         return {
             "input_features": torch.zeros(micro, config.num_mel_bins, frames, device="meta"),
             "labels": labels,
         }
+    if data.max_seconds is None:
+        raise ConfigError(
+            "estimate: data.max_seconds: unset, so each batch is padded to its longest clip; "
+            "set it to estimate"
+        )
     samples = round(data.max_seconds * WAVEFORM_RATE)
     return {"input_values": torch.zeros(micro, samples, device="meta"), "labels": labels}
-
-
-#: The sampling rate of the waveform models transformers ships (Wav2Vec2, HuBERT, WavLM).
-WAVEFORM_RATE = 16000
-
-
-def missing_input_length(auto_model: str, config: Any, data: Any) -> str | None:
-    """Why a batch cannot be sized for this recipe (a field it needs is unset), or None."""
-    waveform = (
-        auto_model == "AutoModelForAudioClassification" and getattr(config, "model_type", None) != "whisper"
-    )
-    if waveform and data.max_seconds is None:
-        return "data.max_seconds: unset, so each batch is padded to its longest clip; set it to estimate"
-    return None
 
 
 def describe_inputs(auto_model: str, config: Any, data: Any) -> str:
@@ -74,7 +77,7 @@ def describe_inputs(auto_model: str, config: Any, data: Any) -> str:
         size = getattr(config, "image_size", 224)
         return f"{size}x{size} pixels"
     if auto_model == "AutoModelForAudioClassification":
-        if getattr(config, "model_type", None) == "whisper":
+        if _reads_mel_features(config):
             return f"{config.max_source_positions / 50:g} s of audio"  # 50 encoder positions a second
         return f"{data.max_seconds:g} s of audio"
     return f"{data.max_length} tokens"

@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from adaptkit.errors import AdaptkitError, ConfigError
+from adaptkit.errors import AdaptkitError
 from adaptkit.estimate.config import checkpoint_dtype, load_config
-from adaptkit.estimate.inputs import INPUTS, missing_input_length
+from adaptkit.estimate.inputs import INPUTS
 from adaptkit.estimate.meta_kernels import FUSED_ATTENTION_NAME, no_save_linear, register_fused_attention
 from adaptkit.estimate.terms import QUANTIZED_KINDS, param_regions, stored_bytes
 
@@ -176,9 +176,6 @@ def build_prepared(recipe: Recipe, host: PluginHost) -> Prepared:
     spec = recipe.model
     task = host.lookup("tasks", spec.task).obj(recipe.data)
     config = load_config(spec, task, host)
-    missing = missing_input_length(task.auto_model, config, recipe.data)
-    if missing:
-        raise ConfigError(f"estimate: {missing}")
     model = _meta_model(spec, task, config)
     # as training does before the strategies (Whisper's encoder cut to data.max_seconds), without
     # the processor, which a weightless model's preparation has no use for
